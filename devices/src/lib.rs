@@ -1,0 +1,201 @@
+//! kvmrun's emulated devices.
+//!
+//! A device here is plain data and logic: it gets bytes from a bus access
+//! and returns bytes. It never holds a KVM file descriptor; what it needs from
+//! the VM (an interrupt line, an exit request, a page flush) it asks through
+//! the small traits below, which the VMM implements.
+//!
+//! Every device implements [`vm_device::MutDevicePio`] and/or
+//! [`vm_device::MutDeviceMmio`] and is registered on the VMM's buses wrapped
+//! in a `Mutex`, and implements [`Persist`] so its state can be saved.
+
+pub mod acpi_pm;
+pub mod debug_exit;
+pub mod fw_cfg;
+pub mod i8042;
+pub mod serial;
+pub mod testdev;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Save and restore of one stateful component.
+///
+/// `State` is what goes into a snapshot; `Args` is what the restored
+/// component needs from its surroundings that a snapshot cannot carry (an
+/// output writer, an event fd, a callback into the VMM).
+pub trait Persist: Sized {
+    type State: Serialize + DeserializeOwned;
+    type Args;
+    type Error: std::error::Error;
+
+    fn save(&self) -> Self::State;
+    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
+}
+
+/// A guest interrupt line (GSI) that a device can drive.
+///
+/// The VMM implements it with KVM_IRQ_LINE; level semantics: `true` asserts,
+/// `false` deasserts. An edge is a raise followed by a lower.
+pub trait IrqLine: Send + Sync {
+    fn set_level(&self, gsi: u32, level: bool);
+}
+
+/// Something a device asks of the whole VM, not of itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmRequest {
+    /// isa-debug-exit: end the VM with status `(value << 1) | 1`.
+    DebugExit(u32),
+    /// The guest asked for a reset (i8042 pulse, reset port).
+    Reset,
+    /// The guest asked for power-off (ACPI S5).
+    PowerOff,
+}
+
+/// Where devices send [`VmRequest`]s; the VMM turns them into its single
+/// shutdown path.
+pub trait VmRequests: Send + Sync {
+    fn request(&self, req: VmRequest);
+}
+
+/// Forces the host mapping of one guest page to be dropped and re-faulted
+/// (pc-testdev's flush-page port).
+pub trait PageFlusher: Send + Sync {
+    fn flush_page(&self, gpa: u64);
+}
+
+/// Error of a device's restore.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("invalid {device} state: {reason}")]
+    Invalid {
+        device: &'static str,
+        reason: String,
+    },
+}
+
+/// Fills a read buffer with all-ones, the value an ISA bus returns for a
+/// port or width that nothing decodes.
+pub(crate) fn fill_all_ones(data: &mut [u8]) {
+    data.fill(0xff);
+}
+
+/// Returns the little-endian value of an access of 1 to 8 bytes, or `None`
+/// for any other width so that callers ignore accesses they cannot decode.
+pub(crate) fn le_value(data: &[u8]) -> Option<u64> {
+    if data.is_empty() || data.len() > 8 {
+        return None;
+    }
+    let mut bytes = [0u8; 8];
+    bytes[..data.len()].copy_from_slice(data);
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// Fakes of the VMM-side traits, shared by the devices' unit tests.
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use std::sync::Mutex;
+
+    use super::{IrqLine, PageFlusher, VmRequest, VmRequests};
+
+    /// Records every request in order.
+    #[derive(Default)]
+    pub(crate) struct RequestRecorder {
+        pub(crate) requests: Mutex<Vec<VmRequest>>,
+    }
+
+    impl RequestRecorder {
+        pub(crate) fn take(&self) -> Vec<VmRequest> {
+            std::mem::take(&mut *self.requests.lock().expect("recorder lock poisoned"))
+        }
+    }
+
+    impl VmRequests for RequestRecorder {
+        fn request(&self, req: VmRequest) {
+            self.requests
+                .lock()
+                .expect("recorder lock poisoned")
+                .push(req);
+        }
+    }
+
+    /// Records every `(gsi, level)` change in order.
+    #[derive(Default)]
+    pub(crate) struct IrqRecorder {
+        pub(crate) levels: Mutex<Vec<(u32, bool)>>,
+    }
+
+    impl IrqRecorder {
+        pub(crate) fn take(&self) -> Vec<(u32, bool)> {
+            std::mem::take(&mut *self.levels.lock().expect("recorder lock poisoned"))
+        }
+    }
+
+    impl IrqLine for IrqRecorder {
+        fn set_level(&self, gsi: u32, level: bool) {
+            self.levels
+                .lock()
+                .expect("recorder lock poisoned")
+                .push((gsi, level));
+        }
+    }
+
+    /// Records every flushed guest-physical address in order.
+    #[derive(Default)]
+    pub(crate) struct FlushRecorder {
+        pub(crate) pages: Mutex<Vec<u64>>,
+    }
+
+    impl FlushRecorder {
+        pub(crate) fn take(&self) -> Vec<u64> {
+            std::mem::take(&mut *self.pages.lock().expect("recorder lock poisoned"))
+        }
+    }
+
+    impl PageFlusher for FlushRecorder {
+        fn flush_page(&self, gpa: u64) {
+            self.pages.lock().expect("recorder lock poisoned").push(gpa);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn le_value_decodes_widths_one_to_eight() {
+        assert_eq!(le_value(&[0x12]), Some(0x12));
+        assert_eq!(le_value(&[0x34, 0x12]), Some(0x1234));
+        assert_eq!(
+            le_value(&[1, 2, 3, 4, 5, 6, 7, 8]),
+            Some(0x0807_0605_0403_0201)
+        );
+        assert_eq!(le_value(&[]), None);
+        assert_eq!(le_value(&[0u8; 9]), None);
+    }
+
+    #[test]
+    fn fill_all_ones_sets_every_byte() {
+        let mut data = [0u8; 5];
+        fill_all_ones(&mut data);
+        assert_eq!(data, [0xff; 5]);
+    }
+}
+
+#[cfg(test)]
+mod send_tests {
+    fn assert_send<T: Send>() {}
+
+    /// The VMM shares devices as `Arc<Mutex<Dev>>` across vCPU threads, which
+    /// needs every device to be `Send`.
+    #[test]
+    fn devices_are_send() {
+        assert_send::<crate::serial::SerialDevice>();
+        assert_send::<crate::debug_exit::DebugExit>();
+        assert_send::<crate::testdev::PcTestDev>();
+        assert_send::<crate::testdev::TestDevIomem>();
+        assert_send::<crate::fw_cfg::FwCfg>();
+        assert_send::<crate::acpi_pm::AcpiPm>();
+        assert_send::<crate::i8042::I8042>();
+    }
+}

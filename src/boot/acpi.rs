@@ -1,0 +1,192 @@
+//! ACPI tables in the BIOS area: RSDP, XSDT, FADT (with FACS and DSDT) and
+//! MADT, built with the acpi_tables crate.
+//!
+//! Tests read them to find the PM timer and the sleep registers; Linux reads
+//! the MADT to find the CPUs and the IOAPIC.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use devices::acpi_pm;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::BootError;
+use crate::memory::{ACPI_TABLES_END, ACPI_TABLES_START, RSDP_ADDR};
+
+pub const OEM_ID: [u8; 6] = *b"KVMRUN";
+pub const OEM_TABLE_ID: [u8; 8] = *b"KVMRUNVM";
+pub const OEM_REVISION: u32 = 1;
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// ISA IRQ of the ACPI SCI, as on PIIX4.
+pub const SCI_IRQ: u16 = 9;
+/// MADT flag: the platform also has dual 8259 PICs.
+const MADT_PCAT_COMPAT: u32 = 1;
+/// FADT IA-PC boot architecture flags: legacy devices and an 8042.
+const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
+const IAPC_8042: u16 = 1 << 1;
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// Recompute the checksum of a table whose bytes were changed after building.
+fn fix_checksum(table: &mut [u8]) {
+    table[9] = 0;
+    let sum = table.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    table[9] = 0u8.wrapping_sub(sum);
+}
+
+/// DSDT with the `\_S5` package, so an OS can power the VM off through PM1
+/// control with SLP_TYP = `acpi_pm::S5_SLP_TYP`.
+fn dsdt() -> Vec<u8> {
+    use acpi_tables::aml::{Name, Package, Path};
+    let typ = acpi_pm::S5_SLP_TYP;
+    let s5 = Name::new(
+        Path::new("_S5_"),
+        &Package::new(vec![&typ, &typ, &0u8, &0u8]),
+    );
+    let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.append_slice(&to_bytes(&s5));
+    t.as_slice().to_vec()
+}
+
+fn facs() -> Vec<u8> {
+    to_bytes(&acpi_tables::facs::FACS::new())
+}
+
+fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
+    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_32(dsdt as u32)
+        .firmware_ctrl_32(facs as u32)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    b.sci_int = SCI_IRQ.into();
+    let pm = acpi_pm::PM_BASE as u32;
+    b.pm1a_evt_blk = (pm + acpi_pm::PM1_EVT_OFFSET as u32).into();
+    b.pm1a_cnt_blk = (pm + acpi_pm::PM1_CNT_OFFSET as u32).into();
+    b.pm_tmr_blk = (pm + acpi_pm::PM_TMR_OFFSET as u32).into();
+    b.pm1_evt_len = 4;
+    b.pm1_cnt_len = 2;
+    b.pm_tmr_len = 4;
+    b.iapc_boot_arch = (IAPC_LEGACY_DEVICES | IAPC_8042).into();
+    to_bytes(&b.finalize())
+}
+
+fn madt(vcpus: u32) -> Vec<u8> {
+    let mut m = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
+    for id in 0..vcpus {
+        m.add_structure(ProcessorLocalApic::new(
+            id as u8,
+            id as u8,
+            EnabledStatus::Enabled,
+        ));
+    }
+    m.add_structure(IoApic::new(vcpus as u8, IOAPIC_ADDR, 0));
+    let mut bytes = to_bytes(&m);
+    // The crate leaves the MADT flags at 0; say the PICs are there too.
+    bytes[40..44].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    fix_checksum(&mut bytes);
+    bytes
+}
+
+/// Build every table for `vcpus` CPUs and write them to guest memory.
+/// Returns the RSDP address.
+pub fn setup(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, BootError> {
+    let mut next = ACPI_TABLES_START;
+    let mut place = |bytes: &[u8], align: u64| -> Result<u64, BootError> {
+        let at = next.next_multiple_of(align);
+        let end = at + bytes.len() as u64;
+        if end > ACPI_TABLES_END {
+            return Err(BootError::AcpiTooBig {
+                needed: end - ACPI_TABLES_START,
+                room: ACPI_TABLES_END - ACPI_TABLES_START,
+            });
+        }
+        mem.write_slice(bytes, GuestAddress(at))
+            .map_err(|e| BootError::Memory {
+                addr: at,
+                reason: e.to_string(),
+            })?;
+        next = end;
+        Ok(at)
+    };
+    let dsdt_at = place(&dsdt(), 16)?;
+    // The FACS must be 64-byte aligned.
+    let facs_at = place(&facs(), 64)?;
+    let fadt_at = place(&fadt(dsdt_at, facs_at), 16)?;
+    let madt_at = place(&madt(vcpus), 16)?;
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_at);
+    xsdt.add_entry(madt_at);
+    place(&to_bytes(&xsdt), 16).and_then(|xsdt_at| {
+        let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_at));
+        mem.write_slice(&rsdp, GuestAddress(RSDP_ADDR))
+            .map_err(|e| BootError::Memory {
+                addr: RSDP_ADDR,
+                reason: e.to_string(),
+            })?;
+        Ok(RSDP_ADDR)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    #[test]
+    fn tables_checksum_to_zero() {
+        for t in [dsdt(), facs(), fadt(0x1000, 0x2000), madt(4)] {
+            if &t[..4] != b"FACS" {
+                assert_eq!(sum(&t), 0, "{}", String::from_utf8_lossy(&t[..4]));
+                assert_eq!(
+                    u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+                    t.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn madt_lists_every_cpu() {
+        let m = madt(3);
+        let mut off = 44;
+        let mut cpus = 0;
+        while off < m.len() {
+            if m[off] == 0 {
+                cpus += 1;
+                assert_eq!(m[off + 3], cpus - 1);
+            }
+            off += m[off + 1] as usize;
+        }
+        assert_eq!(cpus, 3);
+        assert_eq!(m[40] & 1, 1);
+    }
+
+    #[test]
+    fn fadt_points_at_pm_block() {
+        let f = fadt(0x1000, 0x2000);
+        let u32_at = |o: usize| u32::from_le_bytes(f[o..o + 4].try_into().unwrap());
+        assert_eq!(u32_at(36), 0x2000);
+        assert_eq!(u32_at(40), 0x1000);
+        assert_eq!(u32_at(76), 0x608);
+    }
+}

@@ -1,0 +1,178 @@
+//! `VmConfig`: everything a VM is made from, validated once, here.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::memory::MIN_MEM;
+
+/// Most vCPUs a guest may have: the xAPIC ID is one byte and 0xff is the
+/// broadcast ID.
+pub const MAX_VCPUS: u32 = 254;
+
+/// Where the guest's COM1 output goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SerialOutput {
+    Stdio,
+    None,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdio" => Ok(SerialOutput::Stdio),
+            "none" => Ok(SerialOutput::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialOutput::File(PathBuf::from(path))),
+                _ => Err(ConfigError::Serial(s.to_string())),
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// The image to boot.
+    pub image: PathBuf,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    /// Loaded as multiboot module 0, as QEMU's `-initrd` does.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line, without the image name that multiboot puts first.
+    pub cmdline: String,
+    /// In-kernel PIT (QEMU's `-machine pit=off` turns it off).
+    pub pit: bool,
+    pub serial: SerialOutput,
+    /// Wall-clock limit in seconds; the VM ends with status 124 when it expires.
+    pub timeout_secs: Option<f64>,
+}
+
+impl VmConfig {
+    /// A configuration with QEMU's defaults for everything but the image.
+    pub fn new(image: PathBuf) -> Self {
+        VmConfig {
+            image,
+            mem_bytes: 128 << 20,
+            vcpus: 1,
+            initrd: None,
+            cmdline: String::new(),
+            pit: true,
+            serial: SerialOutput::Stdio,
+            timeout_secs: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.mem_bytes < MIN_MEM || !self.mem_bytes.is_multiple_of(4096) {
+            return Err(ConfigError::Mem(self.mem_bytes));
+        }
+        if let Some(t) = self.timeout_secs {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(ConfigError::Timeout(t.to_string()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid memory size '{0}': expected a number with an optional K, M, G or T suffix (no suffix means MiB, as QEMU's -m)")]
+    MemSyntax(String),
+    #[error("invalid memory size {0} bytes: need at least 2 MiB, in whole 4 KiB pages")]
+    Mem(u64),
+    #[error("invalid vCPU count {0}: need 1 to {MAX_VCPUS}")]
+    Vcpus(u32),
+    #[error("invalid serial output '{0}': expected stdio, none or file:PATH")]
+    Serial(String),
+    #[error("invalid timeout '{0}': expected a positive number of seconds")]
+    Timeout(String),
+}
+
+/// Parse a memory size the way QEMU's `-m` does: a bare number is MiB, a
+/// suffix K/M/G/T (either case, optional trailing B) scales by 1024s.
+pub fn parse_mem_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::MemSyntax(s.to_string());
+    let t = s.trim();
+    let t = t.strip_suffix(['b', 'B']).unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        Some(c) if c.is_ascii_digit() => (t, 20),
+        _ => return Err(err()),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Parse a `--timeout` value in seconds (fractions allowed).
+pub fn parse_timeout(s: &str) -> Result<f64, ConfigError> {
+    let t: f64 = s
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| ConfigError::Timeout(s.to_string()))?;
+    if t.is_finite() && t > 0.0 {
+        Ok(t)
+    } else {
+        Err(ConfigError::Timeout(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes_follow_qemu() {
+        assert_eq!(parse_mem_size("2048").unwrap(), 2048 << 20);
+        assert_eq!(parse_mem_size("4g").unwrap(), 4 << 30);
+        assert_eq!(parse_mem_size("512M").unwrap(), 512 << 20);
+        assert!(parse_mem_size("64MiB").is_err());
+        assert_eq!(parse_mem_size("65536k").unwrap(), 64 << 20);
+        assert_eq!(parse_mem_size("1GB").unwrap(), 1 << 30);
+        for bad in ["", "x", "-1", "1.5G", "99999999999999T", "G"] {
+            assert!(parse_mem_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        let mut c = VmConfig::new("x".into());
+        assert!(c.validate().is_ok());
+        c.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(0))));
+        c.vcpus = 1;
+        c.mem_bytes = 1 << 20;
+        assert!(matches!(c.validate(), Err(ConfigError::Mem(_))));
+        c.mem_bytes = (128 << 20) + 1;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn serial_and_timeout_parse() {
+        assert_eq!(
+            "stdio".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdio
+        );
+        assert_eq!(
+            "file:/tmp/x".parse::<SerialOutput>().unwrap(),
+            SerialOutput::File("/tmp/x".into())
+        );
+        assert!("file:".parse::<SerialOutput>().is_err());
+        assert!("tty".parse::<SerialOutput>().is_err());
+        assert_eq!(parse_timeout("90s").unwrap(), 90.0);
+        assert_eq!(parse_timeout("0.5").unwrap(), 0.5);
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("nan").is_err());
+    }
+}

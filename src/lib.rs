@@ -1,0 +1,14 @@
+//! kvmrun: a small, fast VMM on Linux KVM that doubles as a test host.
+//!
+//! `main.rs` only parses the command line; everything else lives here so
+//! integration tests and later front ends (snapshot, test host) share it.
+
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod cpu;
+pub mod memory;
+pub mod shutdown;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;

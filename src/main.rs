@@ -1,0 +1,133 @@
+//! kvmrun's command line: parse, call the library, map the outcome to an
+//! exit status.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use kvmrun::config::{self, SerialOutput, VmConfig};
+use kvmrun::shutdown::STATUS_ERROR;
+use kvmrun::vmm;
+
+#[derive(Parser)]
+#[command(
+    name = "kvmrun",
+    version,
+    about = "A small, fast VMM on Linux KVM that doubles as a test host"
+)]
+struct Cli {
+    /// More log output on stderr (-v: info, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot an image and exit with the guest's verdict.
+    ///
+    /// Exit status: (v << 1) | 1 when the guest writes v to isa-debug-exit
+    /// (port 0xf4); 0 on guest power-off, reset or halt; 2 on a kvmrun error
+    /// or bad input; 4 when the guest crashes (triple fault, KVM internal
+    /// error); 124 when --timeout expires.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The image: a multiboot ELF (kvm-unit-tests .flat files).
+    image: PathBuf,
+    /// Guest RAM: a number with K, M, G or T; a bare number is MiB, as QEMU's -m.
+    #[arg(short, long, default_value = "128M", value_parser = config::parse_mem_size)]
+    mem: u64,
+    /// Number of vCPUs; vCPU 0 boots, the others wait for INIT/SIPI.
+    #[arg(long, default_value_t = 1)]
+    smp: u32,
+    /// File loaded as multiboot module 0 (kvm-unit-tests' environment file).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Command line after the image name; words after `--` are appended too.
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Leave out the in-kernel PIT (QEMU's -machine pit=off).
+    #[arg(long)]
+    no_pit: bool,
+    /// Where COM1 output goes: stdio, none or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialOutput,
+    /// End the VM with status 124 after this many seconds.
+    #[arg(long, value_parser = config::parse_timeout)]
+    timeout: Option<f64>,
+    /// Guest arguments, appended to the command line.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> VmConfig {
+        let mut words: Vec<String> = Vec::new();
+        if !self.append.is_empty() {
+            words.push(self.append);
+        }
+        words.extend(self.args);
+        VmConfig {
+            image: self.image,
+            mem_bytes: self.mem,
+            vcpus: self.smp,
+            initrd: self.initrd,
+            cmdline: words.join(" "),
+            pit: !self.no_pit,
+            serial: self.serial,
+            timeout_secs: self.timeout,
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("KVMRUN_LOG")
+        .format(|buf, record| {
+            // kvm-unit-tests' runner fails a test whose stderr has a line
+            // without "warning", so warnings must say so.
+            let level = match record.level() {
+                log::Level::Error => "error",
+                log::Level::Warn => "warning",
+                log::Level::Info => "info",
+                log::Level::Debug => "debug",
+                log::Level::Trace => "trace",
+            };
+            writeln!(buf, "kvmrun: {level}: {}", record.args())
+        })
+        .init();
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Run(args) => {
+            let cfg = args.into_config();
+            let reason = vmm::run(&cfg)?;
+            log::info!("VM ended: {reason:?}");
+            Ok(reason.status())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.cmd) {
+        Ok(status) => ExitCode::from(status as u8),
+        Err(e) => {
+            eprintln!("kvmrun: error: {e:#}");
+            ExitCode::from(STATUS_ERROR as u8)
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! One vCPU: its KVM state at creation, its thread's run loop, and the
+//! dispatch of every exit to the bus or the shutdown path.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_segment, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::boot::{BootPlan, EntryMode};
+use crate::bus::IoBus;
+use crate::cpu;
+use crate::memory::BOOT_GDT_ADDR;
+use crate::shutdown::{ExitReason, Shutdown};
+use crate::vm::Vm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {what} failed: {source}")]
+    Kvm {
+        id: u32,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: {source}")]
+    Cpuid { id: u32, source: cpu::CpuError },
+    #[error("cannot write the boot GDT: {0}")]
+    Gdt(String),
+}
+
+/// Signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Install the kick handler once per process: with a handler (rather than
+/// the default action) the signal only interrupts KVM_RUN with EINTR.
+pub fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+            log::warn!("warning: cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// LAPIC LVT registers and the delivery modes firmware leaves in them.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+/// Delivery mode, level-triggered and unmasked, as SeaBIOS writes them.
+const APIC_MODE_EXTINT: u32 = 0x8700;
+const APIC_MODE_NMI: u32 = 0x8400;
+
+/// Flat 4 GiB code and data descriptors at selectors 0x08 and 0x10, then
+/// 16-bit ones, as a PC BIOS's multiboot loader leaves them.
+const BOOT_GDT: [u64; 5] = [
+    0,
+    0x00cf_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x0000_9b00_0000_ffff,
+    0x0000_9300_0000_ffff,
+];
+
+pub struct Vcpu {
+    pub id: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Create vCPU `id` of `count` with its CPUID and the LAPIC and FPU state
+    /// firmware would leave.
+    pub fn new(
+        vm: &Vm,
+        id: u32,
+        count: u32,
+        cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+    ) -> Result<Vcpu, VcpuError> {
+        let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let fd = vm
+            .fd
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let entries = cpu::for_vcpu(cpuid, id, count);
+        let kvm_cpuid = cpu::to_kvm(&entries).map_err(|source| VcpuError::Cpuid { id, source })?;
+        fd.set_cpuid2(&kvm_cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+
+        // On the BSP, LINT0 takes the PIC's interrupts (ExtINT, virtual wire
+        // mode) and LINT1 is NMI, as firmware sets them up; kvm-unit-tests'
+        // realmode test relies on it. Only the BSP may take ExtINT, or an AP
+        // could acknowledge the PIC's interrupts.
+        let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        let lints: &[(usize, u32)] = if id == 0 {
+            &[(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)]
+        } else {
+            &[(APIC_LVT1, APIC_MODE_NMI)]
+        };
+        for &(reg, mode) in lints {
+            let mut b = [0u8; 4];
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = lapic.regs[reg + i] as u8;
+            }
+            let v = (u32::from_le_bytes(b) & !0x1_8700) | mode;
+            for (i, x) in v.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *x as _;
+            }
+        }
+        fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+
+        // The x87 and SSE control words of a CPU after reset.
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        Ok(Vcpu { id, fd })
+    }
+
+    /// Put the boot vCPU in the state `plan` asks for.
+    pub fn apply_boot_plan(&self, plan: &BootPlan, mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
+        let id = self.id;
+        let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        match plan.mode {
+            EntryMode::Protected32 => {
+                let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
+                mem.write_slice(&gdt, GuestAddress(BOOT_GDT_ADDR))
+                    .map_err(|e| VcpuError::Gdt(e.to_string()))?;
+                let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                let seg = |selector: u16, type_: u8| kvm_segment {
+                    base: 0,
+                    limit: 0xffff_ffff,
+                    selector,
+                    type_,
+                    present: 1,
+                    dpl: 0,
+                    db: 1,
+                    s: 1,
+                    l: 0,
+                    g: 1,
+                    avl: 0,
+                    unusable: 0,
+                    padding: 0,
+                };
+                sregs.cs = seg(0x08, 0xb);
+                let data = seg(0x10, 0x3);
+                sregs.ds = data;
+                sregs.es = data;
+                sregs.fs = data;
+                sregs.gs = data;
+                sregs.ss = data;
+                sregs.gdt.base = BOOT_GDT_ADDR;
+                sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+                // The real-mode IVT, as the BIOS leaves it.
+                sregs.idt.base = 0;
+                sregs.idt.limit = 0x3ff;
+                // Protection on, paging off; ET is hard-wired on every x86-64 CPU.
+                sregs.cr0 = 0x11;
+                sregs.cr3 = 0;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+                self.fd
+                    .set_sregs(&sregs)
+                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+            }
+        }
+        let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        regs.rip = plan.rip;
+        regs.rax = plan.rax;
+        regs.rbx = plan.rbx;
+        regs.rsp = plan.rsp;
+        regs.rflags = 0x2;
+        self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+    }
+
+    /// Whether this vCPU can make no progress on its own: halted with
+    /// interrupts off and no NMI pending, or never started.
+    fn is_stuck(&self) -> bool {
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return false;
+        };
+        match mp.mp_state {
+            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => true,
+            KVM_MP_STATE_HALTED => {
+                let if_off = self.fd.get_regs().is_ok_and(|r| r.rflags & (1 << 9) == 0);
+                let nmi_idle = self
+                    .fd
+                    .get_vcpu_events()
+                    .is_ok_and(|e| e.nmi.pending == 0 && e.nmi.injected == 0);
+                if_off && nmi_idle
+            }
+            _ => false,
+        }
+    }
+
+    /// The vCPU thread: run until the VM shuts down.
+    pub fn run(mut self, bus: Arc<IoBus>, shutdown: Arc<Shutdown>, halt: Arc<HaltWatch>) {
+        while !shutdown.is_requested() {
+            let outcome = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        bus.pio_read(port, data);
+                        None
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        bus.pio_write(port, data);
+                        None
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        bus.mmio_read(addr, data);
+                        None
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        bus.mmio_write(addr, data);
+                        None
+                    }
+                    VcpuExit::Intr => None,
+                    VcpuExit::Hlt => Some(Outcome::Exit(ExitReason::Halted)),
+                    VcpuExit::Shutdown => Some(Outcome::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+                    VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason::PowerOff),
+                        KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason::Reset),
+                        KVM_SYSTEM_EVENT_CRASH => Outcome::Crash("guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into()),
+                        k => Outcome::Crash(format!("unhandled KVM system event {k}")),
+                    }),
+                    VcpuExit::InternalError => Some(Outcome::InternalError),
+                    VcpuExit::FailEntry(reason, cpu) => Some(Outcome::Crash(format!(
+                        "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
+                    ))),
+                    other => Some(Outcome::Crash(format!("unhandled exit {other:?}"))),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    halt.report(self.id, self.is_stuck());
+                    None
+                }
+                Err(e) => Some(Outcome::Exit(ExitReason::Error(format!(
+                    "KVM_RUN on vCPU {}: {e}",
+                    self.id
+                )))),
+            };
+            match outcome {
+                None => {}
+                Some(Outcome::Exit(reason)) => shutdown.request(reason),
+                Some(Outcome::Crash(what)) => self.crash(&shutdown, what),
+                Some(Outcome::InternalError) => {
+                    let what = self.internal_error();
+                    self.crash(&shutdown, what)
+                }
+            }
+        }
+    }
+
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM filled the `internal` member for KVM_EXIT_INTERNAL_ERROR.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data: Vec<String> = internal.data[..n]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        let kind = match internal.suberror {
+            1 => "emulation failure",
+            2 => "simultaneous exceptions",
+            3 => "delivery event failure",
+            4 => "unexpected exit reason",
+            _ => "unknown suberror",
+        };
+        format!(
+            "KVM internal error, suberror {} ({kind}), data [{}]",
+            internal.suberror,
+            data.join(", ")
+        )
+    }
+
+    /// Report a guest crash with the vCPU's registers and end the VM.
+    fn crash(&self, shutdown: &Shutdown, what: String) {
+        if !shutdown.is_requested() {
+            eprintln!("kvmrun: vCPU {} crashed: {what}\n{}", self.id, self.dump());
+        }
+        shutdown.request(ExitReason::Crash {
+            vcpu: self.id,
+            what,
+        });
+    }
+
+    /// The registers, as text for a crash report.
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        if let Ok(r) = self.fd.get_regs() {
+            s += &format!(
+                "  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  r8 ={:#018x} r9 ={:#018x} r10={:#018x} r11={:#018x}\n  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
+                r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+            );
+        }
+        if let Ok(sr) = self.fd.get_sregs() {
+            s += &format!(
+                "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} apic_base={:#x}\n  cs={:#06x} (base {:#x}, l={} db={}) ss={:#06x} ds={:#06x}\n  gdt={:#x}/{:#x} idt={:#x}/{:#x}",
+                sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.efer, sr.apic_base,
+                sr.cs.selector, sr.cs.base, sr.cs.l, sr.cs.db, sr.ss.selector, sr.ds.selector,
+                sr.gdt.base, sr.gdt.limit, sr.idt.base, sr.idt.limit
+            );
+        }
+        s
+    }
+}
+
+enum Outcome {
+    Exit(ExitReason),
+    Crash(String),
+    InternalError,
+}
+
+/// Notices a guest that halted for good: every vCPU halted with interrupts
+/// off (or never started). With the in-kernel irqchip KVM never reports HLT
+/// to user space, so the main loop kicks the vCPUs now and then and each
+/// one says whether it is stuck; two stuck reports in a row from all of them
+/// end the VM like a power-off.
+pub struct HaltWatch {
+    stuck: Vec<AtomicBool>,
+}
+
+impl HaltWatch {
+    pub fn new(vcpus: u32) -> Self {
+        HaltWatch {
+            stuck: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn report(&self, id: u32, stuck: bool) {
+        if let Some(s) = self.stuck.get(id as usize) {
+            s.store(stuck, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether every vCPU reported stuck since the last call; clears the
+    /// reports so the next call needs fresh ones.
+    pub fn all_stuck_and_clear(&self) -> bool {
+        let all = self.stuck.iter().all(|s| s.load(Ordering::SeqCst));
+        for s in &self.stuck {
+            s.store(false, Ordering::SeqCst);
+        }
+        all
+    }
+}

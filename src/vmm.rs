@@ -1,0 +1,394 @@
+//! Builds a VM from a `VmConfig`, runs the main event loop, and owns
+//! shutdown: whatever ends the VM, `run()` returns its `ExitReason` after
+//! every vCPU thread has stopped.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::acpi_pm::AcpiPm;
+use devices::debug_exit::DebugExit;
+use devices::fw_cfg::FwCfg;
+use devices::i8042::I8042;
+use devices::serial::SerialDevice;
+use devices::testdev::{PcTestDev, TestDevIomem};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::boot::{self, multiboot, BootError, BootPlan};
+use crate::bus::{BusError, IoBus};
+use crate::config::{ConfigError, SerialOutput, VmConfig};
+use crate::cpu::{self, CpuError};
+use crate::memory::Layout;
+use crate::shutdown::{ExitReason, Shutdown};
+use crate::vcpu::{self, HaltWatch, Vcpu, VcpuError};
+use crate::vm::{Vm, VmError};
+
+/// Fixed platform addresses (QEMU `pc` machine, kvm-unit-tests' run script).
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_GSI: u32 = 4;
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+pub const TESTDEV_PORT: u16 = 0xe0;
+pub const TESTDEV_IRQ_PORT: u16 = 0x2000;
+pub const TESTDEV_IOMEM: u64 = 0xff00_0000;
+pub const TESTDEV_IOMEM_SIZE: u64 = 0x1_0000;
+pub const FW_CFG_PORT: u16 = 0x510;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Bios(#[from] boot::bios::BiosError),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Host {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Host { what, source }
+}
+
+fn sys(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmmError {
+    move |e| VmmError::Host {
+        what,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, BootError> {
+    std::fs::read(path).map_err(|source| BootError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Everything a running VM is made of.
+struct Machine {
+    vm: Vm,
+    bus: Arc<IoBus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    vcpus: Vec<Vcpu>,
+    plan: BootPlan,
+}
+
+/// Load the image and build the VM, ready to run.
+fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> {
+    cfg.validate()?;
+    let image = read_file(&cfg.image)?;
+    let kind = boot::detect(&cfg.image, &image)?;
+    log::info!("{}: {kind} image", cfg.image.display());
+    let initrd = match &cfg.initrd {
+        Some(p) => Some((p.as_path(), read_file(p)?)),
+        None => None,
+    };
+
+    let layout = Layout::new(cfg.mem_bytes);
+    let vm = Vm::new(layout.clone(), cfg.pit)?;
+    // Firmware state first, then the image over it, as a BIOS would load it.
+    boot::acpi::setup(&vm.mem, cfg.vcpus)?;
+    boot::bios::write_ivt(&vm.mem)?;
+    boot::bios::setup_irqchip(&vm.fd, cfg.pit)?;
+    let args = multiboot::LoadArgs {
+        image_path: &cfg.image,
+        image: &image,
+        cmdline: &cfg.cmdline,
+        initrd: initrd.as_ref().map(|(p, d)| (*p, d.as_slice())),
+    };
+    let plan = multiboot::load(&args, &vm.mem, &layout)?;
+
+    let mut bus = IoBus::new();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+    vm.register_irqfd(&serial_irq, COM1_GSI)?;
+    let out: Box<dyn Write + Send> = match &cfg.serial {
+        SerialOutput::Stdio => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| VmmError::File {
+            path: p.clone(),
+            source,
+        })?),
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+    bus.add_pio("serial", COM1_PORT, 8, serial.clone())?;
+
+    let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
+    bus.add_pio(
+        "isa-debug-exit",
+        DEBUG_EXIT_PORT,
+        4,
+        Arc::new(Mutex::new(DebugExit::new(requests.clone()))),
+    )?;
+    let testdev = Arc::new(Mutex::new(PcTestDev::new(vm.irq_line(), vm.page_flusher())));
+    bus.add_pio("pc-testdev", TESTDEV_PORT, 12, testdev.clone())?;
+    bus.add_pio("pc-testdev irq", TESTDEV_IRQ_PORT, 0x18, testdev)?;
+    bus.add_mmio(
+        "pc-testdev iomem",
+        TESTDEV_IOMEM,
+        TESTDEV_IOMEM_SIZE,
+        Arc::new(Mutex::new(TestDevIomem::new())),
+    )?;
+    let fw_cfg = FwCfg::for_vm(cfg.vcpus as u16, cfg.mem_bytes, plan.kernel_data.clone());
+    bus.add_pio("fw_cfg", FW_CFG_PORT, 2, Arc::new(Mutex::new(fw_cfg)))?;
+    bus.add_pio(
+        "acpi-pm",
+        devices::acpi_pm::PM_BASE,
+        0x10,
+        Arc::new(Mutex::new(AcpiPm::new(requests.clone()))),
+    )?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(requests)));
+    bus.add_pio("i8042 data", 0x60, 1, i8042.clone())?;
+    bus.add_pio("i8042 command", 0x64, 1, i8042)?;
+
+    let cpuid = cpu::supported(&vm.kvm)?;
+    let vcpus = (0..cfg.vcpus)
+        .map(|id| Vcpu::new(&vm, id, cfg.vcpus, &cpuid))
+        .collect::<Result<Vec<_>, _>>()?;
+    vcpus[0].apply_boot_plan(&plan, &vm.mem)?;
+
+    Ok(Machine {
+        vm,
+        bus: Arc::new(bus),
+        serial,
+        vcpus,
+        plan,
+    })
+}
+
+/// Build the VM described by `cfg`, run it to the end, and say why it ended.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
+    let started = Instant::now();
+    let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
+    let machine = build(cfg, &shutdown)?;
+    log::debug!(
+        "VM built in {:?}; entering at {:#x}",
+        started.elapsed(),
+        machine.plan.rip
+    );
+
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
+        .map_err(|e| VmmError::Host {
+            what: "event manager",
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+    em.add_subscriber(Arc::new(Mutex::new(ShutdownWatch(shutdown.clone()))));
+    if let Some(t) = cfg.timeout_secs {
+        let mut timer = TimerFd::new().map_err(sys("timerfd"))?;
+        timer
+            .reset(Duration::from_secs_f64(t), None)
+            .map_err(sys("timerfd"))?;
+        em.add_subscriber(Arc::new(Mutex::new(Timeout {
+            timer,
+            shutdown: shutdown.clone(),
+        })));
+    }
+    if cfg.serial == SerialOutput::Stdio {
+        em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
+            serial: machine.serial.clone(),
+        })));
+    }
+
+    vcpu::install_kick_handler();
+    let Machine { vm, bus, vcpus, .. } = machine;
+    let halt = Arc::new(HaltWatch::new(cfg.vcpus));
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for v in vcpus {
+        let (bus, sd, h) = (bus.clone(), shutdown.clone(), halt.clone());
+        let name = format!("vcpu{}", v.id);
+        match std::thread::Builder::new()
+            .name(name)
+            .spawn(move || v.run(bus, sd, h))
+        {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shutdown.request(ExitReason::Error(format!(
+                    "cannot start a vCPU thread: {e}"
+                )));
+                break;
+            }
+        }
+    }
+
+    let mut halt_timer = TimerFd::new().map_err(sys("timerfd"))?;
+    halt_timer
+        .reset(HALT_POLL, Some(HALT_POLL))
+        .map_err(sys("timerfd"))?;
+    em.add_subscriber(Arc::new(Mutex::new(HaltPoll {
+        timer: halt_timer,
+        watch: halt,
+        threads: threads.iter().map(|t| t.as_pthread_t()).collect(),
+        shutdown: shutdown.clone(),
+    })));
+
+    while !shutdown.is_requested() {
+        if let Err(e) = em.run() {
+            shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
+        }
+    }
+    stop_vcpus(threads);
+    if log::log_enabled!(log::Level::Info) {
+        log::info!("guest RAM resident: {} KiB", resident_kib(&vm));
+    }
+    drop(vm);
+    let _ = std::io::stdout().flush();
+    Ok(shutdown
+        .reason()
+        .unwrap_or(ExitReason::Error("no exit reason".into())))
+}
+
+/// Kick every vCPU out of KVM_RUN until its thread ends. Kicks repeat
+/// because one that lands just before a thread enters KVM_RUN is lost.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    for t in threads {
+        while !t.is_finished() {
+            let _ = t.kill(vcpu::kick_signal());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = t.join();
+    }
+}
+
+/// How often the main loop checks for a guest that halted for good.
+const HALT_POLL: Duration = Duration::from_millis(250);
+
+struct HaltPoll {
+    timer: TimerFd,
+    watch: Arc<HaltWatch>,
+    threads: Vec<libc::pthread_t>,
+    shutdown: Arc<Shutdown>,
+}
+
+impl MutEventSubscriber for HaltPoll {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        if self.watch.all_stuck_and_clear() {
+            self.shutdown.request(ExitReason::Halted);
+            return;
+        }
+        for &t in &self.threads {
+            // SAFETY: the threads are joined only after the loop ends, so
+            // their ids are valid here.
+            unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::warn!("warning: cannot watch for halted guests: {e:?}");
+        }
+    }
+}
+
+struct ShutdownWatch(Arc<Shutdown>);
+
+impl MutEventSubscriber for ShutdownWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            self.0.request(ExitReason::Error(format!(
+                "cannot watch the exit event: {e:?}"
+            )));
+        }
+    }
+}
+
+struct Timeout {
+    timer: TimerFd,
+    shutdown: Arc<Shutdown>,
+}
+
+impl MutEventSubscriber for Timeout {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.shutdown.request(ExitReason::Timeout);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            self.shutdown.request(ExitReason::Error(format!(
+                "cannot watch the timeout: {e:?}"
+            )));
+        }
+    }
+}
+
+/// Host stdin to the guest's COM1 receiver.
+struct StdinToSerial {
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl MutEventSubscriber for StdinToSerial {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        // SAFETY: fd 0 stays open for the life of the process.
+        let n = unsafe { libc::read(stdin.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) {
+            // End of input or an error: stop watching so the loop does not spin.
+            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
+            return;
+        }
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = serial.enqueue_input(&buf[..n as usize]);
+        if taken < n as usize {
+            log::debug!(
+                "serial input FIFO full: dropped {} bytes",
+                n as usize - taken
+            );
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Regular files and /dev/null cannot be watched; the guest just gets
+        // no input then.
+        if ops
+            .add(Events::new(&std::io::stdin(), EventSet::IN))
+            .is_err()
+        {
+            log::debug!("stdin cannot be polled; serial input disabled");
+        }
+    }
+}
+
+/// Guest RAM the host has backed with pages, for the benchmark's "RSS beyond
+/// guest memory touched".
+fn resident_kib(vm: &Vm) -> u64 {
+    let mut pages = 0u64;
+    for (_, len, host) in crate::memory::host_regions(&vm.mem) {
+        let n = len.div_ceil(4096) as usize;
+        let mut vec = vec![0u8; n];
+        // SAFETY: `host..host + len` is one mapping of guest RAM owned by `vm`.
+        if unsafe { libc::mincore(host as *mut libc::c_void, len as usize, vec.as_mut_ptr()) } == 0
+        {
+            pages += vec.iter().filter(|b| **b & 1 != 0).count() as u64;
+        }
+    }
+    pages * 4
+}
