@@ -1,0 +1,44 @@
+# kvmrun's front door. `make run` boots the demo guest; `make test` installs
+# what is missing, builds the guests and runs every test.
+
+CARGO    ?= cargo
+GUESTS   := $(abspath build/guests)
+KVMRUN   := target/release/kvmrun
+# Debian packages the build and the tests need; installed only when absent.
+APT_PKGS := gcc make binutils
+
+.PHONY: all build guests run test deps lint bench clean
+
+all: build guests
+
+build:
+	$(CARGO) build --release
+
+guests:
+	$(MAKE) -C resources/guests OUT=$(GUESTS)
+
+run: build guests
+	$(KVMRUN) run $(GUESTS)/demo.elf --smp 2
+
+deps:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: deps guests build lint
+	$(CARGO) test --workspace
+
+bench: build guests
+	scripts/bench
+
+clean:
+	$(CARGO) clean
+	rm -rf build

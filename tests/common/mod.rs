@@ -1,0 +1,107 @@
+//! Shared helpers for integration tests: they boot real guests on
+//! /dev/kvm with the kvmrun binary and look at its output and exit status.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Whether this machine can run VMs. Without /dev/kvm a test fails with a
+/// clear message, unless `KVMRUN_ALLOW_NO_KVM=1` asks to skip instead.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("KVMRUN_ALLOW_NO_KVM").as_deref() == Ok("1") {
+            eprintln!("SKIP: /dev/kvm is not usable here and KVMRUN_ALLOW_NO_KVM=1");
+            return false;
+        }
+        panic!("/dev/kvm is missing or not accessible: these tests boot real VMs (set KVMRUN_ALLOW_NO_KVM=1 to skip them)");
+    }
+    true
+}
+
+/// Path of one of our guests, built by `make guests`.
+pub fn guest(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("build/guests")
+        .join(format!("{name}.elf"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `make guests` (or `make test`) first",
+        p.display()
+    );
+    p
+}
+
+pub fn kvmrun() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvmrun"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// The result of one run.
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn from(o: Output) -> Run {
+        Run {
+            status: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    pub fn expect(&self, status: i32) -> &Self {
+        assert_eq!(
+            self.status, status,
+            "exit status {} (expected {status})\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn has(&self, text: &str) -> &Self {
+        assert!(
+            self.stdout.contains(text),
+            "stdout lacks {text:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    pub fn err_has(&self, text: &str) -> &Self {
+        assert!(
+            self.stderr.contains(text),
+            "stderr lacks {text:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// `kvmrun run IMAGE ARGS...` with a generous safety timeout so a broken
+/// guest fails the test instead of hanging it (not a timing assertion).
+pub fn run(image: &Path, args: &[&str]) -> Run {
+    let mut c = kvmrun();
+    c.arg("run").arg(image);
+    if !args.contains(&"--timeout") {
+        c.args(["--timeout", "120"]);
+    }
+    let o = c.args(args).output().expect("cannot start kvmrun");
+    Run::from(o)
+}
+
+/// Run a guest by name.
+pub fn run_guest(name: &str, args: &[&str]) -> Run {
+    run(&guest(name), args)
+}

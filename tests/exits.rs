@@ -1,0 +1,121 @@
+//! Every way a VM ends, with tiny hand-assembled multiboot images: the
+//! exit status is the guest's verdict (see README, "Exit status").
+
+mod common;
+
+use common::{kvm_available, run, Run};
+
+/// A raw multiboot image using the header's address fields: loaded at
+/// 1 MiB, entered right after the header in 32-bit protected mode.
+fn raw_image(code: &[u8]) -> Vec<u8> {
+    const LOAD: u32 = 0x10_0000;
+    const FLAGS: u32 = 1 << 16;
+    let mut img = Vec::new();
+    let entry = LOAD + 32;
+    for v in [
+        0x1bad_b002u32,
+        FLAGS,
+        0u32.wrapping_sub(0x1bad_b002 + FLAGS),
+        LOAD,
+        LOAD,
+        0,
+        0,
+        entry,
+    ] {
+        img.extend_from_slice(&v.to_le_bytes());
+    }
+    img.extend_from_slice(code);
+    img
+}
+
+fn boot(code: &[u8], args: &[&str]) -> Run {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("t.bin");
+    std::fs::write(&p, raw_image(code)).unwrap();
+    run(&p, args)
+}
+
+#[test]
+fn debug_exit_takes_1_2_and_4_byte_writes() {
+    if !kvm_available() {
+        return;
+    }
+    // mov al, 5; out 0xf4, al
+    boot(&[0xb0, 0x05, 0xe6, 0xf4, 0xeb, 0xfe], &[]).expect(11);
+    // mov ax, 0x21; out 0xf4, ax
+    boot(&[0x66, 0xb8, 0x21, 0x00, 0x66, 0xe7, 0xf4, 0xeb, 0xfe], &[]).expect(67);
+    // mov eax, 0x7f; out 0xf7, eax is not aligned to the port block; use 0xf4.
+    boot(&[0xb8, 0x7f, 0, 0, 0, 0xe7, 0xf4, 0xeb, 0xfe], &[]).expect(255);
+}
+
+#[test]
+fn halt_with_interrupts_off_is_a_clean_exit() {
+    if !kvm_available() {
+        return;
+    }
+    // cli; hlt; jmp hlt
+    boot(&[0xfa, 0xf4, 0xeb, 0xfd], &[]).expect(0);
+    // Secondary vCPUs that were never started do not keep the VM alive.
+    boot(&[0xfa, 0xf4, 0xeb, 0xfd], &["--smp", "2"]).expect(0);
+}
+
+#[test]
+fn i8042_reset_ends_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    // mov al, 0xfe; out 0x64, al; jmp $
+    boot(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], &[]).expect(0);
+}
+
+#[test]
+fn acpi_s5_powers_off() {
+    if !kvm_available() {
+        return;
+    }
+    // mov dx, 0x604; mov ax, (0 << 10) | (1 << 13); out dx, ax; jmp $
+    boot(
+        &[
+            0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x20, 0x66, 0xef, 0xeb, 0xfe,
+        ],
+        &[],
+    )
+    .expect(0);
+}
+
+#[test]
+fn triple_fault_is_a_crash_with_registers() {
+    if !kvm_available() {
+        return;
+    }
+    // lidt [null descriptor at 0x100000 + 32 + 16]; ud2; then 6 zero bytes.
+    let mut code = vec![0x0f, 0x01, 0x1d];
+    code.extend_from_slice(&(0x10_0000u32 + 32 + 16).to_le_bytes());
+    code.extend_from_slice(&[0x0f, 0x0b]);
+    code.resize(16, 0x90);
+    code.extend_from_slice(&[0u8; 6]);
+    boot(&code, &[])
+        .expect(4)
+        .err_has("vCPU 0 crashed")
+        .err_has("rip=");
+}
+
+#[test]
+fn timeout_ends_a_spinning_guest() {
+    if !kvm_available() {
+        return;
+    }
+    // jmp $
+    boot(&[0xeb, 0xfe], &["--timeout", "0.5", "--smp", "2"]).expect(124);
+}
+
+#[test]
+fn unowned_ports_read_all_ones() {
+    if !kvm_available() {
+        return;
+    }
+    // in al, 0x99; out 0xf4, al: status is (0xff << 1) | 1 truncated.
+    boot(&[0xe4, 0x99, 0xe6, 0xf4, 0xeb, 0xfe], &[]).expect(255);
+    // in eax, 0x9c (dword of nothing); shr eax, 25; out 0xf4, al -> 0x7f
+    boot(&[0xe5, 0x9c, 0xc1, 0xe8, 0x19, 0xe6, 0xf4, 0xeb, 0xfe], &[]).expect(255);
+}

@@ -1,0 +1,124 @@
+//! Our own test guests (resources/guests) under kvmrun: each checks one
+//! part of the platform from inside and exits through isa-debug-exit with
+//! 0 (status 1) when every check passed.
+
+mod common;
+
+use common::{kvm_available, run_guest};
+
+const PASS: i32 = 1;
+
+#[test]
+fn hello_prints_and_sees_its_command_line() {
+    if !kvm_available() {
+        return;
+    }
+    run_guest("hello", &["--", "a1", "a2"])
+        .expect(PASS)
+        .has("Hello from kvmrun guest")
+        .has("hello.elf a1 a2");
+}
+
+#[test]
+fn exit_codes_follow_qemu() {
+    if !kvm_available() {
+        return;
+    }
+    for (code, status) in [(0, 1), (1, 3), (38, 77), (63, 127), (127, 255)] {
+        let arg = format!("code={code}");
+        run_guest("exitcode", &["--", &arg]).expect(status);
+    }
+}
+
+#[test]
+fn smp_brings_up_1_2_and_4_cpus() {
+    if !kvm_available() {
+        return;
+    }
+    for n in ["1", "2", "4"] {
+        let arg = format!("cpus={n}");
+        run_guest("smp", &["--smp", n, "--", &arg])
+            .expect(PASS)
+            .has(&format!("CPUs online: {n}"));
+    }
+}
+
+#[test]
+fn fw_cfg_and_memory_map_agree() {
+    if !kvm_available() {
+        return;
+    }
+    for (mem, bytes, cpus) in [
+        ("128M", 128u64 << 20, "1"),
+        ("512M", 512 << 20, "2"),
+        ("3G", 3 << 30, "4"),
+    ] {
+        let a1 = format!("cpus={cpus}");
+        let a2 = format!("mem={bytes}");
+        run_guest("fwcfg", &["--mem", mem, "--smp", cpus, "--", &a1, &a2]).expect(PASS);
+    }
+}
+
+#[test]
+fn acpi_tables_describe_the_cpus() {
+    if !kvm_available() {
+        return;
+    }
+    for n in ["1", "2", "4"] {
+        let arg = format!("cpus={n}");
+        run_guest("acpi", &["--smp", n, "--", &arg])
+            .expect(PASS)
+            .has("FACP")
+            .has("APIC");
+    }
+}
+
+#[test]
+fn testdev_scratch_iomem_and_irq_lines() {
+    if !kvm_available() {
+        return;
+    }
+    run_guest("testdev", &[]).expect(PASS);
+}
+
+#[test]
+fn cpuid_apic_ids_match_on_every_cpu() {
+    if !kvm_available() {
+        return;
+    }
+    for n in ["1", "2", "4"] {
+        run_guest("cpuid", &["--smp", n]).expect(PASS);
+    }
+}
+
+#[test]
+fn demo_runs() {
+    if !kvm_available() {
+        return;
+    }
+    run_guest("demo", &["--smp", "2"])
+        .expect(PASS)
+        .has("kvmrun demo guest");
+}
+
+#[test]
+fn serial_output_can_go_to_a_file_or_nowhere() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("serial.log");
+    let spec = format!("file:{}", f.display());
+    let r = run_guest("hello", &["--serial", &spec]);
+    r.expect(PASS);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    let log = std::fs::read_to_string(&f).unwrap();
+    assert!(log.contains("Hello from kvmrun guest"), "{log}");
+    let r = run_guest("hello", &["--serial", "none"]);
+    r.expect(PASS);
+    assert!(r.stdout.is_empty());
+    // The environment file arrives as module 0.
+    let env = d.path().join("env");
+    std::fs::write(&env, "NR_CPUS=1\n").unwrap();
+    run_guest("hello", &["--initrd", env.to_str().unwrap()]).expect(PASS);
+}
