@@ -4,10 +4,12 @@
 CARGO    ?= cargo
 GUESTS   := $(abspath build/guests)
 KVMRUN   := target/release/kvmrun
-# Debian packages the build and the tests need; installed only when absent.
-APT_PKGS := gcc make binutils
+# Debian packages the build and the tests need, and those the benchmarks
+# add; installed only when absent.
+APT_PKGS   := gcc make binutils
+BENCH_PKGS := qemu-system-x86 hyperfine time
 
-.PHONY: all build guests run test deps lint bench clean
+.PHONY: all build guests run test deps bench-deps apt lint bench clean
 
 all: build guests
 
@@ -21,7 +23,13 @@ run: build guests
 	$(KVMRUN) run $(GUESTS)/demo.elf --smp 2
 
 deps:
-	@missing=""; for p in $(APT_PKGS); do \
+	@$(MAKE) --no-print-directory apt PKGS="$(APT_PKGS)"
+
+bench-deps:
+	@$(MAKE) --no-print-directory apt PKGS="$(BENCH_PKGS)"
+
+apt:
+	@missing=""; for p in $(PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -36,7 +44,7 @@ lint:
 test: deps guests build lint
 	$(CARGO) test --workspace
 
-bench: build guests
+bench: bench-deps build guests
 	scripts/bench
 
 clean:

@@ -1,0 +1,149 @@
+/* Shared runtime of the kvmrun test guests: 64-bit, freestanding, no libc. */
+#ifndef GUEST_H
+#define GUEST_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+#define MAX_CPUS 64
+#define LAPIC_BASE 0xfee00000ul
+#define IOAPIC_BASE 0xfec00000ul
+
+/* Exit codes (QEMU and kvmrun report (code << 1) | 1). */
+#define EXIT_PASS 0
+#define EXIT_FAIL 1
+#define EXIT_BAD_ARGS 2
+#define EXIT_UNEXPECTED 3 /* unexpected exception or interrupt */
+
+/* fw_cfg keys */
+#define FW_CFG_SIGNATURE 0x00
+#define FW_CFG_RAM_SIZE 0x03
+#define FW_CFG_NB_CPUS 0x05
+
+/* Multiboot v1 information structure, as far as the guests read it. */
+struct mb_info {
+	u32 flags;
+	u32 mem_lower, mem_upper;
+	u32 boot_device;
+	u32 cmdline;
+	u32 mods_count, mods_addr;
+	u32 syms[4];
+	u32 mmap_length, mmap_addr;
+} __attribute__((packed));
+
+struct mb_mmap_entry {
+	u32 size; /* of the rest of the entry, not counting this field */
+	u64 addr, len;
+	u32 type;
+} __attribute__((packed));
+
+#define MB_INFO_MEMORY (1u << 0)
+#define MB_INFO_CMDLINE (1u << 2)
+#define MB_INFO_MMAP (1u << 6)
+
+/* Stack frame built by the interrupt stubs in entry.S. */
+struct intr_frame {
+	u64 r11, r10, r9, r8, rdi, rsi, rdx, rcx, rax;
+	u64 vector, error;
+	u64 rip, cs, rflags, rsp, ss;
+};
+
+typedef void (*irq_handler_t)(struct intr_frame *f);
+
+/* Each guest provides main(); its return value becomes the exit code. */
+int main(void);
+/* A guest that starts APs provides ap_main(); it runs in long mode on its own stack. */
+void ap_main(void);
+
+/* entry.S */
+extern u32 mb_info_addr;
+extern char ap_tramp_start[], ap_tramp_end[];
+
+/* Port I/O */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+/* MMIO: volatile accesses compile to a single mov of the given width. */
+static inline u8 mmio_read8(u64 a) { return *(volatile u8 *)a; }
+static inline u16 mmio_read16(u64 a) { return *(volatile u16 *)a; }
+static inline u32 mmio_read32(u64 a) { return *(volatile u32 *)a; }
+static inline u64 mmio_read64(u64 a) { return *(volatile u64 *)a; }
+static inline void mmio_write8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static inline void mmio_write16(u64 a, u16 v) { *(volatile u16 *)a = v; }
+static inline void mmio_write32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+static inline void mmio_write64(u64 a, u64 v) { *(volatile u64 *)a = v; }
+
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+/* Give up waiting after this many TSC cycles (a few seconds on any host). */
+#define TIMEOUT_CYCLES 10000000000ull
+static inline bool timed_out(u64 start) { return rdtsc() - start > TIMEOUT_CYCLES; }
+
+/* lib.c */
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+int strncmp(const char *a, const char *b, size_t n);
+
+void putchar_serial(char c);
+int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int vprintf(const char *fmt, va_list ap);
+__attribute__((noreturn)) void exit(int code);
+
+u64 fwcfg_read(u16 key, int bytes);
+void fwcfg_read_bytes(u16 key, void *buf, int n);
+
+struct mb_info *mb_info(void);
+const char *cmdline(void);
+int argc(void);
+const char *argv(int i);
+const char *arg_str(const char *prefix);
+bool arg_u64(const char *prefix, u64 *val);
+
+void report(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int report_summary(void);
+
+void set_irq_handler(int vec, irq_handler_t fn);
+void idt_load(void);
+
+u32 lapic_read(u32 reg);
+void lapic_write(u32 reg, u32 v);
+u32 lapic_id(void);
+void lapic_enable(void);
+void lapic_eoi(void);
+u32 ioapic_read(u32 reg);
+void ioapic_write(u32 reg, u32 v);
+
+/* LAPIC registers */
+#define APIC_ID 0x20
+#define APIC_TPR 0x80
+#define APIC_EOI 0xb0
+#define APIC_SPIV 0xf0
+#define APIC_ICR_LO 0x300
+#define APIC_ICR_HI 0x310
+
+#endif
