@@ -386,9 +386,19 @@ pub fn load(
         next: image_end.max(crate::memory::HIGH_MEMORY),
         end: layout.low_ram_end(),
     };
-    let mut low = Cursor {
-        next: STRINGS_ADDR,
-        end: EBDA_START,
+    // The info structures sit at QEMU's addresses unless the image itself
+    // lives there (kvm-unit-tests' realmode test is linked at 0x8000); then
+    // they move above the image, which must not be overwritten.
+    let low_is_free = !segs
+        .iter()
+        .any(|s| s.paddr < EBDA_START && s.paddr + s.memsz > MMAP_ADDR);
+    let mut low = if low_is_free {
+        Cursor {
+            next: STRINGS_ADDR,
+            end: EBDA_START,
+        }
+    } else {
+        Cursor { next: 0, end: 0 }
     };
     let mut mod_entries: Vec<u8> = Vec::new();
     if let Some((ipath, idata)) = args.initrd {
@@ -431,9 +441,22 @@ pub fn load(
         };
         mmap.extend_from_slice(&kind.to_le_bytes());
     }
-    debug_assert!(MMAP_ADDR + mmap.len() as u64 <= MBI_ADDR);
-    write(mem, MMAP_ADDR, &mmap)?;
-    write(mem, MODS_ADDR, &mod_entries)?;
+    let (mmap_at, mbi_at, mods_at) = if low_is_free {
+        (MMAP_ADDR, MBI_ADDR, MODS_ADDR)
+    } else {
+        let no_room = || BootError::DoesNotFit {
+            path: path.to_path_buf(),
+            reason: "no room in guest RAM for the multiboot information".into(),
+        };
+        (
+            high.take(mmap.len() as u64, 8).ok_or_else(no_room)?,
+            high.take(MBI_SIZE, 8).ok_or_else(no_room)?,
+            high.take(mod_entries.len() as u64, 8).ok_or_else(no_room)?,
+        )
+    };
+    debug_assert!(!low_is_free || MMAP_ADDR + mmap.len() as u64 <= MBI_ADDR);
+    write(mem, mmap_at, &mmap)?;
+    write(mem, mods_at, &mod_entries)?;
 
     let mem_lower_kib = (EBDA_START / 1024) as u32;
     let mem_upper_kib = ((layout.low_ram_end() - crate::memory::HIGH_MEMORY) / 1024) as u32;
@@ -447,11 +470,11 @@ pub fn load(
     put(8, mem_upper_kib);
     put(16, cmdline_at as u32);
     put(20, (mod_entries.len() / 16) as u32);
-    put(24, MODS_ADDR as u32);
+    put(24, mods_at as u32);
     put(44, mmap.len() as u32);
-    put(48, MMAP_ADDR as u32);
+    put(48, mmap_at as u32);
     put(64, loader_at as u32);
-    write(mem, MBI_ADDR, &mbi)?;
+    write(mem, mbi_at, &mbi)?;
 
     // QEMU's KERNEL_DATA blob starts at the lowest load address.
     let first = segs
@@ -466,7 +489,7 @@ pub fn load(
         mode: EntryMode::Protected32,
         rip: entry,
         rax: BOOTLOADER_MAGIC as u64,
-        rbx: MBI_ADDR,
+        rbx: mbi_at,
         rsp: BOOT_STACK,
         kernel_data,
     })
@@ -608,6 +631,19 @@ mod tests {
         img[0x88..0x8c].copy_from_slice(&(0u32.wrapping_sub(HEADER_MAGIC + 8)).to_le_bytes());
         let e = load_tiny(&img, 32 << 20, None).unwrap_err().to_string();
         assert!(e.contains("requires features"), "{e}");
+    }
+
+    #[test]
+    fn info_moves_above_an_image_in_low_memory() {
+        // Linked at 0x8000 and running over 0x9000, like kvm-unit-tests' realmode.
+        let img = tiny_elf(0x8000, 0x2000);
+        let (plan, mem) = load_tiny(&img, 16 << 20, Some(b"X=1\n")).unwrap();
+        assert!(plan.rbx >= 0x10_0000, "{:#x}", plan.rbx);
+        // The image's bytes at 0x9000 are untouched (zeroed bss, not an mmap).
+        let v: u64 = mem.read_obj(GuestAddress(MMAP_ADDR)).unwrap();
+        assert_eq!(v, 0);
+        let mods: u32 = mem.read_obj(GuestAddress(plan.rbx + 24)).unwrap();
+        assert!(mods as u64 >= 0x10_0000);
     }
 
     #[test]
