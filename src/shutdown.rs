@@ -52,6 +52,8 @@ impl ExitReason {
 pub struct Shutdown {
     reason: Mutex<Option<ExitReason>>,
     requested: AtomicBool,
+    /// The guest entered ACPI S3; the main loop wakes it again.
+    suspended: AtomicBool,
     /// Wakes the main loop.
     evt: EventFd,
 }
@@ -61,6 +63,7 @@ impl Shutdown {
         Ok(Shutdown {
             reason: Mutex::new(None),
             requested: AtomicBool::new(false),
+            suspended: AtomicBool::new(false),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -82,6 +85,26 @@ impl Shutdown {
         self.requested.load(Ordering::SeqCst)
     }
 
+    /// Record that the guest entered S3 and wake the main loop.
+    pub fn suspend(&self) {
+        self.suspended.store(true, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+    }
+
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Ordering::SeqCst)
+    }
+
+    /// Whether vCPU threads must leave their run loop.
+    pub fn must_stop(&self) -> bool {
+        self.is_requested() || self.is_suspended()
+    }
+
+    /// Clear the suspend state once the guest is woken.
+    pub fn resume(&self) {
+        self.suspended.store(false, Ordering::SeqCst);
+    }
+
     pub fn reason(&self) -> Option<ExitReason> {
         self.reason
             .lock()
@@ -96,12 +119,17 @@ impl Shutdown {
 
 impl VmRequests for Shutdown {
     fn request(&self, req: VmRequest) {
+        if req == VmRequest::Suspend {
+            self.suspend();
+            return;
+        }
         Shutdown::request(
             self,
             match req {
                 VmRequest::DebugExit(v) => ExitReason::DebugExit(v),
                 VmRequest::Reset => ExitReason::Reset,
                 VmRequest::PowerOff => ExitReason::PowerOff,
+                VmRequest::Suspend => unreachable!("handled above"),
             },
         )
     }
@@ -138,5 +166,14 @@ mod tests {
         VmRequests::request(&s, VmRequest::Reset);
         assert_eq!(s.reason(), Some(ExitReason::DebugExit(3)));
         assert_eq!(s.event().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn suspend_stops_vcpus_without_ending_the_vm() {
+        let s = Shutdown::new().unwrap();
+        VmRequests::request(&s, VmRequest::Suspend);
+        assert!(s.must_stop() && s.is_suspended() && !s.is_requested());
+        s.resume();
+        assert!(!s.must_stop());
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_segment, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    kvm_fpu, kvm_segment, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
     KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -50,6 +50,9 @@ pub fn install_kick_handler() {
         }
     });
 }
+
+/// IA32_APIC_BASE after reset on the BSP: xAPIC at 0xfee00000, enabled, BSP.
+const APIC_BASE_BSP: u64 = 0xfee0_0900;
 
 /// LAPIC LVT registers and the delivery modes firmware leaves in them.
 const APIC_LVT0: usize = 0x350;
@@ -200,9 +203,10 @@ impl Vcpu {
         }
     }
 
-    /// The vCPU thread: run until the VM shuts down.
-    pub fn run(mut self, bus: Arc<IoBus>, shutdown: Arc<Shutdown>, halt: Arc<HaltWatch>) {
-        while !shutdown.is_requested() {
+    /// The vCPU thread: run until the VM shuts down or is suspended, then
+    /// hand the vCPU back.
+    pub fn run(mut self, bus: Arc<IoBus>, shutdown: Arc<Shutdown>, halt: Arc<HaltWatch>) -> Self {
+        while !shutdown.must_stop() {
             let outcome = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoIn(port, data) => {
@@ -256,6 +260,65 @@ impl Vcpu {
                 }
             }
         }
+        self
+    }
+
+    /// Put the vCPU where firmware's S3 resume path leaves it: just reset,
+    /// in real mode at `vector` (CS = vector >> 4, IP = vector & 0xf), with
+    /// the LAPIC back in xAPIC mode.
+    pub fn enter_waking_vector(&self, vector: u32) -> Result<(), VcpuError> {
+        let id = self.id;
+        let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let seg = |selector: u16, type_: u8| kvm_segment {
+            base: (selector as u64) << 4,
+            limit: 0xffff,
+            selector,
+            type_,
+            present: 1,
+            s: 1,
+            ..Default::default()
+        };
+        sregs.cs = seg((vector >> 4) as u16, 0xb);
+        let data = seg(0, 0x3);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0x3ff;
+        sregs.gdt.base = 0;
+        sregs.gdt.limit = 0xffff;
+        sregs.cr0 = 0x10;
+        sregs.cr3 = 0;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        sregs.apic_base = APIC_BASE_BSP;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        regs.rip = (vector & 0xf) as u64;
+        regs.rflags = 0x2;
+        regs.rsp = crate::memory::BOOT_STACK;
+        self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        self.set_mp_state(KVM_MP_STATE_RUNNABLE)
+    }
+
+    /// Make an AP wait for INIT/SIPI again, as after a platform reset.
+    pub fn wait_for_sipi(&self) -> Result<(), VcpuError> {
+        self.set_mp_state(KVM_MP_STATE_UNINITIALIZED)
+    }
+
+    fn set_mp_state(&self, mp_state: u32) -> Result<(), VcpuError> {
+        self.fd
+            .set_mp_state(kvm_bindings::kvm_mp_state { mp_state })
+            .map_err(|source| VcpuError::Kvm {
+                id: self.id,
+                what: "KVM_SET_MP_STATE",
+                source,
+            })
     }
 
     fn internal_error(&mut self) -> String {

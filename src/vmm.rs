@@ -15,14 +15,17 @@ use devices::acpi_pm::AcpiPm;
 use devices::debug_exit::DebugExit;
 use devices::fw_cfg::FwCfg;
 use devices::i8042::I8042;
+use devices::rtc::{Rtc, RTC_INDEX_PORT, RTC_PORT_COUNT};
 use devices::serial::SerialDevice;
 use devices::testdev::{PcTestDev, TestDevIomem};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::boot::acpi::AcpiTables;
 use crate::boot::{self, multiboot, BootError, BootPlan};
 use crate::bus::{BusError, IoBus};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
@@ -95,6 +98,7 @@ struct Machine {
     serial: Arc<Mutex<SerialDevice>>,
     vcpus: Vec<Vcpu>,
     plan: BootPlan,
+    acpi: AcpiTables,
 }
 
 /// Load the image and build the VM, ready to run.
@@ -111,7 +115,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     let layout = Layout::new(cfg.mem_bytes);
     let vm = Vm::new(layout.clone(), cfg.pit)?;
     // Firmware state first, then the image over it, as a BIOS would load it.
-    boot::acpi::setup(&vm.mem, cfg.vcpus)?;
+    let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus)?;
     boot::bios::write_ivt(&vm.mem)?;
     boot::bios::setup_irqchip(&vm.fd, cfg.pit)?;
     let args = multiboot::LoadArgs {
@@ -160,6 +164,12 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         0x10,
         Arc::new(Mutex::new(AcpiPm::new(requests.clone()))),
     )?;
+    bus.add_pio(
+        "rtc",
+        RTC_INDEX_PORT,
+        RTC_PORT_COUNT,
+        Arc::new(Mutex::new(rtc_for(&layout, cfg.vcpus))),
+    )?;
     let i8042 = Arc::new(Mutex::new(I8042::new(requests)));
     bus.add_pio("i8042 data", 0x60, 1, i8042.clone())?;
     bus.add_pio("i8042 command", 0x64, 1, i8042)?;
@@ -176,7 +186,33 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         serial,
         vcpus,
         plan,
+        acpi,
     })
+}
+
+/// The RTC with the CMOS fields PC firmware fills in (QEMU's layout):
+/// memory sizes and the CPU count, for guests that still read them.
+fn rtc_for(layout: &Layout, vcpus: u32) -> Rtc {
+    let mut rtc = Rtc::new();
+    let low = layout.low_ram_end();
+    let ext_kib = ((low.saturating_sub(1 << 20)) >> 10).min(0xffff) as u16;
+    let above_16m = ((low.saturating_sub(16 << 20)) >> 16).min(0xffff) as u16;
+    let above_4g = (layout.mem - layout.low_ram_end()) >> 16;
+    for (idx, v) in [
+        (0x17u8, ext_kib as u8),
+        (0x18, (ext_kib >> 8) as u8),
+        (0x30, ext_kib as u8),
+        (0x31, (ext_kib >> 8) as u8),
+        (0x34, above_16m as u8),
+        (0x35, (above_16m >> 8) as u8),
+        (0x5b, above_4g as u8),
+        (0x5c, (above_4g >> 8) as u8),
+        (0x5d, (above_4g >> 16) as u8),
+        (0x5f, (vcpus - 1) as u8),
+    ] {
+        rtc.set_cmos(idx, v);
+    }
+    rtc
 }
 
 /// Build the VM described by `cfg`, run it to the end, and say why it ended.
@@ -213,9 +249,68 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     }
 
     vcpu::install_kick_handler();
-    let Machine { vm, bus, vcpus, .. } = machine;
+    let Machine {
+        vm,
+        bus,
+        mut vcpus,
+        acpi,
+        ..
+    } = machine;
     let halt = Arc::new(HaltWatch::new(cfg.vcpus));
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let thread_ids = Arc::new(Mutex::new(Vec::new()));
+    let mut halt_timer = TimerFd::new().map_err(sys("timerfd"))?;
+    halt_timer
+        .reset(HALT_POLL, Some(HALT_POLL))
+        .map_err(sys("timerfd"))?;
+    em.add_subscriber(Arc::new(Mutex::new(HaltPoll {
+        timer: halt_timer,
+        watch: halt.clone(),
+        threads: thread_ids.clone(),
+        shutdown: shutdown.clone(),
+    })));
+
+    // Each round runs the vCPUs until the VM ends or the guest suspends;
+    // a suspended guest is woken through its firmware waking vector.
+    loop {
+        let threads = start_vcpus(vcpus, &bus, &shutdown, &halt);
+        *thread_ids.lock().unwrap_or_else(|e| e.into_inner()) =
+            threads.iter().map(|t| t.as_pthread_t()).collect();
+        while !shutdown.must_stop() {
+            if let Err(e) = em.run() {
+                shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
+            }
+        }
+        thread_ids.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        vcpus = stop_vcpus(threads);
+        if shutdown.is_requested() || vcpus.len() != cfg.vcpus as usize {
+            break;
+        }
+        if let Err(e) = wake_from_s3(&vcpus, &vm, &acpi) {
+            shutdown.request(ExitReason::Error(format!("cannot wake from S3: {e}")));
+            break;
+        }
+        log::info!("guest woke from S3");
+        shutdown.resume();
+    }
+    if log::log_enabled!(log::Level::Info) {
+        log::info!("guest RAM resident: {} KiB", resident_kib(&vm));
+    }
+    drop(vcpus);
+    drop(vm);
+    let _ = std::io::stdout().flush();
+    Ok(shutdown
+        .reason()
+        .unwrap_or(ExitReason::Error("no exit reason".into())))
+}
+
+/// Start one thread per vCPU. A thread that cannot start ends the VM.
+fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    bus: &Arc<IoBus>,
+    shutdown: &Arc<Shutdown>,
+    halt: &Arc<HaltWatch>,
+) -> Vec<JoinHandle<Vcpu>> {
+    let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         let (bus, sd, h) = (bus.clone(), shutdown.clone(), halt.clone());
         let name = format!("vcpu{}", v.id);
@@ -232,44 +327,45 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             }
         }
     }
-
-    let mut halt_timer = TimerFd::new().map_err(sys("timerfd"))?;
-    halt_timer
-        .reset(HALT_POLL, Some(HALT_POLL))
-        .map_err(sys("timerfd"))?;
-    em.add_subscriber(Arc::new(Mutex::new(HaltPoll {
-        timer: halt_timer,
-        watch: halt,
-        threads: threads.iter().map(|t| t.as_pthread_t()).collect(),
-        shutdown: shutdown.clone(),
-    })));
-
-    while !shutdown.is_requested() {
-        if let Err(e) = em.run() {
-            shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
-        }
-    }
-    stop_vcpus(threads);
-    if log::log_enabled!(log::Level::Info) {
-        log::info!("guest RAM resident: {} KiB", resident_kib(&vm));
-    }
-    drop(vm);
-    let _ = std::io::stdout().flush();
-    Ok(shutdown
-        .reason()
-        .unwrap_or(ExitReason::Error("no exit reason".into())))
+    threads
 }
 
-/// Kick every vCPU out of KVM_RUN until its thread ends. Kicks repeat
-/// because one that lands just before a thread enters KVM_RUN is lost.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+/// Kick every vCPU out of KVM_RUN until its thread ends, and take the
+/// vCPUs back. Kicks repeat because one that lands just before a thread
+/// enters KVM_RUN is lost.
+fn stop_vcpus(threads: Vec<JoinHandle<Vcpu>>) -> Vec<Vcpu> {
+    let mut vcpus = Vec::with_capacity(threads.len());
     for t in threads {
         while !t.is_finished() {
             let _ = t.kill(vcpu::kick_signal());
             std::thread::sleep(Duration::from_micros(200));
         }
-        let _ = t.join();
+        if let Ok(v) = t.join() {
+            vcpus.push(v);
+        }
     }
+    vcpus
+}
+
+/// Resume from S3 the way firmware does after the wake event: the boot
+/// CPU restarts in real mode at the FACS waking vector, the others wait
+/// for INIT/SIPI. Memory is kept, as in suspend-to-RAM.
+fn wake_from_s3(vcpus: &[Vcpu], vm: &Vm, acpi: &AcpiTables) -> Result<(), VmmError> {
+    let vector: u32 = vm
+        .mem
+        .read_obj(GuestAddress(acpi.facs + boot::acpi::FACS_WAKING_VECTOR))
+        .map_err(|e| VmmError::Host {
+            what: "reading the FACS waking vector",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    for v in vcpus {
+        if v.id == 0 {
+            v.enter_waking_vector(vector)?;
+        } else {
+            v.wait_for_sipi()?;
+        }
+    }
+    Ok(())
 }
 
 /// How often the main loop checks for a guest that halted for good.
@@ -278,7 +374,8 @@ const HALT_POLL: Duration = Duration::from_millis(250);
 struct HaltPoll {
     timer: TimerFd,
     watch: Arc<HaltWatch>,
-    threads: Vec<libc::pthread_t>,
+    /// The running vCPU threads; empty while they are stopped.
+    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     shutdown: Arc<Shutdown>,
 }
 
@@ -289,9 +386,10 @@ impl MutEventSubscriber for HaltPoll {
             self.shutdown.request(ExitReason::Halted);
             return;
         }
-        for &t in &self.threads {
-            // SAFETY: the threads are joined only after the loop ends, so
-            // their ids are valid here.
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for &t in threads.iter() {
+            // SAFETY: the list is emptied before the threads are joined, so
+            // every id in it names a live thread.
             unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
         }
     }

@@ -122,3 +122,16 @@ fn serial_output_can_go_to_a_file_or_nowhere() {
     std::fs::write(&env, "NR_CPUS=1\n").unwrap();
     run_guest("hello", &["--initrd", env.to_str().unwrap()]).expect(PASS);
 }
+
+#[test]
+fn rtc_ticks_and_s3_resumes_through_the_waking_vector() {
+    if !kvm_available() {
+        return;
+    }
+    for mem in ["128M", "512M"] {
+        run_guest("s3rtc", &["-v", "--mem", mem])
+            .expect(PASS)
+            .has("entering S3")
+            .err_has("guest woke from S3");
+    }
+}

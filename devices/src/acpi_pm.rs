@@ -38,6 +38,14 @@ pub const PM_TMR_LEN: u8 = 4;
 pub const PM_TIMER_FREQ_HZ: u64 = 3_579_545;
 /// `SLP_TYP` value of S5 (soft off), matching the VMM's DSDT `\_S5` package.
 pub const S5_SLP_TYP: u8 = 0;
+/// `SLP_TYP` value of S3 (suspend to RAM), matching the DSDT `\_S3` package.
+pub const S3_SLP_TYP: u8 = 1;
+/// PM1_STS: RTC_STS, the RTC alarm woke the system.
+const PM1_STS_RTC: u16 = 1 << 10;
+/// PM1_STS: WAK_STS, the system has woken from a sleep state.
+const PM1_STS_WAK: u16 = 1 << 15;
+/// PM1_EN: RTC_EN, the RTC alarm may wake the system.
+const PM1_EN_RTC: u16 = 1 << 10;
 
 /// PM1_CNT: SCI_EN, set while the platform is in ACPI mode.
 pub const PM1_CNT_SCI_EN: u16 = 1 << 0;
@@ -185,6 +193,14 @@ impl AcpiPm {
         let slp_typ = ((value & PM1_CNT_SLP_TYP_MASK) >> PM1_CNT_SLP_TYP_SHIFT) as u8;
         if slp_typ == S5_SLP_TYP {
             self.requests.request(VmRequest::PowerOff);
+        } else if slp_typ == S3_SLP_TYP {
+            // The VMM wakes the guest at once, as if the wake event came
+            // immediately; report the wake the way hardware leaves it.
+            self.pm1_sts |= PM1_STS_WAK;
+            if self.pm1_en & PM1_EN_RTC != 0 {
+                self.pm1_sts |= PM1_STS_RTC;
+            }
+            self.requests.request(VmRequest::Suspend);
         } else {
             log::debug!("acpi_pm: ignoring sleep request with SLP_TYP {slp_typ}");
         }
@@ -283,6 +299,17 @@ mod tests {
 
     fn slp(typ: u16) -> u16 {
         (typ << PM1_CNT_SLP_TYP_SHIFT) | PM1_CNT_SLP_EN
+    }
+
+    #[test]
+    fn s3_requests_suspend_and_reports_the_wake() {
+        let (mut pm, rec) = device();
+        wr16(&mut pm, 2, PM1_EN_RTC);
+        wr16(&mut pm, 4, slp(S3_SLP_TYP as u16));
+        assert_eq!(rec.take(), vec![VmRequest::Suspend]);
+        assert_eq!(rd16(&mut pm, 0), PM1_STS_WAK | PM1_STS_RTC);
+        wr16(&mut pm, 0, PM1_STS_WAK | PM1_STS_RTC);
+        assert_eq!(rd16(&mut pm, 0), 0);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod acpi_pm;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod rtc;
 pub mod serial;
 pub mod testdev;
 
@@ -49,6 +50,9 @@ pub enum VmRequest {
     Reset,
     /// The guest asked for power-off (ACPI S5).
     PowerOff,
+    /// The guest entered ACPI S3 (suspend to RAM) and waits to be woken
+    /// through its firmware waking vector.
+    Suspend,
 }
 
 /// Where devices send [`VmRequest`]s; the VMM turns them into its single

@@ -44,17 +44,15 @@ fn fix_checksum(table: &mut [u8]) {
     table[9] = 0u8.wrapping_sub(sum);
 }
 
-/// DSDT with the `\_S5` package, so an OS can power the VM off through PM1
-/// control with SLP_TYP = `acpi_pm::S5_SLP_TYP`.
+/// DSDT with the `\_S3` and `\_S5` packages, so an OS can suspend and
+/// power off through PM1 control with the SLP_TYP values `acpi_pm` decodes.
 fn dsdt() -> Vec<u8> {
     use acpi_tables::aml::{Name, Package, Path};
-    let typ = acpi_pm::S5_SLP_TYP;
-    let s5 = Name::new(
-        Path::new("_S5_"),
-        &Package::new(vec![&typ, &typ, &0u8, &0u8]),
-    );
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    t.append_slice(&to_bytes(&s5));
+    for (name, typ) in [("_S3_", acpi_pm::S3_SLP_TYP), ("_S5_", acpi_pm::S5_SLP_TYP)] {
+        let pkg = Name::new(Path::new(name), &Package::new(vec![&typ, &typ, &0u8, &0u8]));
+        t.append_slice(&to_bytes(&pkg));
+    }
     t.as_slice().to_vec()
 }
 
@@ -79,6 +77,7 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     b.pm1_cnt_len = 2;
     b.pm_tmr_len = 4;
     b.iapc_boot_arch = (IAPC_LEGACY_DEVICES | IAPC_8042).into();
+    b.century = devices::rtc::REG_CENTURY;
     to_bytes(&b.finalize())
 }
 
@@ -104,9 +103,19 @@ fn madt(vcpus: u32) -> Vec<u8> {
     bytes
 }
 
+/// Where the tables went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcpiTables {
+    pub rsdp: u64,
+    /// The FACS holds the firmware waking vector an S3 resume jumps to.
+    pub facs: u64,
+}
+
+/// Offset of `firmware_waking_vector` in the FACS.
+pub const FACS_WAKING_VECTOR: u64 = 12;
+
 /// Build every table for `vcpus` CPUs and write them to guest memory.
-/// Returns the RSDP address.
-pub fn setup(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, BootError> {
+pub fn setup(mem: &GuestMemoryMmap, vcpus: u32) -> Result<AcpiTables, BootError> {
     let mut next = ACPI_TABLES_START;
     let mut place = |bytes: &[u8], align: u64| -> Result<u64, BootError> {
         let at = next.next_multiple_of(align);
@@ -140,7 +149,10 @@ pub fn setup(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, BootError> {
                 addr: RSDP_ADDR,
                 reason: e.to_string(),
             })?;
-        Ok(RSDP_ADDR)
+        Ok(AcpiTables {
+            rsdp: RSDP_ADDR,
+            facs: facs_at,
+        })
     })
 }
 
@@ -163,6 +175,13 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn dsdt_has_sleep_states() {
+        let d = dsdt();
+        let has = |n: &[u8]| d.windows(4).any(|w| w == n);
+        assert!(has(b"_S3_") && has(b"_S5_"));
     }
 
     #[test]
