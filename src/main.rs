@@ -49,7 +49,9 @@ struct RunArgs {
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Command line after the image name; words after `--` are appended too.
-    #[arg(long, default_value = "")]
+    /// Values may start with '-' (kvm-unit-tests passes "-test_name" to
+    /// deselect tests).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     append: String,
     /// Leave out the in-kernel PIT (QEMU's -machine pit=off).
     #[arg(long)]

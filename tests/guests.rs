@@ -17,6 +17,10 @@ fn hello_prints_and_sees_its_command_line() {
         .expect(PASS)
         .has("Hello from kvmrun guest")
         .has("hello.elf a1 a2");
+    // kvm-unit-tests deselects tests with arguments that start with '-'.
+    run_guest("hello", &["--append", "-x_test -y", "--", "z"])
+        .expect(PASS)
+        .has("hello.elf -x_test -y z");
 }
 
 #[test]
