@@ -51,6 +51,42 @@ pub fn install_kick_handler() {
     });
 }
 
+/// Segment types: execute/read code and read/write data, both accessed.
+const SEG_CODE: u8 = 0xb;
+const SEG_DATA: u8 = 0x3;
+
+/// A present segment: `big` makes it 32-bit with page granularity (flat
+/// 4 GiB from `base`), otherwise a real-mode 64 KiB one.
+fn segment(selector: u16, type_: u8, base: u64, big: bool) -> kvm_segment {
+    kvm_segment {
+        base,
+        limit: if big { 0xffff_ffff } else { 0xffff },
+        selector,
+        type_,
+        present: 1,
+        db: big as u8,
+        s: 1,
+        g: big as u8,
+        ..Default::default()
+    }
+}
+
+/// Load CS and every data segment register and leave paging and long mode
+/// off, with the real-mode IVT as the IDT, as a BIOS hands over.
+fn set_legacy_mode(sregs: &mut kvm_bindings::kvm_sregs, cs: kvm_segment, data: kvm_segment) {
+    sregs.cs = cs;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0x3ff;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+}
+
 /// IA32_APIC_BASE after reset on the BSP: xAPIC at 0xfee00000, enabled, BSP.
 const APIC_BASE_BSP: u64 = 0xfee0_0900;
 
@@ -137,38 +173,15 @@ impl Vcpu {
                 mem.write_slice(&gdt, GuestAddress(BOOT_GDT_ADDR))
                     .map_err(|e| VcpuError::Gdt(e.to_string()))?;
                 let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                let seg = |selector: u16, type_: u8| kvm_segment {
-                    base: 0,
-                    limit: 0xffff_ffff,
-                    selector,
-                    type_,
-                    present: 1,
-                    dpl: 0,
-                    db: 1,
-                    s: 1,
-                    l: 0,
-                    g: 1,
-                    avl: 0,
-                    unusable: 0,
-                    padding: 0,
-                };
-                sregs.cs = seg(0x08, 0xb);
-                let data = seg(0x10, 0x3);
-                sregs.ds = data;
-                sregs.es = data;
-                sregs.fs = data;
-                sregs.gs = data;
-                sregs.ss = data;
+                set_legacy_mode(
+                    &mut sregs,
+                    segment(0x08, SEG_CODE, 0, true),
+                    segment(0x10, SEG_DATA, 0, true),
+                );
                 sregs.gdt.base = BOOT_GDT_ADDR;
                 sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
-                // The real-mode IVT, as the BIOS leaves it.
-                sregs.idt.base = 0;
-                sregs.idt.limit = 0x3ff;
                 // Protection on, paging off; ET is hard-wired on every x86-64 CPU.
                 sregs.cr0 = 0x11;
-                sregs.cr3 = 0;
-                sregs.cr4 = 0;
-                sregs.efer = 0;
                 self.fd
                     .set_sregs(&sregs)
                     .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -270,30 +283,15 @@ impl Vcpu {
         let id = self.id;
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
         let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let seg = |selector: u16, type_: u8| kvm_segment {
-            base: (selector as u64) << 4,
-            limit: 0xffff,
-            selector,
-            type_,
-            present: 1,
-            s: 1,
-            ..Default::default()
-        };
-        sregs.cs = seg((vector >> 4) as u16, 0xb);
-        let data = seg(0, 0x3);
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.ss = data;
-        sregs.idt.base = 0;
-        sregs.idt.limit = 0x3ff;
+        let cs = (vector >> 4) as u16;
+        set_legacy_mode(
+            &mut sregs,
+            segment(cs, SEG_CODE, (cs as u64) << 4, false),
+            segment(0, SEG_DATA, 0, false),
+        );
         sregs.gdt.base = 0;
         sregs.gdt.limit = 0xffff;
         sregs.cr0 = 0x10;
-        sregs.cr3 = 0;
-        sregs.cr4 = 0;
-        sregs.efer = 0;
         sregs.apic_base = APIC_BASE_BSP;
         self.fd
             .set_sregs(&sregs)

@@ -5,37 +5,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{kvmrun, Run};
+use common::{kvmrun, raw_image, Run};
 
 fn run_args(args: &[&str]) -> Run {
     Run::from(kvmrun().args(args).output().expect("cannot start kvmrun"))
-}
-
-/// A minimal ELF32 multiboot image: one PT_LOAD at `paddr` with `bss`
-/// extra bytes; the code is `out %al, $0xf4` after setting al = 0.
-fn tiny_multiboot(paddr: u32, bss: u32) -> Vec<u8> {
-    let mut f = vec![0u8; 0xa0];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 1;
-    f[5] = 1;
-    f[6] = 1;
-    f[16..18].copy_from_slice(&2u16.to_le_bytes());
-    f[18..20].copy_from_slice(&3u16.to_le_bytes());
-    f[24..28].copy_from_slice(&(paddr + 12).to_le_bytes());
-    f[28..32].copy_from_slice(&52u32.to_le_bytes());
-    f[42..44].copy_from_slice(&32u16.to_le_bytes());
-    f[44..46].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 52;
-    let (off, len) = (0x80u32, 0x20u32);
-    for (i, v) in [1, off, paddr, paddr, len, len + bss].iter().enumerate() {
-        f[ph + 4 * i..ph + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
-    }
-    let h = off as usize;
-    f[h..h + 4].copy_from_slice(&0x1bad_b002u32.to_le_bytes());
-    f[h + 8..h + 12].copy_from_slice(&0u32.wrapping_sub(0x1bad_b002).to_le_bytes());
-    // mov $0x07, %al; out %al, $0xf4; hlt
-    f[h + 12..h + 17].copy_from_slice(&[0xb0, 0x07, 0xe6, 0xf4, 0xf4]);
-    f
 }
 
 fn write(dir: &Path, name: &str, data: &[u8]) -> String {
@@ -70,14 +43,24 @@ fn empty_and_garbage_images() {
 #[test]
 fn wrong_magic_and_truncated() {
     let d = tempfile::tempdir().unwrap();
-    let mut img = tiny_multiboot(0x40_0000, 0);
-    let trunc = write(d.path(), "trunc.flat", &img[..0x90]);
+    // The header asks for more bytes than the file has.
+    let mut img = raw_image(&[0xeb, 0xfe]);
+    img[20..24].copy_from_slice(&0x10_1000u32.to_le_bytes());
+    let trunc = write(d.path(), "trunc.flat", &img);
     assert_clean_error(&run_args(&["run", &trunc]), "trunc.flat: truncated");
-    img[0x80] = 0;
+    let mut img = raw_image(&[0xeb, 0xfe]);
+    img[0] = 0;
     let bad = write(d.path(), "magic.flat", &img);
     assert_clean_error(
         &run_args(&["run", &bad]),
-        "magic.flat: an ELF file without a multiboot header",
+        "magic.flat: not a multiboot image",
+    );
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    let elf = write(d.path(), "plain.elf", &elf);
+    assert_clean_error(
+        &run_args(&["run", &elf]),
+        "plain.elf: an ELF file without a multiboot header",
     );
 }
 
@@ -96,7 +79,10 @@ fn segment_outside_ram() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let img = write(d.path(), "big.flat", &tiny_multiboot(0x40_0000, 64 << 20));
+    // bss_end far beyond 32 MiB of RAM.
+    let mut img = raw_image(&[0xeb, 0xfe]);
+    img[24..28].copy_from_slice(&0x400_0000u32.to_le_bytes());
+    let img = write(d.path(), "big.flat", &img);
     assert_clean_error(
         &run_args(&["run", &img, "--mem", "32M"]),
         "lies outside guest RAM",
@@ -109,7 +95,7 @@ fn initrd_problems() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let img = write(d.path(), "ok.flat", &tiny_multiboot(0x40_0000, 0));
+    let img = write(d.path(), "ok.flat", &raw_image(&[0xeb, 0xfe]));
     assert_clean_error(
         &run_args(&["run", &img, "--initrd", "/nonexistent/env"]),
         "/nonexistent/env",
@@ -148,6 +134,11 @@ fn tiny_image_exits_through_debug_exit() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let img = write(d.path(), "tiny.flat", &tiny_multiboot(0x40_0000, 0x1000));
+    // mov al, 7; out 0xf4, al; hlt
+    let img = write(
+        d.path(),
+        "tiny.flat",
+        &raw_image(&[0xb0, 0x07, 0xe6, 0xf4, 0xf4]),
+    );
     run_args(&["run", &img]).expect(15);
 }
