@@ -12,12 +12,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::acpi_pm::AcpiPm;
-use devices::debug_exit::DebugExit;
-use devices::fw_cfg::FwCfg;
-use devices::i8042::I8042;
+use devices::debug_exit::{self, DebugExit};
+use devices::fw_cfg::{self, FwCfg};
+use devices::i8042::{self, I8042};
 use devices::rtc::{Rtc, RTC_INDEX_PORT, RTC_PORT_COUNT};
-use devices::serial::SerialDevice;
-use devices::testdev::{PcTestDev, TestDevIomem};
+use devices::serial::{self, SerialDevice};
+use devices::testdev::{self, PcTestDev, TestDevIomem};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
@@ -34,16 +34,6 @@ use crate::memory::Layout;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vcpu::{self, HaltWatch, Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
-
-/// Fixed platform addresses (QEMU `pc` machine, kvm-unit-tests' run script).
-pub const COM1_PORT: u16 = 0x3f8;
-pub const COM1_GSI: u32 = 4;
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-pub const TESTDEV_PORT: u16 = 0xe0;
-pub const TESTDEV_IRQ_PORT: u16 = 0x2000;
-pub const TESTDEV_IOMEM: u64 = 0xff00_0000;
-pub const TESTDEV_IOMEM_SIZE: u64 = 0x1_0000;
-pub const FW_CFG_PORT: u16 = 0x510;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -128,7 +118,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
 
     let mut bus = IoBus::new();
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-    vm.register_irqfd(&serial_irq, COM1_GSI)?;
+    vm.register_irqfd(&serial_irq, serial::COM1_GSI)?;
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialOutput::Stdio => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
@@ -138,30 +128,50 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         })?),
     };
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
-    bus.add_pio("serial", COM1_PORT, 8, serial.clone())?;
+    bus.add_pio(
+        "serial",
+        serial::COM1_BASE,
+        serial::SERIAL_PORT_COUNT,
+        serial.clone(),
+    )?;
 
     let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
     bus.add_pio(
         "isa-debug-exit",
-        DEBUG_EXIT_PORT,
-        4,
+        debug_exit::DEBUG_EXIT_BASE,
+        debug_exit::DEBUG_EXIT_SIZE,
         Arc::new(Mutex::new(DebugExit::new(requests.clone()))),
     )?;
     let testdev = Arc::new(Mutex::new(PcTestDev::new(vm.irq_line(), vm.page_flusher())));
-    bus.add_pio("pc-testdev", TESTDEV_PORT, 12, testdev.clone())?;
-    bus.add_pio("pc-testdev irq", TESTDEV_IRQ_PORT, 0x18, testdev)?;
+    bus.add_pio(
+        "pc-testdev",
+        testdev::PC_TESTDEV_IOPORT_BASE,
+        testdev::PC_TESTDEV_IOPORT_SIZE,
+        testdev.clone(),
+    )?;
+    bus.add_pio(
+        "pc-testdev irq",
+        testdev::PC_TESTDEV_IRQ_BASE,
+        testdev::PC_TESTDEV_IRQ_COUNT,
+        testdev,
+    )?;
     bus.add_mmio(
         "pc-testdev iomem",
-        TESTDEV_IOMEM,
-        TESTDEV_IOMEM_SIZE,
+        testdev::TESTDEV_IOMEM_BASE,
+        testdev::TESTDEV_IOMEM_SIZE,
         Arc::new(Mutex::new(TestDevIomem::new())),
     )?;
     let fw_cfg = FwCfg::for_vm(cfg.vcpus as u16, cfg.mem_bytes, plan.kernel_data.clone());
-    bus.add_pio("fw_cfg", FW_CFG_PORT, 2, Arc::new(Mutex::new(fw_cfg)))?;
+    bus.add_pio(
+        "fw_cfg",
+        fw_cfg::FW_CFG_PORT_SEL,
+        fw_cfg::FW_CFG_PORT_COUNT,
+        Arc::new(Mutex::new(fw_cfg)),
+    )?;
     bus.add_pio(
         "acpi-pm",
         devices::acpi_pm::PM_BASE,
-        0x10,
+        devices::acpi_pm::PM_SIZE,
         Arc::new(Mutex::new(AcpiPm::new(requests.clone()))),
     )?;
     bus.add_pio(
@@ -171,8 +181,8 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         Arc::new(Mutex::new(rtc_for(&layout, cfg.vcpus))),
     )?;
     let i8042 = Arc::new(Mutex::new(I8042::new(requests)));
-    bus.add_pio("i8042 data", 0x60, 1, i8042.clone())?;
-    bus.add_pio("i8042 command", 0x64, 1, i8042)?;
+    bus.add_pio("i8042 data", i8042::I8042_DATA_PORT, 1, i8042.clone())?;
+    bus.add_pio("i8042 command", i8042::I8042_COMMAND_PORT, 1, i8042)?;
 
     let cpuid = cpu::supported(&vm.kvm)?;
     let vcpus = (0..cfg.vcpus)
