@@ -2,10 +2,12 @@
 //! (data).
 //!
 //! The time registers follow the host's wall clock (UTC) plus an offset the
-//! guest sets by writing them; register A's update-in-progress bit is set
-//! during the last 244 us of every second, as on the real part, because
-//! guests synchronise with the update by waiting for that bit to rise and
-//! fall. The periodic and update interrupts are not generated; the alarm
+//! guest sets by writing them. Register A's update-in-progress bit is set
+//! during the last 244 us of every second, as on the real part, and also on
+//! the first read of A after an update the guest did not see: guests
+//! synchronise with the update by waiting for that bit to rise and fall, and
+//! a vCPU that is descheduled or slow to exit can miss a 244 us window every
+//! time. The periodic and update interrupts are not generated; the alarm
 //! flag is reported in register C when the alarm matches.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -105,6 +107,8 @@ pub struct Rtc {
     cmos: [u8; CMOS_SIZE],
     /// Seconds added to the host clock: what the guest set minus host time.
     offset_secs: i64,
+    /// Host second whose starting update a read of register A has shown.
+    update_shown: i64,
 }
 
 impl Default for Rtc {
@@ -123,6 +127,7 @@ impl Rtc {
             index: 0,
             cmos,
             offset_secs: 0,
+            update_shown: Self::now().0,
         }
     }
 
@@ -192,7 +197,12 @@ impl Rtc {
             REG_CENTURY => self.encode((t.year / 100) as u8),
             REG_A => {
                 let set = self.cmos[REG_B as usize] & REG_B_SET != 0;
-                let uip = !set && nanos >= 1_000_000_000 - UIP_NANOS;
+                let in_window = nanos >= 1_000_000_000 - UIP_NANOS;
+                let missed = host_secs > self.update_shown;
+                let uip = !set && (in_window || missed);
+                if uip {
+                    self.update_shown = if in_window { host_secs + 1 } else { host_secs };
+                }
                 (self.cmos[REG_A as usize] & !REG_A_UIP) | if uip { REG_A_UIP } else { 0 }
             }
             REG_C => {
@@ -299,6 +309,7 @@ impl Persist for Rtc {
             index: state.index & 0x7f,
             cmos,
             offset_secs: state.offset_secs,
+            update_shown: Self::now().0,
         })
     }
 }
