@@ -4,6 +4,10 @@
 //! CPU models and feature toggles build on this later; for now every guest
 //! gets what KVM_GET_SUPPORTED_CPUID offers, as QEMU's `-cpu host` would.
 
+pub mod features;
+pub mod models;
+pub mod spec;
+
 use kvm_bindings::{
     kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
 };
