@@ -105,3 +105,33 @@ pub fn run(image: &Path, args: &[&str]) -> Run {
 pub fn run_guest(name: &str, args: &[&str]) -> Run {
     run(&guest(name), args)
 }
+
+/// A raw multiboot image using the header's address fields: loaded at
+/// 1 MiB, entered right after the header in 32-bit protected mode.
+pub fn raw_image(code: &[u8]) -> Vec<u8> {
+    const LOAD: u32 = 0x10_0000;
+    const FLAGS: u32 = 1 << 16;
+    let mut img = Vec::new();
+    let entry = LOAD + 32;
+    for v in [
+        0x1bad_b002u32,
+        FLAGS,
+        0u32.wrapping_sub(0x1bad_b002 + FLAGS),
+        LOAD,
+        LOAD,
+        0,
+        0,
+        entry,
+    ] {
+        img.extend_from_slice(&v.to_le_bytes());
+    }
+    img.extend_from_slice(code);
+    img
+}
+
+pub fn boot(code: &[u8], args: &[&str]) -> Run {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("t.bin");
+    std::fs::write(&p, raw_image(code)).unwrap();
+    run(&p, args)
+}
