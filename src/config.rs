@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::msrs::{self, MsrError, MsrValue};
+use crate::cpu::CpuSpec;
+use crate::kvmcaps::{self, CapError, CapSetting, MsrRange};
 use crate::memory::MIN_MEM;
 
 /// Most vCPUs a guest may have: the xAPIC ID is one byte and 0xff is the
@@ -49,6 +52,16 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Wall-clock limit in seconds; the VM ends with status 124 when it expires.
     pub timeout_secs: Option<f64>,
+    /// CPU model and feature toggles (`--cpu`).
+    pub cpu: CpuSpec,
+    /// Drop features KVM cannot give with a warning instead of failing.
+    pub cpu_lenient: bool,
+    /// VM-wide KVM capabilities to enable (`--kvm-cap`).
+    pub kvm_caps: Vec<CapSetting>,
+    /// MSRs denied to the guest (`--msr-filter`).
+    pub msr_filter: Vec<MsrRange>,
+    /// Initial MSR values on every vCPU beyond the reset ones (`--msr`).
+    pub msrs: Vec<MsrValue>,
 }
 
 impl VmConfig {
@@ -63,7 +76,18 @@ impl VmConfig {
             pit: true,
             serial: SerialOutput::Stdio,
             timeout_secs: None,
+            cpu: CpuSpec::default(),
+            cpu_lenient: false,
+            kvm_caps: Vec::new(),
+            msr_filter: Vec::new(),
+            msrs: Vec::new(),
         }
+    }
+
+    /// Whether the in-kernel PIT is created: `pit` unless `--kvm-cap
+    /// PIT2=off` says otherwise.
+    pub fn pit_enabled(&self) -> bool {
+        kvmcaps::pit_wanted(&self.kvm_caps, self.pit)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -78,6 +102,20 @@ impl VmConfig {
                 return Err(ConfigError::Timeout(t.to_string()));
             }
         }
+        // Re-parse the spec's canonical form: a config built in code (or
+        // read back from a snapshot) gets the same checks as `--cpu`.
+        CpuSpec::parse(&self.cpu.to_string())
+            .map_err(|e| ConfigError::Cpu(self.cpu.to_string(), e))?;
+        kvmcaps::check_duplicates(&self.kvm_caps)?;
+        for c in &self.kvm_caps {
+            kvmcaps::info(&c.name).ok_or_else(|| CapError::Unknown {
+                name: c.name.clone(),
+            })?;
+        }
+        if self.msr_filter.len() > kvm_bindings::KVM_MSR_FILTER_MAX_RANGES as usize {
+            return Err(ConfigError::MsrFilterRanges(self.msr_filter.len()));
+        }
+        msrs::initial(&self.msrs)?;
         Ok(())
     }
 }
@@ -94,6 +132,14 @@ pub enum ConfigError {
     Serial(String),
     #[error("invalid timeout '{0}': expected a positive number of seconds")]
     Timeout(String),
+    #[error("invalid --cpu '{0}': {1}")]
+    Cpu(String, crate::cpu::SpecError),
+    #[error(transparent)]
+    Cap(#[from] CapError),
+    #[error(transparent)]
+    Msr(#[from] MsrError),
+    #[error("--msr-filter: {0} ranges, KVM takes at most 16")]
+    MsrFilterRanges(usize),
 }
 
 /// Parse a memory size the way QEMU's `-m` does: a bare number is MiB, a
@@ -156,6 +202,39 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Mem(_))));
         c.mem_bytes = (128 << 20) + 1;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn cpu_caps_and_msrs_are_validated() {
+        let mut c = VmConfig::new("x".into());
+        assert_eq!(c.cpu.model, "qemu64");
+        c.cpu = CpuSpec::parse("max,+la57").unwrap();
+        assert!(c.validate().is_ok());
+        c.cpu.model = "nosuch".into();
+        assert!(matches!(c.validate(), Err(ConfigError::Cpu(..))));
+        c.cpu = CpuSpec::default();
+        c.cpu.toggles = vec![("x2apic".into(), true), ("x2apic".into(), false)];
+        assert!(matches!(c.validate(), Err(ConfigError::Cpu(..))));
+        c.cpu = CpuSpec::default();
+        c.kvm_caps = vec!["PIT2=off".parse().unwrap()];
+        assert!(c.validate().is_ok());
+        assert!(!c.pit_enabled());
+        c.kvm_caps.push("PIT2=on".parse().unwrap());
+        assert!(matches!(c.validate(), Err(ConfigError::Cap(_))));
+        c.kvm_caps = vec![CapSetting {
+            name: "BOGUS".into(),
+            value: None,
+        }];
+        assert!(matches!(c.validate(), Err(ConfigError::Cap(_))));
+        c.kvm_caps.clear();
+        c.msrs = vec!["0x10=1".parse().unwrap(), "0x10=2".parse().unwrap()];
+        assert!(matches!(c.validate(), Err(ConfigError::Msr(_))));
+        c.msrs.clear();
+        c.msr_filter = vec![MsrRange { first: 1, last: 1 }; 17];
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MsrFilterRanges(17))
+        ));
     }
 
     #[test]

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvmrun::config::{self, SerialOutput, VmConfig};
+use kvmrun::cpu::msrs::MsrValue;
+use kvmrun::cpu::CpuSpec;
+use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
 use kvmrun::shutdown::STATUS_ERROR;
 use kvmrun::vmm;
 
@@ -32,7 +35,61 @@ enum Cmd {
     /// (port 0xf4); 0 on guest power-off, reset or halt; 2 on a kvmrun error
     /// or bad input; 4 when the guest crashes (triple fault, KVM internal
     /// error); 124 when --timeout expires.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Show, for every named CPUID feature, whether the host has it, KVM
+    /// supports it, the model turns it on, and kvmrun sets it; with
+    /// --probe, also what the guest sees.
+    Cpuid(CpuidArgs),
+    /// Show the KVM capabilities of this host by name (KVM_CHECK_EXTENSION
+    /// on a VM), and which ones --kvm-cap can set.
+    Caps(CapsArgs),
+}
+
+/// `--cpu` and `--cpu-lenient`, shared by `run` and `cpuid`.
+#[derive(Args)]
+struct CpuArgs {
+    /// CPU model and toggles in QEMU's -cpu spelling:
+    /// MODEL[,+FEAT][,-FEAT][,FEAT=on|off][,vendor=STR][,phys-bits=N][,host-phys-bits].
+    /// Models: host, max, qemu64 (the default, as QEMU's), base, Opteron_G1.
+    #[arg(long, value_name = "SPEC", default_value = "qemu64")]
+    cpu: CpuSpec,
+    /// Drop features this host's KVM cannot give with a warning, instead
+    /// of failing (QEMU's behaviour).
+    #[arg(long)]
+    cpu_lenient: bool,
+}
+
+#[derive(Args)]
+struct CpuidArgs {
+    #[command(flatten)]
+    cpu: CpuArgs,
+    /// Boot a tiny VM whose vCPUs run CPUID, and show what they saw.
+    #[arg(long)]
+    probe: bool,
+    /// vCPUs for --probe.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=config::MAX_VCPUS as i64))]
+    smp: u32,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CapsArgs {
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--msr-filter` value: ranges, comma-separated.
+#[derive(Clone)]
+struct MsrRanges(Vec<MsrRange>);
+
+impl std::str::FromStr for MsrRanges {
+    type Err = kvmcaps::CapError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        kvmcaps::parse_msr_filter(s).map(MsrRanges)
+    }
 }
 
 #[derive(Args)]
@@ -62,6 +119,19 @@ struct RunArgs {
     /// End the VM with status 124 after this many seconds.
     #[arg(long, value_parser = config::parse_timeout)]
     timeout: Option<f64>,
+    #[command(flatten)]
+    cpu: CpuArgs,
+    /// Enable a VM-wide KVM capability (repeatable); `kvmrun caps` lists them.
+    #[arg(long = "kvm-cap", value_name = "NAME[=VALUE]")]
+    kvm_cap: Vec<CapSetting>,
+    /// Deny the guest these MSRs: INDEX or FIRST-LAST, comma-separated
+    /// (repeatable). With --kvm-cap X86_USER_SPACE_MSR=filter the accesses
+    /// exit to kvmrun, which injects #GP; otherwise KVM injects it.
+    #[arg(long = "msr-filter", value_name = "RANGES")]
+    msr_filter: Vec<MsrRanges>,
+    /// Initial MSR value on every vCPU (repeatable), e.g. --msr 0x1a0=0x1.
+    #[arg(long = "msr", value_name = "INDEX=VALUE")]
+    msr: Vec<MsrValue>,
     /// Guest arguments, appended to the command line.
     #[arg(last = true)]
     args: Vec<String>,
@@ -83,6 +153,11 @@ impl RunArgs {
             pit: !self.no_pit,
             serial: self.serial,
             timeout_secs: self.timeout,
+            cpu: self.cpu.cpu,
+            cpu_lenient: self.cpu.cpu_lenient,
+            kvm_caps: self.kvm_cap,
+            msr_filter: self.msr_filter.into_iter().flat_map(|r| r.0).collect(),
+            msrs: self.msr,
         }
     }
 }
@@ -114,10 +189,48 @@ fn init_logging(verbose: u8) {
 fn run(cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Run(args) => {
-            let cfg = args.into_config();
+            let cfg = (*args).into_config();
             let reason = vmm::run(&cfg)?;
             log::info!("VM ended: {reason:?}");
             Ok(reason.status())
+        }
+        Cmd::Cpuid(args) => {
+            let report = kvmrun::cpu::report::build(
+                &args.cpu.cpu,
+                args.cpu.cpu_lenient,
+                args.smp,
+                args.probe,
+            )?;
+            for w in &report.warnings {
+                log::warn!("{w}");
+            }
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(0)
+        }
+        Cmd::Caps(args) => {
+            let caps = kvmcaps::report()?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&caps)?);
+            } else {
+                println!(
+                    "{:<24} {:>6}  {:<9} description",
+                    "capability", "value", "settable"
+                );
+                for c in &caps {
+                    println!(
+                        "{:<24} {:>6}  {:<9} {}",
+                        c.name,
+                        c.value,
+                        if c.settable { "--kvm-cap" } else { "" },
+                        c.what
+                    );
+                }
+            }
+            Ok(0)
         }
     }
 }

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_segment, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_msr_entry, kvm_segment, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::boot::{BootPlan, EntryMode};
 use crate::bus::IoBus;
 use crate::cpu;
+use crate::cpu::msrs::MsrValue;
 use crate::memory::BOOT_GDT_ADDR;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vm::Vm;
@@ -31,6 +32,8 @@ pub enum VcpuError {
     Cpuid { id: u32, source: cpu::CpuError },
     #[error("cannot write the boot GDT: {0}")]
     Gdt(String),
+    #[error("--msr {index:#x}={value:#x}: KVM refused to set it on vCPU {id}")]
+    MsrRefused { id: u32, index: u32, value: u64 },
 }
 
 /// Signal that kicks a vCPU thread out of KVM_RUN.
@@ -120,6 +123,8 @@ impl Vcpu {
         id: u32,
         count: u32,
         cpuid: &[kvm_bindings::kvm_cpuid_entry2],
+        msrs: &[MsrValue],
+        required: &[MsrValue],
     ) -> Result<Vcpu, VcpuError> {
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
         let fd = vm
@@ -160,6 +165,37 @@ impl Vcpu {
             ..Default::default()
         };
         fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+
+        // One MSR per call, so a refusal names the MSR. A reset value KVM
+        // refuses (the CPUID left its feature out) is skipped; a value the
+        // user asked for is an error.
+        for m in msrs {
+            let one = Msrs::from_entries(&[kvm_msr_entry {
+                index: m.index,
+                data: m.value,
+                ..Default::default()
+            }])
+            .map_err(|_| VcpuError::MsrRefused {
+                id,
+                index: m.index,
+                value: m.value,
+            })?;
+            let ok = matches!(fd.set_msrs(&one), Ok(1));
+            if !ok {
+                if required.iter().any(|r| r.index == m.index) {
+                    return Err(VcpuError::MsrRefused {
+                        id,
+                        index: m.index,
+                        value: m.value,
+                    });
+                }
+                log::debug!(
+                    "vCPU {id}: KVM refused reset value {:#x} for MSR {:#x}",
+                    m.value,
+                    m.index
+                );
+            }
+        }
         Ok(Vcpu { id, fd })
     }
 
@@ -239,6 +275,19 @@ impl Vcpu {
                         None
                     }
                     VcpuExit::Intr => None,
+                    // Only with --kvm-cap X86_USER_SPACE_MSR: an MSR KVM
+                    // would fault or --msr-filter denies. Inject #GP, as
+                    // QEMU does for an MSR it does not know.
+                    VcpuExit::X86Rdmsr(exit) => {
+                        log::debug!("vCPU {}: RDMSR {:#x} ({:?}): #GP", self.id, exit.index, exit.reason);
+                        *exit.error = 1;
+                        None
+                    }
+                    VcpuExit::X86Wrmsr(exit) => {
+                        log::debug!("vCPU {}: WRMSR {:#x} = {:#x} ({:?}): #GP", self.id, exit.index, exit.data, exit.reason);
+                        *exit.error = 1;
+                        None
+                    }
                     VcpuExit::Hlt => Some(Outcome::Exit(ExitReason::Halted)),
                     VcpuExit::Shutdown => Some(Outcome::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
                     VcpuExit::SystemEvent(kind, _) => Some(match kind {

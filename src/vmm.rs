@@ -29,7 +29,9 @@ use crate::boot::acpi::AcpiTables;
 use crate::boot::{self, multiboot, BootError, BootPlan};
 use crate::bus::{BusError, IoBus};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
+use crate::cpu::msrs::{self, MsrError};
 use crate::cpu::{self, CpuError};
+use crate::kvmcaps::{self, CapError};
 use crate::memory::Layout;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vcpu::{self, HaltWatch, Vcpu, VcpuError};
@@ -49,6 +51,10 @@ pub enum VmmError {
     Cpu(#[from] CpuError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Cap(#[from] CapError),
+    #[error(transparent)]
+    Msr(#[from] MsrError),
     #[error(transparent)]
     Bios(#[from] boot::bios::BiosError),
     #[error("{}: {source}", path.display())]
@@ -103,11 +109,17 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     };
 
     let layout = Layout::new(cfg.mem_bytes);
-    let vm = Vm::new(layout.clone(), cfg.pit)?;
+    let pit = cfg.pit_enabled();
+    let vm = Vm::new(layout.clone(), pit)?;
+    // Capabilities first: some are refused once a vCPU exists.
+    kvmcaps::enable(&vm.fd, &cfg.kvm_caps)?;
+    if !cfg.msr_filter.is_empty() {
+        kvmcaps::set_msr_filter(&vm.fd, &cfg.msr_filter)?;
+    }
     // Firmware state first, then the image over it, as a BIOS would load it.
     let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus)?;
     boot::bios::write_ivt(&vm.mem)?;
-    boot::bios::setup_irqchip(&vm.fd, cfg.pit)?;
+    boot::bios::setup_irqchip(&vm.fd, pit)?;
     let args = multiboot::LoadArgs {
         image_path: &cfg.image,
         image: &image,
@@ -184,9 +196,23 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     bus.add_pio("i8042 data", i8042::I8042_DATA_PORT, 1, i8042.clone())?;
     bus.add_pio("i8042 command", i8042::I8042_COMMAND_PORT, 1, i8042)?;
 
-    let cpuid = cpu::supported(&vm.kvm)?;
+    let resolved = cpu::resolve(&cfg.cpu, cfg.cpu_lenient, &cpu::KvmCpuid::query(&vm.kvm)?)?;
+    for w in &resolved.warnings {
+        // The log prefix says "warning", which kvm-unit-tests' runner needs.
+        log::warn!("{w}");
+    }
+    let initial_msrs = msrs::initial(&cfg.msrs)?;
     let vcpus = (0..cfg.vcpus)
-        .map(|id| Vcpu::new(&vm, id, cfg.vcpus, &cpuid))
+        .map(|id| {
+            Vcpu::new(
+                &vm,
+                id,
+                cfg.vcpus,
+                &resolved.entries,
+                &initial_msrs,
+                &cfg.msrs,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     vcpus[0].apply_boot_plan(&plan, &vm.mem)?;
 

@@ -3,14 +3,7 @@
 
 mod common;
 
-use common::{kvm_available, raw_image, run, Run};
-
-fn boot(code: &[u8], args: &[&str]) -> Run {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("t.bin");
-    std::fs::write(&p, raw_image(code)).unwrap();
-    run(&p, args)
-}
+use common::{boot, kvm_available};
 
 #[test]
 fn debug_exit_takes_1_2_and_4_byte_writes() {

@@ -9,6 +9,58 @@ static void regs_to_str(char *s, u32 a, u32 b, u32 c)
 	s[12] = 0;
 }
 
+/* Parse `n` hex digits or up to the next ':' / end; false on a bad digit. */
+static const char *hex(const char *p, u32 *out)
+{
+	u32 v = 0;
+	const char *start = p;
+	for (; *p && *p != ':'; p++) {
+		u32 d;
+		if (*p >= '0' && *p <= '9')
+			d = *p - '0';
+		else if (*p >= 'a' && *p <= 'f')
+			d = *p - 'a' + 10;
+		else if (*p >= 'A' && *p <= 'F')
+			d = *p - 'A' + 10;
+		else
+			return NULL;
+		v = v << 4 | d;
+	}
+	if (p == start)
+		return NULL;
+	*out = v;
+	return *p == ':' ? p + 1 : p;
+}
+
+/*
+ * Each `w=LEAF:SUB:REG:MASK:VALUE` (hex; REG 0-3 for EAX-EDX) checks that
+ * the bits in MASK of that CPUID register equal VALUE's.
+ */
+static void check_words(void)
+{
+	for (int i = 1; i < argc(); i++) {
+		const char *p = argv(i);
+		u32 f[5];
+		if (strncmp(p, "w=", 2))
+			continue;
+		p += 2;
+		for (int k = 0; k < 5; k++) {
+			if (!p || !(p = hex(p, &f[k]))) {
+				printf("bad argument: %s\n", argv(i));
+				exit(EXIT_BAD_ARGS);
+			}
+		}
+		u32 r[4];
+		cpuid(f[0], f[1], &r[0], &r[1], &r[2], &r[3]);
+		u32 got = r[f[2] & 3];
+		bool ok = (got & f[3]) == (f[4] & f[3]);
+		if (!ok)
+			printf("CPUID 0x%x.%u reg %u: got 0x%08x, want 0x%08x in mask 0x%08x\n",
+			       f[0], f[1], f[2], got, f[4], f[3]);
+		report(ok, "word-%x.%x.%x", f[0], f[1], f[2]);
+	}
+}
+
 int main(void)
 {
 	u32 a, b, c, d;
@@ -70,6 +122,7 @@ int main(void)
 		printf("leaf 0xb.0: x2APIC ID %u\n", d);
 		report(d == lapic, "cpuidb-x2apic-id");
 	}
+	check_words();
 	const char *want = arg_str("expect-vendor=");
 	if (want)
 		report(!strncmp(vendor, want, 13), "expect-vendor");

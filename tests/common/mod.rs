@@ -128,3 +128,10 @@ pub fn raw_image(code: &[u8]) -> Vec<u8> {
     img.extend_from_slice(code);
     img
 }
+
+pub fn boot(code: &[u8], args: &[&str]) -> Run {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("t.bin");
+    std::fs::write(&p, raw_image(code)).unwrap();
+    run(&p, args)
+}
