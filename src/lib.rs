@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu;
 pub mod memory;
 pub mod shutdown;
+pub mod testhost;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
