@@ -10,6 +10,9 @@
 pub mod cfg;
 pub mod envfile;
 pub mod kut;
+pub mod progress;
+pub mod report;
+pub mod scheduler;
 pub mod translate;
 pub mod verdict;
 

@@ -49,6 +49,19 @@ impl Outcome {
         }
     }
 
+    /// The reason, or the guest's summary, without the parentheses.
+    pub fn message(&self) -> String {
+        match &self.reason {
+            Some(r) => r.clone(),
+            None => self
+                .summary
+                .lines()
+                .map(|l| l.trim_start_matches('(').trim_end_matches(')'))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
     /// What follows the test name on the runner's result line.
     pub fn detail(&self) -> String {
         match &self.reason {
