@@ -185,12 +185,18 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
 }
 
 fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
-    use kvmrun::testhost::{cfg, kut, progress, report, scheduler};
+    use kvmrun::testhost::{cfg, kut, linux, progress, report, scheduler};
     use std::io::IsTerminal;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    let mut specs = {
+    let is_toml = a.suite.extension().is_some_and(|e| e == "toml");
+    let mut specs = if is_toml {
+        if a.dir.is_some() || a.all {
+            anyhow::bail!("--dir and --all apply to unittests.cfg suites only");
+        }
+        linux::load(&a.suite, &a.tests, a.group.as_deref())?
+    } else {
         let entries = cfg::parse_file(&a.suite)?;
         let dir = match a.dir {
             Some(d) => d,

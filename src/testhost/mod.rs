@@ -10,6 +10,7 @@
 pub mod cfg;
 pub mod envfile;
 pub mod kut;
+pub mod linux;
 pub mod progress;
 pub mod report;
 pub mod scheduler;

@@ -280,6 +280,7 @@ fn judge(rs: &RunSpec, raw: RawExit, serial: &str, stderr: &str) -> Outcome {
                 RawExit::Signal(s) => 128 + s,
             };
             let summary = verdict::extract_summary(serial);
+            let text = serial.replace("\r\n", "\n");
             let fail = |why: String| Outcome {
                 verdict: Verdict::Fail,
                 summary: summary.clone(),
@@ -292,10 +293,10 @@ fn judge(rs: &RunSpec, raw: RawExit, serial: &str, stderr: &str) -> Outcome {
             if code != *status {
                 return fail(format!("exit status {code}, expected {status}"));
             }
-            if let Some(p) = output.iter().find(|p| !p.is_match(serial)) {
+            if let Some(p) = output.iter().find(|p| !p.is_match(&text)) {
                 return fail(format!("output lacks /{p}/"));
             }
-            if let Some(p) = reject.iter().find(|p| p.is_match(serial)) {
+            if let Some(p) = reject.iter().find(|p| p.is_match(&text)) {
                 return fail(format!("output has /{p}/"));
             }
             Outcome {
