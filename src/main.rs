@@ -195,7 +195,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         if a.dir.is_some() || a.all {
             anyhow::bail!("--dir and --all apply to unittests.cfg suites only");
         }
-        linux::load(&a.suite, &a.tests, a.group.as_deref())?
+        linux::load(&a.suite, &a.tests, a.group.as_deref(), a.timeout_scale)?
     } else {
         let entries = cfg::parse_file(&a.suite)?;
         let dir = match a.dir {

@@ -36,6 +36,8 @@ pub enum SuiteError {
         test: String,
         what: String,
     },
+    #[error("invalid --timeout-scale {0}: expected a positive number")]
+    Scale(f64),
     #[error("{path}: no test named '{name}'")]
     UnknownTest { path: PathBuf, name: String },
 }
@@ -98,12 +100,17 @@ fn resolve(base: &Path, pattern: &str) -> Option<PathBuf> {
     found.pop()
 }
 
-/// Parse a suite file and plan the selected tests.
+/// Parse a suite file and plan the selected tests; every timeout is
+/// multiplied by `timeout_scale`.
 pub fn load(
     path: &Path,
     names: &[String],
     group: Option<&str>,
+    timeout_scale: f64,
 ) -> Result<Vec<TestSpec>, SuiteError> {
+    if !(timeout_scale.is_finite() && timeout_scale > 0.0) {
+        return Err(SuiteError::Scale(timeout_scale));
+    }
     let text = std::fs::read_to_string(path).map_err(|source| SuiteError::Read {
         path: path.into(),
         source,
@@ -130,7 +137,7 @@ pub fn load(
                 what: "defined twice".into(),
             });
         }
-        let spec = plan_one(path, base, &suite.defaults, t)?;
+        let spec = plan_one(path, base, &suite.defaults, t, timeout_scale)?;
         if !names.is_empty() && !names.contains(&t.name) {
             continue;
         }
@@ -142,7 +149,13 @@ pub fn load(
     Ok(specs)
 }
 
-fn plan_one(path: &Path, base: &Path, d: &Common, t: &TestEntry) -> Result<TestSpec, SuiteError> {
+fn plan_one(
+    path: &Path,
+    base: &Path,
+    d: &Common,
+    t: &TestEntry,
+    timeout_scale: f64,
+) -> Result<TestSpec, SuiteError> {
     let bad = |what: String| SuiteError::Bad {
         path: path.into(),
         test: t.name.clone(),
@@ -173,6 +186,7 @@ fn plan_one(path: &Path, base: &Path, d: &Common, t: &TestEntry) -> Result<TestS
             "invalid timeout {timeout}: expected a positive number of seconds"
         )));
     }
+    let timeout = timeout * timeout_scale;
     let regexes = |list: &Option<Vec<String>>| -> Result<Vec<Regex>, SuiteError> {
         list.iter()
             .flatten()
@@ -291,7 +305,7 @@ name = "d"
 kernel = "nothing-*"
 "#,
         );
-        let s = load(&p, &[], None).unwrap();
+        let s = load(&p, &[], None, 1.0).unwrap();
         assert_eq!(s.len(), 4);
         let Plan::Run(a) = &s[0].plan else { panic!() };
         // Sorted last: "...-9-..." sorts after "...-10-...".
@@ -332,15 +346,23 @@ kernel = "nothing-*"
         assert_eq!((*status, output.len(), reject.len()), (1, 0, 1));
         assert!(matches!(&s[2].plan, Plan::Skip(r) if r == "initrd 'missing.gz' not found"));
         assert!(matches!(&s[3].plan, Plan::Skip(r) if r == "kernel 'nothing-*' not found"));
-        assert_eq!(load(&p, &[], Some("slow")).unwrap().len(), 1);
-        assert_eq!(load(&p, &["d".into()], None).unwrap()[0].name, "d");
+        assert_eq!(load(&p, &[], Some("slow"), 1.0).unwrap().len(), 1);
+        let Plan::Run(a) = &load(&p, &[], None, 0.5).unwrap()[0].plan else {
+            panic!()
+        };
+        assert_eq!(
+            (a.timeout_secs, a.timeout_text.as_str()),
+            (Some(60.0), "60s")
+        );
+        assert!(load(&p, &[], None, 0.0).is_err());
+        assert_eq!(load(&p, &["d".into()], None, 1.0).unwrap()[0].name, "d");
     }
 
     #[test]
     fn bad_suites_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let err = |text: &str| {
-            load(&write(dir.path(), text), &[], None)
+            load(&write(dir.path(), text), &[], None, 1.0)
                 .unwrap_err()
                 .to_string()
         };
@@ -362,11 +384,11 @@ kernel = "nothing-*"
         .contains("defined twice"));
         assert!(err("[[test]\n").contains("suite.toml"));
         let p = write(dir.path(), "[[test]]\nname = \"a\"\nkernel = \"k\"\n");
-        assert!(load(&p, &["b".into()], None)
+        assert!(load(&p, &["b".into()], None, 1.0)
             .unwrap_err()
             .to_string()
             .ends_with("no test named 'b'"));
-        assert!(load(Path::new("/nonexistent.toml"), &[], None)
+        assert!(load(Path::new("/nonexistent.toml"), &[], None, 1.0)
             .unwrap_err()
             .to_string()
             .starts_with("cannot read"));

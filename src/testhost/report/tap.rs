@@ -31,13 +31,8 @@ pub fn render(specs: &[TestSpec], run: &SuiteRun) -> String {
                 let _ = writeln!(s, "ok {n} - {desc}");
             }
             Verdict::Skip => {
-                let why = o.reason.clone().unwrap_or_else(|| o.summary.clone());
-                let _ = writeln!(
-                    s,
-                    "ok {n} - {} # SKIP {}",
-                    clean(&r.name),
-                    clean(&why).trim_end()
-                );
+                let line = format!("ok {n} - {} # SKIP {}", clean(&r.name), clean(&o.message()));
+                let _ = writeln!(s, "{}", line.trim_end());
             }
             Verdict::Fail => {
                 let _ = writeln!(s, "not ok {n} - {desc}");
