@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod kvmcaps;
 pub mod memory;
 pub mod shutdown;
+pub mod testhost;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -43,6 +43,12 @@ enum Cmd {
     /// Show the KVM capabilities of this host by name (KVM_CHECK_EXTENSION
     /// on a VM), and which ones --kvm-cap can set.
     Caps(CapsArgs),
+    /// Run a suite, every test in its own VM, and report the verdicts.
+    ///
+    /// SUITE is kvm-unit-tests' unittests.cfg or a kvmrun TOML suite
+    /// (docs/TESTHOST.md). Exit status: 0 when no test failed, 1 when one
+    /// did, 2 on bad input, 130 when interrupted (reports are still written).
+    Test(TestArgs),
 }
 
 /// `--cpu` and `--cpu-lenient`, shared by `run` and `cpuid`.
@@ -72,6 +78,63 @@ struct CpuidArgs {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The suite: unittests.cfg, or a .toml Linux functional suite.
+    suite: PathBuf,
+    /// Only these tests (by name).
+    tests: Vec<String>,
+    /// Where the images of a unittests.cfg are (default: the cfg's directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Tests run in parallel (default: the number of online CPUs).
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    /// Only tests in this group (a unittests.cfg's nodefault tests included).
+    #[arg(short, long)]
+    group: Option<String>,
+    /// Also run the tests in the nodefault group (run_tests.sh -a).
+    #[arg(short, long)]
+    all: bool,
+    /// Run only part K of N of the selected tests (1 <= K <= N), for CI
+    /// matrices; test i (from 0, in suite order) belongs to part i % N + 1.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Per-test logs: NAME.log (serial output), NAME.stderr, NAME.env.
+    #[arg(short, long, default_value = "logs")]
+    output_dir: PathBuf,
+    /// Multiply every test's timeout by this factor.
+    #[arg(long, default_value_t = 1.0)]
+    timeout_scale: f64,
+    /// Write a TAP 13 report here.
+    #[arg(long)]
+    tap: Option<PathBuf>,
+    /// Write a JUnit XML report here.
+    #[arg(long)]
+    junit: Option<PathBuf>,
+    /// Live progress bar (default: when stdout is a terminal) or plain lines.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: ProgressMode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProgressMode {
+    Auto,
+    Bar,
+    Lines,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let err = || format!("invalid shard '{s}': expected K/N with 1 <= K <= N");
+    let (k, n) = s.split_once('/').ok_or_else(err)?;
+    let k: usize = k.trim().parse().map_err(|_| err())?;
+    let n: usize = n.trim().parse().map_err(|_| err())?;
+    if k == 0 || k > n {
+        return Err(err());
+    }
+    Ok((k, n))
 }
 
 #[derive(Args)]
@@ -211,6 +274,7 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Test(args) => run_suite(args),
         Cmd::Caps(args) => {
             let caps = kvmcaps::report()?;
             if args.json {
@@ -233,6 +297,102 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
+    use kvmrun::testhost::{cfg, kut, linux, progress, report, scheduler};
+    use std::io::IsTerminal;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let is_toml = a.suite.extension().is_some_and(|e| e == "toml");
+    let mut specs = if is_toml {
+        if a.dir.is_some() || a.all {
+            anyhow::bail!("--dir and --all apply to unittests.cfg suites only");
+        }
+        linux::load(&a.suite, &a.tests, a.group.as_deref(), a.timeout_scale)?
+    } else {
+        let entries = cfg::parse_file(&a.suite)?;
+        let dir = match a.dir {
+            Some(d) => d,
+            None => a
+                .suite
+                .parent()
+                .map(|p| {
+                    if p.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        p.to_path_buf()
+                    }
+                })
+                .unwrap_or_else(|| PathBuf::from(".")),
+        };
+        let opts = kut::KutOptions {
+            dir,
+            names: a.tests.clone(),
+            group: a.group.clone(),
+            all: a.all,
+            timeout_scale: a.timeout_scale,
+            max_smp: kut::online_cpus(),
+        };
+        kut::plan(&a.suite, &entries, &opts)?
+    };
+    if let Some((k, n)) = a.shard {
+        specs = specs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % n == k - 1)
+            .map(|(_, s)| s)
+            .collect();
+    }
+    let jobs = match a.jobs {
+        Some(0) => anyhow::bail!("invalid --jobs 0: need at least 1"),
+        Some(j) => j,
+        None => kut::online_cpus() as usize,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal ends kvmrun at once; the children die with it
+        // (they carry PR_SET_PDEATHSIG).
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    let opts = scheduler::RunOptions {
+        jobs,
+        out_dir: a.output_dir.clone(),
+        kvmrun: std::env::current_exe()?,
+        kill_grace: 5.0,
+    };
+    let bar = match a.progress {
+        ProgressMode::Auto => std::io::stdout().is_terminal(),
+        ProgressMode::Bar => true,
+        ProgressMode::Lines => false,
+    };
+    let mut shown: Box<dyn progress::Progress> = if bar {
+        Box::new(progress::Bar::new())
+    } else {
+        Box::new(progress::Lines)
+    };
+    let run = scheduler::run(&specs, &opts, &stop, shown.as_mut())?;
+    print!("{}", progress::summary_table(&specs, &run, jobs));
+    let suite_name = a
+        .suite
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "suite".into());
+    if let Some(p) = &a.tap {
+        report::tap::write(p, &specs, &run)?;
+    }
+    if let Some(p) = &a.junit {
+        report::junit::write(p, &suite_name, &specs, &run)?;
+    }
+    Ok(if run.interrupted {
+        130
+    } else if run.count(kvmrun::testhost::Verdict::Fail) > 0 {
+        1
+    } else {
+        0
+    })
 }
 
 fn main() -> ExitCode {

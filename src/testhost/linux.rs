@@ -1,0 +1,396 @@
+//! kvmrun's own suite format for functional tests of guest kernels (TOML,
+//! documented in docs/TESTHOST.md): each test boots an image with an
+//! optional initrd and a command line, and passes when kvmrun's exit status
+//! is the expected one, every `expect_output` regex matches the serial
+//! output and no `reject_output` regex does. Patterns are multi-line
+//! (`^` and `$` match at line boundaries) and see the output with CR LF
+//! line ends turned into LF. The format does not care what
+//! the image is: a Linux bzImage or a multiboot ELF both work.
+
+use std::path::{Path, PathBuf};
+
+use regex::{Regex, RegexBuilder};
+use serde::Deserialize;
+
+use super::{Judge, Plan, RunSpec, TestSpec};
+use crate::config;
+
+/// Default timeout of a Linux test, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: f64 = 90.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SuiteError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Toml {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: test '{test}': {what}")]
+    Bad {
+        path: PathBuf,
+        test: String,
+        what: String,
+    },
+    #[error("invalid --timeout-scale {0}: expected a positive number")]
+    Scale(f64),
+    #[error("{path}: no test named '{name}'")]
+    UnknownTest { path: PathBuf, name: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum Timeout {
+    Secs(f64),
+    Text(String),
+}
+
+/// Keys shared by `[defaults]` and every `[[test]]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Common {
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: Option<String>,
+    smp: Option<u32>,
+    mem: Option<String>,
+    timeout: Option<Timeout>,
+    expect_status: Option<i32>,
+    expect_output: Option<Vec<String>>,
+    reject_output: Option<Vec<String>>,
+    groups: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestEntry {
+    name: String,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteFile {
+    #[serde(default)]
+    defaults: Common,
+    #[serde(default)]
+    test: Vec<TestEntry>,
+}
+
+/// Resolve a path from the suite file: relative to the suite's directory,
+/// with `*`/`?`/`[...]` wildcards allowed; the last match in sorted order
+/// (the newest version for names like vmlinuz-6.1.0-NN-cloud-amd64).
+fn resolve(base: &Path, pattern: &str) -> Option<PathBuf> {
+    let full = base.join(pattern);
+    let text = full.to_string_lossy().into_owned();
+    if !text.contains(['*', '?', '[']) {
+        return full.is_file().then_some(full);
+    }
+    let mut found: Vec<PathBuf> = glob::glob(&text)
+        .ok()?
+        .flatten()
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Parse a suite file and plan the selected tests; every timeout is
+/// multiplied by `timeout_scale`.
+pub fn load(
+    path: &Path,
+    names: &[String],
+    group: Option<&str>,
+    timeout_scale: f64,
+) -> Result<Vec<TestSpec>, SuiteError> {
+    if !(timeout_scale.is_finite() && timeout_scale > 0.0) {
+        return Err(SuiteError::Scale(timeout_scale));
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| SuiteError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let suite: SuiteFile = toml::from_str(&text).map_err(|e| SuiteError::Toml {
+        path: path.into(),
+        source: Box::new(e),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for n in names {
+        if !suite.test.iter().any(|t| &t.name == n) {
+            return Err(SuiteError::UnknownTest {
+                path: path.into(),
+                name: n.clone(),
+            });
+        }
+    }
+    let mut specs = Vec::new();
+    for (i, t) in suite.test.iter().enumerate() {
+        if suite.test[..i].iter().any(|o| o.name == t.name) {
+            return Err(SuiteError::Bad {
+                path: path.into(),
+                test: t.name.clone(),
+                what: "defined twice".into(),
+            });
+        }
+        let spec = plan_one(path, base, &suite.defaults, t, timeout_scale)?;
+        if !names.is_empty() && !names.contains(&t.name) {
+            continue;
+        }
+        if group.is_some_and(|g| !spec.groups.iter().any(|x| x == g)) {
+            continue;
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+fn plan_one(
+    path: &Path,
+    base: &Path,
+    d: &Common,
+    t: &TestEntry,
+    timeout_scale: f64,
+) -> Result<TestSpec, SuiteError> {
+    let bad = |what: String| SuiteError::Bad {
+        path: path.into(),
+        test: t.name.clone(),
+        what,
+    };
+    if t.name.is_empty() {
+        return Err(bad("empty name".into()));
+    }
+    let c = &t.common;
+    let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+    let kernel = pick(&c.kernel, &d.kernel).ok_or_else(|| bad("no kernel".into()))?;
+    let initrd = pick(&c.initrd, &d.initrd);
+    let cmdline = pick(&c.cmdline, &d.cmdline).unwrap_or_default();
+    let smp = c.smp.or(d.smp).unwrap_or(1);
+    let mem = pick(&c.mem, &d.mem);
+    if let Some(m) = &mem {
+        config::parse_mem_size(m).map_err(|e| bad(e.to_string()))?;
+    }
+    let timeout = match c.timeout.clone().or_else(|| d.timeout.clone()) {
+        None => DEFAULT_TIMEOUT_SECS,
+        Some(Timeout::Secs(s)) => s,
+        Some(Timeout::Text(s)) => {
+            super::parse_duration(&s).ok_or_else(|| bad(format!("invalid timeout '{s}'")))?
+        }
+    };
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(bad(format!(
+            "invalid timeout {timeout}: expected a positive number of seconds"
+        )));
+    }
+    let timeout = timeout * timeout_scale;
+    let regexes = |list: &Option<Vec<String>>| -> Result<Vec<Regex>, SuiteError> {
+        list.iter()
+            .flatten()
+            .map(|p| {
+                RegexBuilder::new(p)
+                    .multi_line(true)
+                    .build()
+                    .map_err(|e| bad(format!("bad pattern /{p}/: {e}")))
+            })
+            .collect()
+    };
+    let output = regexes(if c.expect_output.is_some() {
+        &c.expect_output
+    } else {
+        &d.expect_output
+    })?;
+    let reject = regexes(if c.reject_output.is_some() {
+        &c.reject_output
+    } else {
+        &d.reject_output
+    })?;
+    let groups = c
+        .groups
+        .clone()
+        .or_else(|| d.groups.clone())
+        .unwrap_or_default();
+
+    let plan = match resolve(base, &kernel) {
+        None => Plan::Skip(format!("kernel '{kernel}' not found")),
+        Some(image) => {
+            let initrd_path = match &initrd {
+                None => Ok(None),
+                Some(i) => resolve(base, i).map(Some).ok_or(i),
+            };
+            match initrd_path {
+                Err(i) => Plan::Skip(format!("initrd '{i}' not found")),
+                Ok(initrd) => {
+                    let mut args = vec![format!("--smp={smp}")];
+                    if let Some(m) = mem {
+                        args.push(format!("--mem={m}"));
+                    }
+                    if !cmdline.is_empty() {
+                        args.push(format!("--append={cmdline}"));
+                    }
+                    Plan::Run(RunSpec {
+                        image,
+                        args,
+                        env_file: None,
+                        initrd,
+                        timeout_secs: Some(timeout),
+                        timeout_text: format!("{timeout}s"),
+                        judge: Judge::Expect {
+                            status: c.expect_status.or(d.expect_status).unwrap_or(0),
+                            output,
+                            reject,
+                        },
+                    })
+                }
+            }
+        }
+    };
+    Ok(TestSpec {
+        name: t.name.clone(),
+        groups,
+        plan,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("suite.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinuz-6.1.0-9-cloud-amd64"), b"k").unwrap();
+        std::fs::write(dir.path().join("vmlinuz-6.1.0-10-cloud-amd64"), b"k").unwrap();
+        std::fs::write(dir.path().join("initrd.gz"), b"i").unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+[defaults]
+kernel = "vmlinuz-*-cloud-amd64"
+initrd = "initrd.gz"
+cmdline = "console=ttyS0"
+mem = "256M"
+timeout = "2m"
+expect_output = ["^ok$"]
+groups = ["smoke"]
+
+[[test]]
+name = "a"
+
+[[test]]
+name = "b"
+smp = 2
+cmdline = "console=ttyS0 quiet"
+timeout = 5
+expect_status = 1
+expect_output = []
+reject_output = ["panic"]
+groups = ["slow"]
+
+[[test]]
+name = "c"
+initrd = "missing.gz"
+
+[[test]]
+name = "d"
+kernel = "nothing-*"
+"#,
+        );
+        let s = load(&p, &[], None, 1.0).unwrap();
+        assert_eq!(s.len(), 4);
+        let Plan::Run(a) = &s[0].plan else { panic!() };
+        // Sorted last: "...-9-..." sorts after "...-10-...".
+        assert!(
+            a.image.ends_with("vmlinuz-6.1.0-9-cloud-amd64"),
+            "{:?}",
+            a.image
+        );
+        assert_eq!(a.args, ["--smp=1", "--mem=256M", "--append=console=ttyS0"]);
+        assert_eq!(
+            a.initrd.as_deref(),
+            Some(dir.path().join("initrd.gz").as_path())
+        );
+        assert_eq!(a.timeout_secs, Some(120.0));
+        let Judge::Expect {
+            status,
+            output,
+            reject,
+        } = &a.judge
+        else {
+            panic!()
+        };
+        assert_eq!((*status, output.len(), reject.len()), (0, 1, 0));
+        let Plan::Run(b) = &s[1].plan else { panic!() };
+        assert_eq!(
+            b.args,
+            ["--smp=2", "--mem=256M", "--append=console=ttyS0 quiet"]
+        );
+        assert_eq!(b.timeout_secs, Some(5.0));
+        let Judge::Expect {
+            status,
+            output,
+            reject,
+        } = &b.judge
+        else {
+            panic!()
+        };
+        assert_eq!((*status, output.len(), reject.len()), (1, 0, 1));
+        assert!(matches!(&s[2].plan, Plan::Skip(r) if r == "initrd 'missing.gz' not found"));
+        assert!(matches!(&s[3].plan, Plan::Skip(r) if r == "kernel 'nothing-*' not found"));
+        assert_eq!(load(&p, &[], Some("slow"), 1.0).unwrap().len(), 1);
+        let Plan::Run(a) = &load(&p, &[], None, 0.5).unwrap()[0].plan else {
+            panic!()
+        };
+        assert_eq!(
+            (a.timeout_secs, a.timeout_text.as_str()),
+            (Some(60.0), "60s")
+        );
+        assert!(load(&p, &[], None, 0.0).is_err());
+        assert_eq!(load(&p, &["d".into()], None, 1.0).unwrap()[0].name, "d");
+    }
+
+    #[test]
+    fn bad_suites_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |text: &str| {
+            load(&write(dir.path(), text), &[], None, 1.0)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("[[test]]\nname = \"a\"\nkernal = \"x\"\n").contains("unknown field `kernal`"));
+        assert!(err("[[test]]\nname = \"a\"\n").ends_with("test 'a': no kernel"));
+        assert!(
+            err("[[test]]\nname = \"a\"\nkernel = \"k\"\nmem = \"lots\"\n")
+                .contains("test 'a': invalid memory size")
+        );
+        assert!(err("[[test]]\nname = \"a\"\nkernel = \"k\"\ntimeout = 0\n")
+            .contains("invalid timeout 0"));
+        assert!(
+            err("[[test]]\nname = \"a\"\nkernel = \"k\"\nexpect_output = [\"(\"]\n")
+                .contains("bad pattern /(/")
+        );
+        assert!(err(
+            "[[test]]\nname = \"a\"\nkernel = \"k\"\n[[test]]\nname = \"a\"\nkernel = \"k\"\n"
+        )
+        .contains("defined twice"));
+        assert!(err("[[test]\n").contains("suite.toml"));
+        let p = write(dir.path(), "[[test]]\nname = \"a\"\nkernel = \"k\"\n");
+        assert!(load(&p, &["b".into()], None, 1.0)
+            .unwrap_err()
+            .to_string()
+            .ends_with("no test named 'b'"));
+        assert!(load(Path::new("/nonexistent.toml"), &[], None, 1.0)
+            .unwrap_err()
+            .to_string()
+            .starts_with("cannot read"));
+    }
+}

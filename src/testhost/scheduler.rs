@@ -1,0 +1,310 @@
+//! Run a suite: every test is a `kvmrun run` child process with its serial
+//! output in `OUT/NAME.log`, at most `jobs` at a time.
+//!
+//! All children are started, polled and killed from the calling thread, so
+//! each one can carry `PR_SET_PDEATHSIG` (it dies with this process even on
+//! SIGKILL) and sit in its own process group (a terminal's Ctrl-C reaches
+//! only this process, which then stops every VM and still writes reports).
+//! A child gets `--timeout T` and is SIGKILLed if it is still alive
+//! `kill_grace` seconds later, so a stuck VMM cannot hang the suite.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::progress::Progress;
+use super::verdict::{self, Outcome, RawExit, Verdict};
+use super::{file_stem, Judge, Plan, RunSpec, TestResult, TestSpec};
+
+/// How often running children are polled.
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub jobs: usize,
+    pub out_dir: PathBuf,
+    /// The binary that runs one VM (normally this executable).
+    pub kvmrun: PathBuf,
+    /// Seconds between a test's timeout and its hard kill.
+    pub kill_grace: f64,
+}
+
+/// The results, in suite order; `None` for tests stopped or never started
+/// because of an interrupt.
+pub struct SuiteRun {
+    pub results: Vec<Option<TestResult>>,
+    pub interrupted: bool,
+    pub wall: Duration,
+}
+
+impl SuiteRun {
+    pub fn count(&self, v: Verdict) -> usize {
+        self.results
+            .iter()
+            .flatten()
+            .filter(|r| r.outcome.verdict == v)
+            .count()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("cannot create the output directory {path}: {source}")]
+    OutDir { path: PathBuf, source: io::Error },
+}
+
+struct Running {
+    idx: usize,
+    child: Child,
+    start: Instant,
+    hard_deadline: Option<Instant>,
+    command: String,
+    log: PathBuf,
+    err: PathBuf,
+}
+
+/// Run `specs`; `stop` is set by the SIGINT/SIGTERM handler.
+pub fn run(
+    specs: &[TestSpec],
+    opts: &RunOptions,
+    stop: &AtomicBool,
+    progress: &mut dyn Progress,
+) -> Result<SuiteRun, SchedulerError> {
+    std::fs::create_dir_all(&opts.out_dir).map_err(|source| SchedulerError::OutDir {
+        path: opts.out_dir.clone(),
+        source,
+    })?;
+    let started = Instant::now();
+    let jobs = opts.jobs.max(1);
+    let mut results: Vec<Option<TestResult>> = vec![None; specs.len()];
+    let mut running: Vec<Running> = Vec::new();
+    let mut next = 0;
+    progress.begin(specs.len());
+
+    while next < specs.len() || !running.is_empty() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        while next < specs.len() && running.len() < jobs {
+            let spec = &specs[next];
+            match &spec.plan {
+                Plan::Skip(reason) => {
+                    let r = TestResult {
+                        name: spec.name.clone(),
+                        outcome: Outcome::runner_skip(reason.clone()),
+                        duration: Duration::ZERO,
+                        serial: String::new(),
+                        stderr: String::new(),
+                        command: String::new(),
+                    };
+                    progress.finished(&r);
+                    results[next] = Some(r);
+                }
+                Plan::Run(rs) => match start(next, &spec.name, rs, opts) {
+                    Ok(r) => {
+                        progress.started(&spec.name);
+                        running.push(r);
+                    }
+                    Err(e) => {
+                        let r = TestResult {
+                            name: spec.name.clone(),
+                            outcome: Outcome {
+                                verdict: Verdict::Fail,
+                                summary: String::new(),
+                                reason: Some(format!("cannot start kvmrun: {e}")),
+                                status: None,
+                            },
+                            duration: Duration::ZERO,
+                            serial: String::new(),
+                            stderr: String::new(),
+                            command: String::new(),
+                        };
+                        progress.finished(&r);
+                        results[next] = Some(r);
+                    }
+                },
+            }
+            next += 1;
+        }
+
+        let mut i = 0;
+        while i < running.len() {
+            let r = &mut running[i];
+            let now = Instant::now();
+            let done = match r.child.try_wait() {
+                Ok(Some(status)) => Some((status, false)),
+                Ok(None) if r.hard_deadline.is_some_and(|d| now >= d) => {
+                    let _ = r.child.kill();
+                    r.child.wait().ok().map(|s| (s, true))
+                }
+                Ok(None) => None,
+                Err(_) => r.child.wait().ok().map(|s| (s, false)),
+            };
+            if let Some((status, killed)) = done {
+                let r = running.swap_remove(i);
+                let spec = &specs[r.idx];
+                let Plan::Run(rs) = &spec.plan else {
+                    unreachable!("only planned runs are started")
+                };
+                let raw = match (status.code(), status.signal()) {
+                    (Some(c), _) => RawExit::Code(c),
+                    (None, Some(s)) => RawExit::Signal(s),
+                    (None, None) => RawExit::Code(-1),
+                };
+                let result = finish(&spec.name, rs, &r, raw, killed);
+                progress.finished(&result);
+                results[r.idx] = Some(result);
+            } else {
+                i += 1;
+            }
+        }
+        progress.tick();
+        if !running.is_empty() {
+            std::thread::sleep(POLL);
+        }
+    }
+
+    let interrupted = stop.load(Ordering::SeqCst) && results.iter().any(Option::is_none);
+    for mut r in running {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
+    progress.end();
+    Ok(SuiteRun {
+        results,
+        interrupted,
+        wall: started.elapsed(),
+    })
+}
+
+fn start(idx: usize, name: &str, rs: &RunSpec, opts: &RunOptions) -> io::Result<Running> {
+    let stem = file_stem(name);
+    let log = opts.out_dir.join(format!("{stem}.log"));
+    let err = opts.out_dir.join(format!("{stem}.stderr"));
+    let mut cmd = Command::new(&opts.kvmrun);
+    cmd.arg("run").arg(&rs.image).arg("--serial=stdio");
+    if let Some(env) = &rs.env_file {
+        let path = opts.out_dir.join(format!("{stem}.env"));
+        std::fs::write(&path, env)?;
+        cmd.arg("--initrd").arg(path);
+    } else if let Some(initrd) = &rs.initrd {
+        cmd.arg("--initrd").arg(initrd);
+    }
+    if let Some(t) = rs.timeout_secs {
+        cmd.arg(format!("--timeout={t}"));
+    }
+    cmd.args(&rs.args);
+    let command = describe(&cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&log)?)
+        .stderr(File::create(&err)?)
+        .process_group(0);
+    // SAFETY: prctl() is async-signal-safe and touches no memory of the
+    // parent; it makes the kernel SIGKILL the child when this thread (the
+    // one that starts and reaps every child) ends.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let start = Instant::now();
+    let child = cmd.spawn()?;
+    let hard_deadline = rs
+        .timeout_secs
+        .map(|t| start + Duration::from_secs_f64(t + opts.kill_grace));
+    Ok(Running {
+        idx,
+        child,
+        start,
+        hard_deadline,
+        command,
+        log,
+        err,
+    })
+}
+
+/// The command as a shell-quoted line, for logs and reports.
+fn describe(cmd: &Command) -> String {
+    let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
+    words.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
+}
+
+fn read_lossy(p: &Path) -> String {
+    std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn finish(name: &str, rs: &RunSpec, r: &Running, raw: RawExit, killed: bool) -> TestResult {
+    let serial = read_lossy(&r.log);
+    let stderr = read_lossy(&r.err);
+    if stderr.is_empty() {
+        // Keep the output directory to the files that say something.
+        let _ = std::fs::remove_file(&r.err);
+    }
+    let outcome = if killed {
+        let mut o = verdict::decide(124, &serial, &rs.timeout_text);
+        o.reason = Some(format!("timeout; duration={}, killed", rs.timeout_text));
+        o
+    } else {
+        judge(rs, raw, &serial, &stderr)
+    };
+    TestResult {
+        name: name.to_string(),
+        outcome,
+        duration: r.start.elapsed(),
+        serial,
+        stderr,
+        command: r.command.clone(),
+    }
+}
+
+fn judge(rs: &RunSpec, raw: RawExit, serial: &str, stderr: &str) -> Outcome {
+    match &rs.judge {
+        Judge::Kut => verdict::decide(verdict::fixup_status(raw, stderr), serial, &rs.timeout_text),
+        Judge::Expect {
+            status,
+            output,
+            reject,
+        } => {
+            let code = match raw {
+                RawExit::Code(c) => c,
+                RawExit::Signal(s) => 128 + s,
+            };
+            let summary = verdict::extract_summary(serial);
+            let text = serial.replace("\r\n", "\n");
+            let fail = |why: String| Outcome {
+                verdict: Verdict::Fail,
+                summary: summary.clone(),
+                reason: Some(why),
+                status: Some(code),
+            };
+            if code == 124 && *status != 124 {
+                return fail(format!("timeout; duration={}", rs.timeout_text));
+            }
+            if code != *status {
+                return fail(format!("exit status {code}, expected {status}"));
+            }
+            if let Some(p) = output.iter().find(|p| !p.is_match(&text)) {
+                return fail(format!("output lacks /{p}/"));
+            }
+            if let Some(p) = reject.iter().find(|p| p.is_match(&text)) {
+                return fail(format!("output has /{p}/"));
+            }
+            Outcome {
+                verdict: Verdict::Pass,
+                summary,
+                reason: None,
+                status: Some(code),
+            }
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! `kvmrun test` end to end: suites of our own guests (a unittests.cfg and
+//! a TOML suite), real VMs, real reports parsed back.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{guest, kvm_available, kvmrun, Run};
+
+fn guests_dir() -> PathBuf {
+    guest("hello").parent().unwrap().to_path_buf()
+}
+
+/// A unittests.cfg of our guests covering every kind of verdict.
+fn suite_cfg(dir: &Path, with_hang: bool) -> PathBuf {
+    let mut text = String::from(
+        "# Our guests in kvm-unit-tests' format.\n\
+         [hello]\nfile = hello.elf\ntest_args = 'a1 \"b 2\"'\ngroups = quick\n\n\
+         [fail]\nfile = exitcode.elf\ntest_args = code=1\n\n\
+         [skip]\nfile = exitcode.elf\ntest_args = code=38\n\n\
+         [smp2]\nfile = smp.elf\nsmp = 2\ntest_args = cpus=2\n\
+         qemu_params = -m 256 -machine pit=off\ngroups = quick\n\n\
+         [manual]\nfile = hello.elf\ngroups = nodefault\n\n\
+         [missing]\nfile = nothing.elf\n\n\
+         [checked]\nfile = hello.elf\ncheck = /nonexistent/kvmrun-check=Y\n\n\
+         [device]\nfile = hello.elf\nqemu_params = -device edu\n",
+    );
+    if with_hang {
+        text.push_str("\n[hang]\nfile = hang.elf\ntimeout = 1\n");
+    }
+    let p = dir.join("unittests.cfg");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn kvmrun_test(suite: &Path, out: &Path, extra: &[&str]) -> Run {
+    let o = kvmrun()
+        .arg("test")
+        .arg(suite)
+        .arg("--dir")
+        .arg(guests_dir())
+        .arg("-o")
+        .arg(out)
+        .args(["--progress", "lines"])
+        .args(extra)
+        .output()
+        .expect("cannot start kvmrun");
+    Run::from(o)
+}
+
+/// (name, verdict) pairs from a JUnit report, checked with a real parser.
+fn junit_verdicts(path: &Path) -> Vec<(String, String, Option<String>)> {
+    let xml = std::fs::read_to_string(path).unwrap();
+    let doc = roxmltree::Document::parse(&xml).expect("JUnit report is not well-formed XML");
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "testsuites");
+    let suites: Vec<_> = root
+        .children()
+        .filter(|n| n.has_tag_name("testsuite"))
+        .collect();
+    assert_eq!(suites.len(), 1);
+    let cases: Vec<_> = suites[0]
+        .children()
+        .filter(|n| n.has_tag_name("testcase"))
+        .collect();
+    assert_eq!(
+        suites[0].attribute("tests").unwrap(),
+        cases.len().to_string(),
+        "tests= attribute disagrees with the testcases"
+    );
+    cases
+        .iter()
+        .map(|c| {
+            let name = c.attribute("name").unwrap().to_string();
+            assert!(c.attribute("time").unwrap().parse::<f64>().is_ok());
+            let fail = c.children().find(|n| n.has_tag_name("failure"));
+            let skip = c.children().find(|n| n.has_tag_name("skipped"));
+            match (fail, skip) {
+                (Some(f), None) => (
+                    name,
+                    "FAIL".into(),
+                    f.attribute("message").map(str::to_string),
+                ),
+                (None, Some(s)) => (
+                    name,
+                    "SKIP".into(),
+                    s.attribute("message").map(str::to_string),
+                ),
+                (None, None) => (name, "PASS".into(), None),
+                _ => panic!("testcase {name} both failed and skipped"),
+            }
+        })
+        .collect()
+}
+
+fn system_out(path: &Path, test: &str) -> String {
+    let xml = std::fs::read_to_string(path).unwrap();
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    let case = doc
+        .descendants()
+        .find(|n| n.has_tag_name("testcase") && n.attribute("name") == Some(test))
+        .unwrap();
+    case.children()
+        .find(|n| n.has_tag_name("system-out"))
+        .and_then(|n| n.text())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn cfg_suite_verdicts_logs_and_reports() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = suite_cfg(dir.path(), true);
+    let out = dir.path().join("logs");
+    let tap = dir.path().join("r.tap");
+    let junit = dir.path().join("r.xml");
+    let r = kvmrun_test(
+        &cfg,
+        &out,
+        &[
+            "-j",
+            "2",
+            "--tap",
+            tap.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
+    r.expect(1)
+        .has("PASS hello\n")
+        .has("FAIL fail\n")
+        .has("SKIP skip\n")
+        .has("PASS smp2 (6 tests, 0 unexpected failures)\n")
+        .has("SKIP manual (test marked as manual run only)\n")
+        .has("nothing.elf' not found)\n")
+        .has("SKIP checked (/nonexistent/kvmrun-check not equal to Y)\n")
+        .has("SKIP device (untranslated: -device edu)\n")
+        .has("FAIL hang (timeout; duration=1)\n")
+        .has("9 tests: 2 passed, 2 failed, 5 skipped");
+    assert!(r.stderr.is_empty(), "stderr: {}", r.stderr);
+
+    // Logs: serial output as the guest wrote it, and the env file.
+    let hello = std::fs::read_to_string(out.join("hello.log")).unwrap();
+    assert!(hello.contains("argv[1]: a1"), "{hello}");
+    assert!(hello.contains("argv[2]: \"b"), "{hello}");
+    let env = std::fs::read_to_string(out.join("hello.env")).unwrap();
+    assert!(env.contains("QEMU_ACCEL=kvm\n"), "{env}");
+    assert!(std::fs::read_to_string(out.join("hang.log"))
+        .unwrap()
+        .contains("hanging"));
+
+    // TAP: plan first, one line per test in suite order.
+    let tap = std::fs::read_to_string(&tap).unwrap();
+    let lines: Vec<&str> = tap
+        .lines()
+        .filter(|l| l.starts_with("ok") || l.starts_with("not ok"))
+        .collect();
+    assert!(tap.starts_with("TAP version 13\n1..9\n"), "{tap}");
+    assert_eq!(
+        lines,
+        [
+            "ok 1 - hello",
+            "not ok 2 - fail",
+            "ok 3 - skip # SKIP",
+            "ok 4 - smp2 (6 tests, 0 unexpected failures)",
+            "ok 5 - manual # SKIP test marked as manual run only",
+            lines[5],
+            "ok 7 - checked # SKIP /nonexistent/kvmrun-check not equal to Y",
+            "ok 8 - device # SKIP untranslated: -device edu",
+            "not ok 9 - hang (timeout; duration=1)",
+        ]
+    );
+    assert!(lines[5].starts_with("ok 6 - missing # SKIP Test file"));
+    assert!(tap.contains("  status: 3\n") && tap.contains("  status: 124\n"));
+
+    // JUnit, read back with an XML parser.
+    let v = junit_verdicts(&junit);
+    let names: Vec<_> = v
+        .iter()
+        .map(|(n, verdict, _)| format!("{n}={verdict}"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "hello=PASS",
+            "fail=FAIL",
+            "skip=SKIP",
+            "smp2=PASS",
+            "manual=SKIP",
+            "missing=SKIP",
+            "checked=SKIP",
+            "device=SKIP",
+            "hang=FAIL"
+        ]
+    );
+    assert_eq!(v[1].2.as_deref(), Some("FAIL"));
+    assert_eq!(v[4].2.as_deref(), Some("test marked as manual run only"));
+    assert_eq!(v[8].2.as_deref(), Some("timeout; duration=1"));
+    assert!(system_out(&junit, "hello").contains("Hello from kvmrun guest"));
+    assert!(system_out(&junit, "smp2").contains("SUMMARY: 6 tests"));
+}
+
+#[test]
+fn exit_status_is_zero_without_failures_and_groups_select() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = suite_cfg(dir.path(), false);
+    let out = dir.path().join("logs");
+    kvmrun_test(&cfg, &out, &["-g", "quick"])
+        .expect(0)
+        .has("PASS hello\n")
+        .has("PASS smp2")
+        .has("2 tests: 2 passed, 0 failed, 0 skipped");
+    kvmrun_test(&cfg, &out, &["skip", "manual", "device"])
+        .expect(0)
+        .has("3 tests: 0 passed, 0 failed, 3 skipped");
+    // -a runs the nodefault test.
+    kvmrun_test(&cfg, &out, &["-a", "manual"])
+        .expect(0)
+        .has("PASS manual\n");
+}
+
+#[test]
+fn five_runs_give_identical_verdicts() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = suite_cfg(dir.path(), false);
+    let mut seen: Vec<Vec<(String, String, Option<String>)>> = Vec::new();
+    for i in 0..5 {
+        let junit = dir.path().join(format!("r{i}.xml"));
+        kvmrun_test(
+            &cfg,
+            &dir.path().join(format!("logs{i}")),
+            &["-j", "3", "--junit", junit.to_str().unwrap()],
+        )
+        .expect(1);
+        seen.push(junit_verdicts(&junit));
+    }
+    for (i, v) in seen.iter().enumerate().skip(1) {
+        assert_eq!(v, &seen[0], "run {i} differs from run 0");
+    }
+}
+
+#[test]
+fn shards_split_the_suite_without_overlap() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = suite_cfg(dir.path(), false);
+    let mut all: Vec<String> = Vec::new();
+    for k in 1..=3 {
+        let junit = dir.path().join(format!("s{k}.xml"));
+        let shard = format!("{k}/3");
+        kvmrun_test(
+            &cfg,
+            &dir.path().join("logs"),
+            &["--shard", &shard, "--junit", junit.to_str().unwrap()],
+        );
+        let names: Vec<String> = junit_verdicts(&junit).into_iter().map(|v| v.0).collect();
+        assert!(!names.is_empty(), "shard {shard} is empty");
+        all.extend(names);
+    }
+    all.sort();
+    let mut want = vec![
+        "checked", "device", "fail", "hello", "manual", "missing", "skip", "smp2",
+    ];
+    want.sort();
+    assert_eq!(all, want);
+}
+
+#[test]
+fn toml_suite_runs_our_guests_as_kernels() {
+    if !kvm_available() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let junit = dir.path().join("g.xml");
+    let r = Run::from(
+        kvmrun()
+            .arg("test")
+            .arg(root.join("resources/testhost/guests.toml"))
+            .args(["--progress", "lines", "-o"])
+            .arg(dir.path().join("logs"))
+            .arg("--junit")
+            .arg(&junit)
+            .output()
+            .unwrap(),
+    );
+    r.expect(0).has("4 tests: 4 passed, 0 failed, 0 skipped");
+    assert!(junit_verdicts(&junit).iter().all(|v| v.1 == "PASS"));
+
+    // Every way a Linux-style test can fail or skip.
+    let hello = guest("hello");
+    let suite = dir.path().join("bad.toml");
+    std::fs::write(
+        &suite,
+        format!(
+            "[defaults]\nkernel = \"{k}\"\nexpect_status = 1\ntimeout = \"30s\"\n\
+             [[test]]\nname = \"ok\"\nexpect_output = [\"^Hello from kvmrun guest$\"]\n\
+             [[test]]\nname = \"status\"\nexpect_status = 0\n\
+             [[test]]\nname = \"lacks\"\nexpect_output = [\"Goodbye\"]\n\
+             [[test]]\nname = \"rejects\"\nreject_output = [\"^argv\\\\[0\\\\]\"]\n\
+             [[test]]\nname = \"nokernel\"\nkernel = \"no-such-image\"\n\
+             [[test]]\nname = \"noinitrd\"\ninitrd = \"no-such-initrd\"\n\
+             [[test]]\nname = \"hangs\"\nkernel = \"{h}\"\ntimeout = 1\n",
+            k = hello.display(),
+            h = guest("hang").display()
+        ),
+    )
+    .unwrap();
+    let r = Run::from(
+        kvmrun()
+            .arg("test")
+            .arg(&suite)
+            .args(["--progress", "lines", "-j", "3", "-o"])
+            .arg(dir.path().join("logs2"))
+            .output()
+            .unwrap(),
+    );
+    r.expect(1)
+        .has("PASS ok\n")
+        .has("FAIL status (exit status 1, expected 0)\n")
+        .has("FAIL lacks (output lacks /Goodbye/)\n")
+        .has("FAIL rejects (output has /^argv\\[0\\]/)\n")
+        .has("SKIP nokernel (kernel 'no-such-image' not found)\n")
+        .has("SKIP noinitrd (initrd 'no-such-initrd' not found)\n")
+        .has("FAIL hangs (timeout; duration=1s)\n");
+}
+
+#[test]
+fn bad_input_exits_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logs");
+    let cfg = dir.path().join("u.cfg");
+    std::fs::write(&cfg, "[a]\nqemu_params = \"\"\"-m 1\n").unwrap();
+    kvmrun_test(&cfg, &out, &[])
+        .expect(2)
+        .err_has("u.cfg:2: the \"\"\" block of [a] is never closed");
+    std::fs::write(&cfg, "[a]\nfile = hello.elf\ntimeout = soon\n").unwrap();
+    kvmrun_test(&cfg, &out, &[])
+        .expect(2)
+        .err_has("invalid timeout 'soon'");
+    std::fs::write(&cfg, "[a]\nfile = hello.elf\n").unwrap();
+    kvmrun_test(&cfg, &out, &["zz"])
+        .expect(2)
+        .err_has("no test named 'zz'");
+    kvmrun_test(&cfg, &out, &["-j", "0"])
+        .expect(2)
+        .err_has("invalid --jobs 0");
+    kvmrun_test(&cfg, &out, &["--shard", "3/2"])
+        .expect(2)
+        .err_has("invalid shard '3/2'");
+    kvmrun_test(&cfg, &out, &["--timeout-scale=-1"])
+        .expect(2)
+        .err_has("--timeout-scale");
+    kvmrun_test(&dir.path().join("none.cfg"), &out, &[])
+        .expect(2)
+        .err_has("cannot read");
+    let toml = dir.path().join("s.toml");
+    std::fs::write(&toml, "[[test]]\nname = \"a\"\nkernal = \"x\"\n").unwrap();
+    let r = Run::from(kvmrun().arg("test").arg(&toml).output().unwrap());
+    r.expect(2).err_has("unknown field `kernal`");
+    // The output directory cannot be created under a file.
+    let r = Run::from(
+        kvmrun()
+            .arg("test")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(cfg.join("sub"))
+            .output()
+            .unwrap(),
+    );
+    r.expect(2).err_has("cannot create the output directory");
+}
+
+/// Children of `pid` (all threads), from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|w| w.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `pid` is still a live (not zombie) process.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn sigint_stops_every_vm_and_writes_partial_reports() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("u.cfg");
+    std::fs::write(
+        &cfg,
+        "[hello]\nfile = hello.elf\n[hang]\nfile = hang.elf\ntimeout = 600\n[after]\nfile = hello.elf\n",
+    )
+    .unwrap();
+    let out = dir.path().join("logs");
+    let tap = dir.path().join("r.tap");
+    let junit = dir.path().join("r.xml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmrun"))
+        .arg("test")
+        .arg(&cfg)
+        .arg("--dir")
+        .arg(guests_dir())
+        .arg("-o")
+        .arg(&out)
+        .args(["-j", "1", "--progress", "lines", "--tap"])
+        .arg(&tap)
+        .arg("--junit")
+        .arg(&junit)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // With -j 1, "hanging" in hang.log means hello has finished and the
+    // hung VM is the one running. The bound only keeps a broken build
+    // from hanging the test suite.
+    let start = Instant::now();
+    let log = out.join("hang.log");
+    while !std::fs::read_to_string(&log).is_ok_and(|s| s.contains("hanging")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "hang.elf never started"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kvmrun test ended early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vms = children(child.id());
+    assert_eq!(vms.len(), 1, "expected one running VM, found {vms:?}");
+    // SAFETY: kill() on a child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let r = Run::from(o);
+    r.expect(130)
+        .has("PASS hello\n")
+        .has("3 tests: 1 passed, 0 failed, 0 skipped, 2 not finished (interrupted)");
+    for pid in vms {
+        assert!(!alive(pid), "VM process {pid} survived the interrupt");
+    }
+    let tap = std::fs::read_to_string(&tap).unwrap();
+    assert_eq!(
+        tap,
+        "TAP version 13\n1..1\nok 1 - hello\nBail out! Interrupted after 1 of 3 tests\n"
+    );
+    let v = junit_verdicts(&junit);
+    assert_eq!(v, [("hello".to_string(), "PASS".to_string(), None)]);
+}
