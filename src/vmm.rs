@@ -448,18 +448,21 @@ impl MutEventSubscriber for StdinToSerial {
         let mut buf = [0u8; 64];
         // SAFETY: fd 0 stays open for the life of the process.
         let n = unsafe { libc::read(stdin.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) {
-            // End of input or an error: stop watching so the loop does not spin.
-            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
-            return;
+        if n > 0 {
+            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = serial.enqueue_input(&buf[..n as usize]);
+            if taken < n as usize {
+                log::debug!(
+                    "serial input FIFO full: dropped {} bytes",
+                    n as usize - taken
+                );
+            }
         }
-        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let taken = serial.enqueue_input(&buf[..n as usize]);
-        if taken < n as usize {
-            log::debug!(
-                "serial input FIFO full: dropped {} bytes",
-                n as usize - taken
-            );
+        // A writer that closes right after writing raises IN and HANG_UP
+        // together: the bytes above still count. Stop watching only at the
+        // end of input or on an error, so the loop does not spin.
+        if n <= 0 || (events.event_set().contains(EventSet::HANG_UP) && n < buf.len() as isize) {
+            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
         }
     }
 
