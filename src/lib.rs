@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu;
 pub mod memory;
 pub mod shutdown;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
