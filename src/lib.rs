@@ -3,6 +3,7 @@
 //! `main.rs` only parses the command line; everything else lives here so
 //! integration tests and later front ends (snapshot, test host) share it.
 
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod config;
