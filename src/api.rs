@@ -27,18 +27,20 @@ use crate::shutdown::{ExitReason, Shutdown};
 const MAX_LINE: usize = 64 * 1024;
 
 /// One request. On the wire: `{"cmd": "snapshot", "dir": "/x", "stop": false}`.
+/// Variants without arguments are empty structs so that unknown fields
+/// are refused for them too.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    Pause,
-    Resume,
+    Pause {},
+    Resume {},
     Snapshot {
         dir: PathBuf,
         #[serde(default)]
         stop: bool,
     },
-    Status,
-    Quit,
+    Status {},
+    Quit {},
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,8 +256,8 @@ impl ApiServer {
         let paused = self.control.is_paused();
         match serde_json::from_str::<Request>(text) {
             Err(e) => reply(stream, Err(format!("bad request: {e}")), paused),
-            Ok(Request::Status) => reply(stream, Ok(serde_json::json!({})), paused),
-            Ok(Request::Quit) => {
+            Ok(Request::Status {}) => reply(stream, Ok(serde_json::json!({})), paused),
+            Ok(Request::Quit {}) => {
                 reply(stream, Ok(serde_json::json!({})), paused);
                 self.shutdown.request(ExitReason::Quit);
             }
@@ -338,7 +340,7 @@ mod tests {
     #[test]
     fn requests_parse_from_the_documented_lines() {
         let p = |s: &str| serde_json::from_str::<Request>(s);
-        assert_eq!(p(r#"{"cmd":"pause"}"#).unwrap(), Request::Pause);
+        assert_eq!(p(r#"{"cmd":"pause"}"#).unwrap(), Request::Pause {});
         assert_eq!(
             p(r#"{"cmd":"snapshot","dir":"/tmp/s"}"#).unwrap(),
             Request::Snapshot {

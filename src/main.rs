@@ -176,10 +176,10 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
             let dir = std::path::absolute(&dir)?;
             client(&socket, &Request::Snapshot { dir, stop })
         }
-        Cmd::Pause { socket } => client(&socket, &Request::Pause),
-        Cmd::Resume { socket } => client(&socket, &Request::Resume),
-        Cmd::Status { socket } => client(&socket, &Request::Status),
-        Cmd::Quit { socket } => client(&socket, &Request::Quit),
+        Cmd::Pause { socket } => client(&socket, &Request::Pause {}),
+        Cmd::Resume { socket } => client(&socket, &Request::Resume {}),
+        Cmd::Status { socket } => client(&socket, &Request::Status {}),
+        Cmd::Quit { socket } => client(&socket, &Request::Quit {}),
     }
 }
 

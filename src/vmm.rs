@@ -506,11 +506,11 @@ fn run_machine(
         shutdown.clear_pause();
         for (req, reply) in control.take() {
             let answer = match req {
-                Request::Pause => {
+                Request::Pause {} => {
                     paused = true;
                     Ok(serde_json::json!({}))
                 }
-                Request::Resume => {
+                Request::Resume {} => {
                     paused = false;
                     Ok(serde_json::json!({}))
                 }
@@ -527,7 +527,7 @@ fn run_machine(
                     Err(e) => Err(e.to_string()),
                 },
                 // Answered by the server itself.
-                Request::Status | Request::Quit => Ok(serde_json::json!({})),
+                Request::Status {} | Request::Quit {} => Ok(serde_json::json!({})),
             };
             control.set_paused(paused);
             api::reply(reply, answer, paused);
