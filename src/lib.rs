@@ -3,6 +3,7 @@
 //! `main.rs` only parses the command line; everything else lives here so
 //! integration tests and later front ends (snapshot, test host) share it.
 
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod cpu;
 pub mod kvmcaps;
 pub mod memory;
 pub mod shutdown;
+pub mod snapshot;
 pub mod testhost;
 pub mod vcpu;
 pub mod vm;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use kvmrun::api::{self, Request};
 use kvmrun::config::{self, SerialOutput, VmConfig};
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
@@ -49,6 +50,45 @@ enum Cmd {
     /// (docs/TESTHOST.md). Exit status: 0 when no test failed, 1 when one
     /// did, 2 on bad input, 130 when interrupted (reports are still written).
     Test(TestArgs),
+    /// Bring back a VM from a snapshot directory, in this new process, and
+    /// run it to the end. Exit status as for `run`; 2 when the snapshot is
+    /// damaged, of another format version, or not for this host's KVM.
+    Restore(RestoreArgs),
+    /// Snapshot the VM served at SOCKET into DIR; the VM goes on running
+    /// unless --stop is given.
+    Snapshot {
+        /// The VM's control socket (`run --api`).
+        socket: PathBuf,
+        /// Directory to write (created if missing; an older snapshot in it
+        /// is replaced).
+        dir: PathBuf,
+        /// Leave the VM paused after the snapshot.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Pause the VM served at SOCKET (its vCPUs stop).
+    Pause { socket: PathBuf },
+    /// Resume the VM served at SOCKET.
+    Resume { socket: PathBuf },
+    /// Print whether the VM served at SOCKET is running or paused.
+    Status { socket: PathBuf },
+    /// End the VM served at SOCKET (its kvmrun exits with status 0).
+    Quit { socket: PathBuf },
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// A snapshot directory (holding `state` and `memory`).
+    dir: PathBuf,
+    /// Where COM1 output goes: stdio, none or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialOutput,
+    /// End the VM with status 124 after this many seconds.
+    #[arg(long, value_parser = config::parse_timeout)]
+    timeout: Option<f64>,
+    /// Serve the control socket at this path (see docs/API.md).
+    #[arg(long)]
+    api: Option<PathBuf>,
 }
 
 /// `--cpu` and `--cpu-lenient`, shared by `run` and `cpuid`.
@@ -182,6 +222,10 @@ struct RunArgs {
     /// End the VM with status 124 after this many seconds.
     #[arg(long, value_parser = config::parse_timeout)]
     timeout: Option<f64>,
+    /// Serve the control socket at this path: pause, resume, snapshot,
+    /// status, quit (see docs/API.md).
+    #[arg(long)]
+    api: Option<PathBuf>,
     #[command(flatten)]
     cpu: CpuArgs,
     /// Enable a VM-wide KVM capability (repeatable); `kvmrun caps` lists them.
@@ -201,13 +245,14 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn into_config(self) -> VmConfig {
+    fn into_config(self) -> (VmConfig, vmm::RunOptions) {
         let mut words: Vec<String> = Vec::new();
         if !self.append.is_empty() {
             words.push(self.append);
         }
         words.extend(self.args);
-        VmConfig {
+        let opts = vmm::RunOptions { api: self.api };
+        let cfg = VmConfig {
             image: self.image,
             mem_bytes: self.mem,
             vcpus: self.smp,
@@ -221,7 +266,8 @@ impl RunArgs {
             kvm_caps: self.kvm_cap,
             msr_filter: self.msr_filter.into_iter().flat_map(|r| r.0).collect(),
             msrs: self.msr,
-        }
+        };
+        (cfg, opts)
     }
 }
 
@@ -252,11 +298,26 @@ fn init_logging(verbose: u8) {
 fn run(cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Run(args) => {
-            let cfg = (*args).into_config();
-            let reason = vmm::run(&cfg)?;
+            let (cfg, opts) = (*args).into_config();
+            let reason = vmm::run(&cfg, &opts)?;
             log::info!("VM ended: {reason:?}");
             Ok(reason.status())
         }
+        Cmd::Restore(a) => {
+            let opts = vmm::RunOptions { api: a.api };
+            let reason = vmm::restore(&a.dir, a.serial, a.timeout, &opts)?;
+            log::info!("VM ended: {reason:?}");
+            Ok(reason.status())
+        }
+        Cmd::Snapshot { socket, dir, stop } => {
+            // The VM resolves the path in its own working directory.
+            let dir = std::path::absolute(&dir)?;
+            client(&socket, &Request::Snapshot { dir, stop })
+        }
+        Cmd::Pause { socket } => client(&socket, &Request::Pause {}),
+        Cmd::Resume { socket } => client(&socket, &Request::Resume {}),
+        Cmd::Status { socket } => client(&socket, &Request::Status {}),
+        Cmd::Quit { socket } => client(&socket, &Request::Quit {}),
         Cmd::Cpuid(args) => {
             let report = kvmrun::cpu::report::build(
                 &args.cpu.cpu,
@@ -393,6 +454,13 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
     } else {
         0
     })
+}
+
+/// Send one request and print the VM's answer (a JSON line) on stdout.
+fn client(socket: &std::path::Path, req: &Request) -> anyhow::Result<i32> {
+    let answer = api::call(socket, req)?;
+    println!("{answer}");
+    Ok(0)
 }
 
 fn main() -> ExitCode {

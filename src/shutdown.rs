@@ -24,6 +24,8 @@ pub enum ExitReason {
     Crash { vcpu: u32, what: String },
     /// `--timeout` expired.
     Timeout,
+    /// A `quit` request on the control socket.
+    Quit,
     /// kvmrun itself failed while the VM ran.
     Error(String),
 }
@@ -41,7 +43,7 @@ impl ExitReason {
     pub fn status(&self) -> i32 {
         match self {
             ExitReason::DebugExit(v) => (((*v as u64) << 1 | 1) & 0xff) as i32,
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Halted => 0,
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Halted | ExitReason::Quit => 0,
             ExitReason::Crash { .. } => STATUS_CRASH,
             ExitReason::Timeout => STATUS_TIMEOUT,
             ExitReason::Error(_) => STATUS_ERROR,
@@ -54,6 +56,8 @@ pub struct Shutdown {
     requested: AtomicBool,
     /// The guest entered ACPI S3; the main loop wakes it again.
     suspended: AtomicBool,
+    /// A control request needs the vCPUs stopped and handed back.
+    pause: AtomicBool,
     /// Wakes the main loop.
     evt: EventFd,
 }
@@ -64,6 +68,7 @@ impl Shutdown {
             reason: Mutex::new(None),
             requested: AtomicBool::new(false),
             suspended: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -95,9 +100,21 @@ impl Shutdown {
         self.suspended.load(Ordering::SeqCst)
     }
 
+    /// Ask the vCPU threads to stop and hand their vCPUs back, without
+    /// ending the VM, and wake the main loop.
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+    }
+
+    /// Clear a pause request once the vCPUs are stopped.
+    pub fn clear_pause(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+    }
+
     /// Whether vCPU threads must leave their run loop.
     pub fn must_stop(&self) -> bool {
-        self.is_requested() || self.is_suspended()
+        self.is_requested() || self.is_suspended() || self.pause.load(Ordering::SeqCst)
     }
 
     /// Clear the suspend state once the guest is woken.
@@ -175,5 +192,16 @@ mod tests {
         assert!(s.must_stop() && s.is_suspended() && !s.is_requested());
         s.resume();
         assert!(!s.must_stop());
+    }
+
+    #[test]
+    fn pause_stops_vcpus_without_ending_the_vm() {
+        let s = Shutdown::new().unwrap();
+        s.request_pause();
+        assert!(s.must_stop() && !s.is_requested() && !s.is_suspended());
+        assert_eq!(s.event().read().unwrap(), 1);
+        s.clear_pause();
+        assert!(!s.must_stop());
+        assert_eq!(ExitReason::Quit.status(), 0);
     }
 }

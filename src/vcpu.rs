@@ -116,6 +116,28 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
+    /// Create vCPU `id` with KVM's defaults only, for a snapshot's saved
+    /// state to overwrite.
+    pub fn bare(vm: &Vm, id: u32) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .fd
+            .create_vcpu(id as u64)
+            .map_err(|source| VcpuError::Kvm {
+                id,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        Ok(Vcpu { id, fd })
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
     /// Create vCPU `id` of `count` with its CPUID and the LAPIC and FPU state
     /// firmware would leave.
     pub fn new(

@@ -56,8 +56,15 @@ struct KvmReinjectControl {
 }
 
 impl Vm {
-    /// Create the VM with its memory, irqchip and (if `pit`) PIT.
+    /// Create the VM with fresh anonymous memory, irqchip and (if `pit`) PIT.
     pub fn new(layout: Layout, pit: bool) -> Result<Vm, VmError> {
+        let mem = memory::create_guest_memory(&layout)?;
+        Self::with_memory(layout, pit, mem)
+    }
+
+    /// Create the VM over guest memory mapped by the caller (a snapshot's
+    /// memory file), with its irqchip and (if `pit`) PIT.
+    pub fn with_memory(layout: Layout, pit: bool, mem: GuestMemoryMmap) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -71,7 +78,6 @@ impl Vm {
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
 
-        let mem = memory::create_guest_memory(&layout)?;
         for (slot, (addr, len, host)) in memory::host_regions(&mem).into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use devices::i8042::{self, I8042};
 use devices::rtc::{Rtc, RTC_INDEX_PORT, RTC_PORT_COUNT};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
+use devices::{Persist, RestoreError};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
@@ -25,8 +26,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::boot::acpi::AcpiTables;
-use crate::boot::{self, multiboot, BootError, BootPlan};
+use crate::api::{self, ApiError, ApiServer, Control, Request};
+use crate::boot::{self, multiboot, BootError};
 use crate::bus::{BusError, IoBus};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::cpu::msrs::{self, MsrError};
@@ -34,6 +35,10 @@ use crate::cpu::{self, CpuError};
 use crate::kvmcaps::{self, CapError};
 use crate::memory::Layout;
 use crate::shutdown::{ExitReason, Shutdown};
+use crate::snapshot::{
+    self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
+    VmState, VmStateError, WriteStats,
+};
 use crate::vcpu::{self, HaltWatch, Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
 
@@ -57,6 +62,18 @@ pub enum VmmError {
     Msr(#[from] MsrError),
     #[error(transparent)]
     Bios(#[from] boot::bios::BiosError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
+    #[error("restoring a device: {0}")]
+    Device(#[from] RestoreError),
+    #[error("{}: {what}", path.display())]
+    Restore { path: PathBuf, what: String },
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error("{}: {source}", path.display())]
     File {
         path: std::path::PathBuf,
@@ -87,14 +104,48 @@ fn read_file(path: &Path) -> Result<Vec<u8>, BootError> {
     })
 }
 
+/// Every device, kept so a snapshot can save each one.
+struct Devices {
+    serial: Arc<Mutex<SerialDevice>>,
+    debug_exit: Arc<Mutex<DebugExit>>,
+    testdev: Arc<Mutex<PcTestDev>>,
+    testdev_iomem: Arc<Mutex<TestDevIomem>>,
+    fw_cfg: Arc<Mutex<FwCfg>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    i8042: Arc<Mutex<I8042>>,
+    rtc: Arc<Mutex<Rtc>>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Devices {
+    fn save(&self) -> DeviceStates {
+        DeviceStates {
+            serial: lock(&self.serial).save(),
+            debug_exit: lock(&self.debug_exit).save(),
+            testdev: lock(&self.testdev).save(),
+            testdev_iomem: lock(&self.testdev_iomem).save(),
+            fw_cfg: lock(&self.fw_cfg).save(),
+            acpi_pm: lock(&self.acpi_pm).save(),
+            i8042: lock(&self.i8042).save(),
+            rtc: lock(&self.rtc).save(),
+        }
+    }
+}
+
 /// Everything a running VM is made of.
 struct Machine {
+    cfg: VmConfig,
     vm: Vm,
     bus: Arc<IoBus>,
-    serial: Arc<Mutex<SerialDevice>>,
+    devices: Devices,
     vcpus: Vec<Vcpu>,
-    plan: BootPlan,
-    acpi: AcpiTables,
+    /// Guest address of the FACS, for S3 wake-up.
+    facs: u64,
+    /// fw_cfg KERNEL_DATA, saved with snapshots.
+    kernel_data: Vec<u8>,
 }
 
 /// Load the image and build the VM, ready to run.
@@ -111,11 +162,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     let layout = Layout::new(cfg.mem_bytes);
     let pit = cfg.pit_enabled();
     let vm = Vm::new(layout.clone(), pit)?;
-    // Capabilities first: some are refused once a vCPU exists.
-    kvmcaps::enable(&vm.fd, &cfg.kvm_caps)?;
-    if !cfg.msr_filter.is_empty() {
-        kvmcaps::set_msr_filter(&vm.fd, &cfg.msr_filter)?;
-    }
+    enable_caps(&vm, cfg)?;
     // Firmware state first, then the image over it, as a BIOS would load it.
     let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus)?;
     boot::bios::write_ivt(&vm.mem)?;
@@ -127,74 +174,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         initrd: initrd.as_ref().map(|(p, d)| (*p, d.as_slice())),
     };
     let plan = multiboot::load(&args, &vm.mem, &layout)?;
-
-    let mut bus = IoBus::new();
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-    vm.register_irqfd(&serial_irq, serial::COM1_GSI)?;
-    let out: Box<dyn Write + Send> = match &cfg.serial {
-        SerialOutput::Stdio => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| VmmError::File {
-            path: p.clone(),
-            source,
-        })?),
-    };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
-    bus.add_pio(
-        "serial",
-        serial::COM1_BASE,
-        serial::SERIAL_PORT_COUNT,
-        serial.clone(),
-    )?;
-
-    let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
-    bus.add_pio(
-        "isa-debug-exit",
-        debug_exit::DEBUG_EXIT_BASE,
-        debug_exit::DEBUG_EXIT_SIZE,
-        Arc::new(Mutex::new(DebugExit::new(requests.clone()))),
-    )?;
-    let testdev = Arc::new(Mutex::new(PcTestDev::new(vm.irq_line(), vm.page_flusher())));
-    bus.add_pio(
-        "pc-testdev",
-        testdev::PC_TESTDEV_IOPORT_BASE,
-        testdev::PC_TESTDEV_IOPORT_SIZE,
-        testdev.clone(),
-    )?;
-    bus.add_pio(
-        "pc-testdev irq",
-        testdev::PC_TESTDEV_IRQ_BASE,
-        testdev::PC_TESTDEV_IRQ_COUNT,
-        testdev,
-    )?;
-    bus.add_mmio(
-        "pc-testdev iomem",
-        testdev::TESTDEV_IOMEM_BASE,
-        testdev::TESTDEV_IOMEM_SIZE,
-        Arc::new(Mutex::new(TestDevIomem::new())),
-    )?;
-    let fw_cfg = FwCfg::for_vm(cfg.vcpus as u16, cfg.mem_bytes, plan.kernel_data.clone());
-    bus.add_pio(
-        "fw_cfg",
-        fw_cfg::FW_CFG_PORT_SEL,
-        fw_cfg::FW_CFG_PORT_COUNT,
-        Arc::new(Mutex::new(fw_cfg)),
-    )?;
-    bus.add_pio(
-        "acpi-pm",
-        devices::acpi_pm::PM_BASE,
-        devices::acpi_pm::PM_SIZE,
-        Arc::new(Mutex::new(AcpiPm::new(requests.clone()))),
-    )?;
-    bus.add_pio(
-        "rtc",
-        RTC_INDEX_PORT,
-        RTC_PORT_COUNT,
-        Arc::new(Mutex::new(rtc_for(&layout, cfg.vcpus))),
-    )?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(requests)));
-    bus.add_pio("i8042 data", i8042::I8042_DATA_PORT, 1, i8042.clone())?;
-    bus.add_pio("i8042 command", i8042::I8042_COMMAND_PORT, 1, i8042)?;
+    let (bus, devices) = attach_devices(cfg, &vm, shutdown, &plan.kernel_data, None)?;
 
     let resolved = cpu::resolve(&cfg.cpu, cfg.cpu_lenient, &cpu::KvmCpuid::query(&vm.kvm)?)?;
     for w in &resolved.warnings {
@@ -215,17 +195,212 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         })
         .collect::<Result<Vec<_>, _>>()?;
     vcpus[0].apply_boot_plan(&plan, &vm.mem)?;
+    log::debug!("entering at {:#x}", plan.rip);
 
     Ok(Machine {
+        cfg: cfg.clone(),
         vm,
         bus: Arc::new(bus),
-        serial,
+        devices,
         vcpus,
-        plan,
-        acpi,
+        facs: acpi.facs,
+        kernel_data: plan.kernel_data,
     })
 }
 
+/// Build the VM a snapshot in `dir` describes, with `cfg` (the saved
+/// configuration with this run's serial and timeout): guest memory mapped
+/// from the memory file, every vCPU, the irqchip, PIT, clock and devices
+/// set to their saved state.
+fn build_restored(
+    dir: &Path,
+    state: &MachineState,
+    cfg: &VmConfig,
+    shutdown: &Arc<Shutdown>,
+) -> Result<Machine, VmmError> {
+    let layout = Layout::new(cfg.mem_bytes);
+    let mem = snapshot::map_memory(dir, &layout)?;
+    let vm = Vm::with_memory(layout, cfg.pit_enabled(), mem)?;
+    enable_caps(&vm, cfg)?;
+    let (bus, devices) =
+        attach_devices(cfg, &vm, shutdown, &state.kernel_data, Some(&state.devices))?;
+    let ctx = VcpuContext::for_vm(&vm)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for s in &state.vcpus {
+        let v = Vcpu::bare(&vm, s.id)?;
+        s.restore(&v, &ctx).map_err(|e| match e {
+            VcpuStateError::Cpuid { .. } => VmmError::Restore {
+                path: dir.join(snapshot::STATE_FILE),
+                what: e.to_string(),
+            },
+            e => VmmError::VcpuState(e),
+        })?;
+        vcpus.push(v);
+    }
+    state.vm.restore(&vm, cfg.pit_enabled())?;
+    Ok(Machine {
+        cfg: cfg.clone(),
+        vm,
+        bus: Arc::new(bus),
+        devices,
+        vcpus,
+        facs: state.facs,
+        kernel_data: state.kernel_data.clone(),
+    })
+}
+
+/// Turn on the VM-wide KVM capabilities and the MSR filter the
+/// configuration asks for; some are refused once a vCPU exists.
+fn enable_caps(vm: &Vm, cfg: &VmConfig) -> Result<(), VmmError> {
+    kvmcaps::enable(&vm.fd, &cfg.kvm_caps)?;
+    if !cfg.msr_filter.is_empty() {
+        kvmcaps::set_msr_filter(&vm.fd, &cfg.msr_filter)?;
+    }
+    Ok(())
+}
+
+/// Make every device, fresh or (with `saved`) from a snapshot, and put it
+/// on the bus.
+fn attach_devices(
+    cfg: &VmConfig,
+    vm: &Vm,
+    shutdown: &Arc<Shutdown>,
+    kernel_data: &[u8],
+    saved: Option<&DeviceStates>,
+) -> Result<(IoBus, Devices), VmmError> {
+    let mut bus = IoBus::new();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
+    vm.register_irqfd(&serial_irq, serial::COM1_GSI)?;
+    let out: Box<dyn Write + Send> = match &cfg.serial {
+        SerialOutput::Stdio => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| VmmError::File {
+            path: p.clone(),
+            source,
+        })?),
+    };
+    let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
+    let layout = Layout::new(cfg.mem_bytes);
+    let fw_cfg = FwCfg::for_vm(cfg.vcpus as u16, cfg.mem_bytes, kernel_data.to_vec());
+    let d = match saved {
+        None => Devices {
+            serial: Arc::new(Mutex::new(SerialDevice::new(serial_irq, out))),
+            debug_exit: Arc::new(Mutex::new(DebugExit::new(requests.clone()))),
+            testdev: Arc::new(Mutex::new(PcTestDev::new(vm.irq_line(), vm.page_flusher()))),
+            testdev_iomem: Arc::new(Mutex::new(TestDevIomem::new())),
+            fw_cfg: Arc::new(Mutex::new(fw_cfg)),
+            acpi_pm: Arc::new(Mutex::new(AcpiPm::new(requests.clone()))),
+            i8042: Arc::new(Mutex::new(I8042::new(requests))),
+            rtc: Arc::new(Mutex::new(rtc_for(&layout, cfg.vcpus))),
+        },
+        Some(s) => Devices {
+            serial: Arc::new(Mutex::new(SerialDevice::restore(
+                (serial_irq, out),
+                &s.serial,
+            )?)),
+            debug_exit: Arc::new(Mutex::new(DebugExit::restore(
+                requests.clone(),
+                &s.debug_exit,
+            )?)),
+            testdev: Arc::new(Mutex::new(PcTestDev::restore(
+                (vm.irq_line(), vm.page_flusher()),
+                &s.testdev,
+            )?)),
+            testdev_iomem: Arc::new(Mutex::new(TestDevIomem::restore((), &s.testdev_iomem)?)),
+            fw_cfg: Arc::new(Mutex::new(FwCfg::restore(fw_cfg, &s.fw_cfg)?)),
+            acpi_pm: Arc::new(Mutex::new(AcpiPm::restore(requests.clone(), &s.acpi_pm)?)),
+            i8042: Arc::new(Mutex::new(I8042::restore(requests, &s.i8042)?)),
+            rtc: Arc::new(Mutex::new(Rtc::restore((), &s.rtc)?)),
+        },
+    };
+    bus.add_pio(
+        "serial",
+        serial::COM1_BASE,
+        serial::SERIAL_PORT_COUNT,
+        d.serial.clone(),
+    )?;
+    bus.add_pio(
+        "isa-debug-exit",
+        debug_exit::DEBUG_EXIT_BASE,
+        debug_exit::DEBUG_EXIT_SIZE,
+        d.debug_exit.clone(),
+    )?;
+    bus.add_pio(
+        "pc-testdev",
+        testdev::PC_TESTDEV_IOPORT_BASE,
+        testdev::PC_TESTDEV_IOPORT_SIZE,
+        d.testdev.clone(),
+    )?;
+    bus.add_pio(
+        "pc-testdev irq",
+        testdev::PC_TESTDEV_IRQ_BASE,
+        testdev::PC_TESTDEV_IRQ_COUNT,
+        d.testdev.clone(),
+    )?;
+    bus.add_mmio(
+        "pc-testdev iomem",
+        testdev::TESTDEV_IOMEM_BASE,
+        testdev::TESTDEV_IOMEM_SIZE,
+        d.testdev_iomem.clone(),
+    )?;
+    bus.add_pio(
+        "fw_cfg",
+        fw_cfg::FW_CFG_PORT_SEL,
+        fw_cfg::FW_CFG_PORT_COUNT,
+        d.fw_cfg.clone(),
+    )?;
+    bus.add_pio(
+        "acpi-pm",
+        devices::acpi_pm::PM_BASE,
+        devices::acpi_pm::PM_SIZE,
+        d.acpi_pm.clone(),
+    )?;
+    bus.add_pio("rtc", RTC_INDEX_PORT, RTC_PORT_COUNT, d.rtc.clone())?;
+    bus.add_pio("i8042 data", i8042::I8042_DATA_PORT, 1, d.i8042.clone())?;
+    bus.add_pio(
+        "i8042 command",
+        i8042::I8042_COMMAND_PORT,
+        1,
+        d.i8042.clone(),
+    )?;
+    Ok((bus, d))
+}
+
+impl Machine {
+    /// Save everything but guest RAM. The vCPUs must be stopped and handed
+    /// back (`vcpus`), so no ioctl races KVM_RUN.
+    fn save(&self, vcpus: &mut [Vcpu]) -> Result<MachineState, VmmError> {
+        let ctx = VcpuContext::for_vm(&self.vm)?;
+        let vcpu_states = vcpus
+            .iter_mut()
+            .map(|v| VcpuState::save(v, &ctx))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
+            config: self.cfg.clone(),
+            kernel_data: self.kernel_data.clone(),
+            facs: self.facs,
+            vm: VmState::save(&self.vm, self.cfg.pit_enabled())?,
+            vcpus: vcpu_states,
+            devices: self.devices.save(),
+        })
+    }
+
+    /// Write a snapshot of the stopped VM into `dir`.
+    fn snapshot(&self, vcpus: &mut [Vcpu], dir: &Path) -> Result<WriteStats, VmmError> {
+        let started = Instant::now();
+        let state = self.save(vcpus)?;
+        let mut stats = snapshot::write(dir, &state, &self.vm.mem)?;
+        stats.elapsed = started.elapsed();
+        log::info!(
+            "snapshot to {}: {} bytes of memory written, state {} bytes, {:?}",
+            dir.display(),
+            stats.memory_bytes_written,
+            stats.state_bytes,
+            stats.elapsed
+        );
+        Ok(stats)
+    }
+}
 /// The RTC with the CMOS fields PC firmware fills in (QEMU's layout):
 /// memory sizes and the CPU count, for guests that still read them.
 fn rtc_for(layout: &Layout, vcpus: u32) -> Rtc {
@@ -251,17 +426,51 @@ fn rtc_for(layout: &Layout, vcpus: u32) -> Rtc {
     rtc
 }
 
+/// What a run serves besides the VM itself.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Serve the control socket (`--api`) at this path.
+    pub api: Option<PathBuf>,
+}
+
 /// Build the VM described by `cfg`, run it to the end, and say why it ended.
-pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
+pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, VmmError> {
     let started = Instant::now();
     let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
     let machine = build(cfg, &shutdown)?;
-    log::debug!(
-        "VM built in {:?}; entering at {:#x}",
-        started.elapsed(),
-        machine.plan.rip
-    );
+    log::debug!("VM built in {:?}", started.elapsed());
+    run_machine(machine, shutdown, opts, started)
+}
 
+/// Bring back the snapshot in `dir` with this run's `serial` and
+/// `timeout_secs`, run it to the end, and say why it ended.
+pub fn restore(
+    dir: &Path,
+    serial: SerialOutput,
+    timeout_secs: Option<f64>,
+    opts: &RunOptions,
+) -> Result<ExitReason, VmmError> {
+    let started = Instant::now();
+    let state = snapshot::read_state(dir)?;
+    let mut cfg = state.config.clone();
+    cfg.serial = serial;
+    cfg.timeout_secs = timeout_secs;
+    cfg.validate()?;
+    let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
+    let machine = build_restored(dir, &state, &cfg, &shutdown)?;
+    log::debug!("VM restored in {:?}", started.elapsed());
+    run_machine(machine, shutdown, opts, started)
+}
+
+/// Run a built VM to the end: the main event loop, the vCPU rounds, and
+/// the control socket's requests between rounds.
+fn run_machine(
+    machine: Machine,
+    shutdown: Arc<Shutdown>,
+    opts: &RunOptions,
+    started: Instant,
+) -> Result<ExitReason, VmmError> {
+    let cfg = machine.cfg.clone();
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
         .map_err(|e| VmmError::Host {
             what: "event manager",
@@ -280,18 +489,18 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     }
     if cfg.serial == SerialOutput::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
-            serial: machine.serial.clone(),
+            serial: machine.devices.serial.clone(),
         })));
+    }
+    let control = Arc::new(Control::new());
+    if let Some(path) = &opts.api {
+        let server = ApiServer::bind(path, control.clone(), shutdown.clone())?;
+        em.add_subscriber(Arc::new(Mutex::new(server)));
     }
 
     vcpu::install_kick_handler();
-    let Machine {
-        vm,
-        bus,
-        mut vcpus,
-        acpi,
-        ..
-    } = machine;
+    let mut machine = machine;
+    let mut vcpus = std::mem::take(&mut machine.vcpus);
     let halt = Arc::new(HaltWatch::new(cfg.vcpus));
     let thread_ids = Arc::new(Mutex::new(Vec::new()));
     let mut halt_timer = TimerFd::new().map_err(sys("timerfd"))?;
@@ -305,34 +514,84 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
         shutdown: shutdown.clone(),
     })));
 
-    // Each round runs the vCPUs until the VM ends or the guest suspends;
-    // a suspended guest is woken through its firmware waking vector.
+    // Each round runs the vCPUs until the VM ends, the guest suspends, or
+    // a control request needs them stopped; a suspended guest is woken
+    // through its firmware waking vector, requests are served, and the
+    // next round starts unless the VM is paused.
+    let mut paused = false;
+    let mut first_round = true;
     loop {
-        let threads = start_vcpus(vcpus, &bus, &shutdown, &halt);
-        *thread_ids.lock().unwrap_or_else(|e| e.into_inner()) =
-            threads.iter().map(|t| t.as_pthread_t()).collect();
-        while !shutdown.must_stop() {
-            if let Err(e) = em.run() {
-                shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
+        if !paused {
+            let threads = start_vcpus(vcpus, &machine.bus, &shutdown, &halt);
+            if first_round {
+                log::debug!("vCPUs running {:?} after start", started.elapsed());
+                first_round = false;
+            }
+            *lock(&thread_ids) = threads.iter().map(|t| t.as_pthread_t()).collect();
+            while !shutdown.must_stop() {
+                if let Err(e) = em.run() {
+                    shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
+                }
+            }
+            lock(&thread_ids).clear();
+            vcpus = stop_vcpus(threads);
+            if shutdown.is_requested() || vcpus.len() != cfg.vcpus as usize {
+                break;
+            }
+            if shutdown.is_suspended() {
+                if let Err(e) = wake_from_s3(&vcpus, &machine.vm, machine.facs) {
+                    shutdown.request(ExitReason::Error(format!("cannot wake from S3: {e}")));
+                    break;
+                }
+                log::info!("guest woke from S3");
+                shutdown.resume();
+            }
+        } else {
+            while !shutdown.is_requested() && !control.has_pending() {
+                if let Err(e) = em.run() {
+                    shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
+                }
+            }
+            if shutdown.is_requested() {
+                break;
             }
         }
-        thread_ids.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        vcpus = stop_vcpus(threads);
-        if shutdown.is_requested() || vcpus.len() != cfg.vcpus as usize {
-            break;
+        shutdown.clear_pause();
+        for (req, reply) in control.take() {
+            let answer = match req {
+                Request::Pause {} => {
+                    paused = true;
+                    Ok(serde_json::json!({}))
+                }
+                Request::Resume {} => {
+                    paused = false;
+                    Ok(serde_json::json!({}))
+                }
+                Request::Snapshot { dir, stop } => match machine.snapshot(&mut vcpus, &dir) {
+                    Ok(stats) => {
+                        paused |= stop;
+                        Ok(serde_json::json!({
+                            "dir": dir,
+                            "memory_bytes_written": stats.memory_bytes_written,
+                            "state_bytes": stats.state_bytes,
+                            "save_us": stats.elapsed.as_micros() as u64,
+                        }))
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                // Answered by the server itself.
+                Request::Status {} | Request::Quit {} => Ok(serde_json::json!({})),
+            };
+            control.set_paused(paused);
+            api::reply(reply, answer, paused);
         }
-        if let Err(e) = wake_from_s3(&vcpus, &vm, &acpi) {
-            shutdown.request(ExitReason::Error(format!("cannot wake from S3: {e}")));
-            break;
-        }
-        log::info!("guest woke from S3");
-        shutdown.resume();
+        control.set_paused(paused);
     }
     if log::log_enabled!(log::Level::Info) {
-        log::info!("guest RAM resident: {} KiB", resident_kib(&vm));
+        log::info!("guest RAM resident: {} KiB", resident_kib(&machine.vm));
     }
     drop(vcpus);
-    drop(vm);
+    drop(machine);
     let _ = std::io::stdout().flush();
     Ok(shutdown
         .reason()
@@ -386,10 +645,10 @@ fn stop_vcpus(threads: Vec<JoinHandle<Vcpu>>) -> Vec<Vcpu> {
 /// Resume from S3 the way firmware does after the wake event: the boot
 /// CPU restarts in real mode at the FACS waking vector, the others wait
 /// for INIT/SIPI. Memory is kept, as in suspend-to-RAM.
-fn wake_from_s3(vcpus: &[Vcpu], vm: &Vm, acpi: &AcpiTables) -> Result<(), VmmError> {
+fn wake_from_s3(vcpus: &[Vcpu], vm: &Vm, facs: u64) -> Result<(), VmmError> {
     let vector: u32 = vm
         .mem
-        .read_obj(GuestAddress(acpi.facs + boot::acpi::FACS_WAKING_VECTOR))
+        .read_obj(GuestAddress(facs + boot::acpi::FACS_WAKING_VECTOR))
         .map_err(|e| VmmError::Host {
             what: "reading the FACS waking vector",
             source: std::io::Error::other(e.to_string()),
@@ -484,18 +743,21 @@ impl MutEventSubscriber for StdinToSerial {
         let mut buf = [0u8; 64];
         // SAFETY: fd 0 stays open for the life of the process.
         let n = unsafe { libc::read(stdin.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) {
-            // End of input or an error: stop watching so the loop does not spin.
-            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
-            return;
+        if n > 0 {
+            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = serial.enqueue_input(&buf[..n as usize]);
+            if taken < n as usize {
+                log::debug!(
+                    "serial input FIFO full: dropped {} bytes",
+                    n as usize - taken
+                );
+            }
         }
-        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let taken = serial.enqueue_input(&buf[..n as usize]);
-        if taken < n as usize {
-            log::debug!(
-                "serial input FIFO full: dropped {} bytes",
-                n as usize - taken
-            );
+        // A writer that closes right after writing raises IN and HANG_UP
+        // together: the bytes above still count. Stop watching only at the
+        // end of input or on an error, so the loop does not spin.
+        if n <= 0 || (events.event_set().contains(EventSet::HANG_UP) && n < buf.len() as isize) {
+            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
         }
     }
 

@@ -1,0 +1,491 @@
+//! Snapshot and restore on real KVM with our checksum guest: a run that
+//! is snapshotted anywhere and restored must end exactly as an
+//! uninterrupted run does, however often and from wherever it is restored.
+//!
+//! The guest waits for a key on COM1 between its two phases, so the VM
+//! cannot end before the test has taken its snapshots: where each one
+//! lands is left to chance, and the assertions hold wherever it lands.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use common::{guest, kvm_available, kvmrun, Run};
+
+const PASS: i32 = 1;
+/// Safety limits so a broken VMM fails the test instead of hanging it;
+/// nothing is asserted about how long anything takes.
+const SAFETY: Duration = Duration::from_secs(120);
+
+/// A kvmrun process whose serial console (stdio) the test drives.
+struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn spawn(args: &[&str]) -> Vm {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmrun"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kvmrun");
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    Vm {
+        stdin: child.stdin.take(),
+        child,
+        lines: rx,
+        seen: Vec::new(),
+        stderr,
+    }
+}
+
+impl Vm {
+    /// Block until the guest printed a line containing `text`.
+    fn wait_for(&mut self, text: &str) {
+        if self.seen.iter().any(|l| l.contains(text)) {
+            return;
+        }
+        let deadline = Instant::now() + SAFETY;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = l.contains(text);
+                    self.seen.push(l);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!("guest never printed {text:?}; output: {:?}", self.seen),
+            }
+        }
+    }
+
+    fn key(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"k").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn finish(mut self) -> Run {
+        drop(self.stdin.take());
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        Run {
+            status: status.code().unwrap_or(-1),
+            stdout: self.seen.join("\n") + "\n",
+            stderr: self.stderr.join().unwrap(),
+        }
+    }
+}
+
+fn wait_socket(path: &Path) {
+    let deadline = Instant::now() + SAFETY;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ctl(args: &[&str]) -> Run {
+    Run::from(kvmrun().args(args).output().expect("cannot start kvmrun"))
+}
+
+fn snapshot(sock: &Path, dir: &Path) {
+    ctl(&["snapshot", sock.to_str().unwrap(), dir.to_str().unwrap()])
+        .expect(0)
+        .has("\"ok\":true");
+}
+
+fn checksum_args(smp: &str) -> Vec<String> {
+    let image = guest("checksum");
+    vec![
+        "run".into(),
+        image.to_str().unwrap().into(),
+        "--smp".into(),
+        smp.into(),
+        "--timeout".into(),
+        "120".into(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A run with no snapshot, the key sent at once.
+fn reference(smp: &str) -> Run {
+    let mut args = checksum_args(smp);
+    args.extend(["--".into(), "wait".into()]);
+    let mut vm = spawn(&strs(&args));
+    vm.key();
+    let r = vm.finish();
+    r.expect(PASS)
+        .has("checksum: 0x")
+        .has("SUMMARY: 3 tests, 0 unexpected failures");
+    r
+}
+
+/// Restore `dir` with the key already typed, and run to the end.
+fn restore(dir: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["restore", dir.to_str().unwrap(), "--timeout", "120"];
+    args.extend_from_slice(extra);
+    let mut vm = spawn(&args);
+    vm.key();
+    vm.finish()
+}
+
+fn final_lines(r: &Run) -> String {
+    let from = r.stdout.find("cpu 0 checksum").unwrap_or_else(|| {
+        panic!("no checksum in output\n{}\n{}", r.stdout, r.stderr);
+    });
+    r.stdout[from..].to_string()
+}
+
+fn snapshot_anywhere_and_restore(smp: &str, early_snapshots: usize) {
+    let reference = reference(smp);
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("api.sock");
+    let mut args = checksum_args(smp);
+    args.extend([
+        "--api".into(),
+        sock.to_str().unwrap().into(),
+        "--".into(),
+        "wait".into(),
+    ]);
+    let mut vm = spawn(&strs(&args));
+    wait_socket(&sock);
+    // Wherever these land: during boot, phase 1 or the wait.
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for i in 0..early_snapshots {
+        let dir = d.path().join(format!("early{i}"));
+        snapshot(&sock, &dir);
+        dirs.push(dir);
+    }
+    vm.wait_for("waiting for a key");
+    let at_wait = d.path().join("at-wait");
+    snapshot(&sock, &at_wait);
+    dirs.push(at_wait.clone());
+    vm.key();
+    let original = vm.finish();
+    // Snapshots do not change what the running VM computes.
+    original.expect(PASS);
+    assert_eq!(original.stdout, reference.stdout);
+    assert!(original.stderr.is_empty(), "{}", original.stderr);
+
+    for dir in &dirs {
+        let r = restore(dir, &[]);
+        r.expect(PASS);
+        assert!(
+            reference.stdout.ends_with(&r.stdout),
+            "restored output is not the end of the reference output\n--- restored\n{}\n--- reference\n{}",
+            r.stdout,
+            reference.stdout
+        );
+        assert_eq!(final_lines(&r), final_lines(&reference));
+        assert!(r.stderr.is_empty(), "{}", r.stderr);
+    }
+    // Restored at the wait, the guest picks up exactly where it waited.
+    let r = restore(&at_wait, &[]);
+    assert!(r.stdout.starts_with("key: k"), "{}", r.stdout);
+}
+
+#[test]
+fn snapshots_anywhere_restore_to_the_same_result_on_1_cpu() {
+    if !kvm_available() {
+        return;
+    }
+    snapshot_anywhere_and_restore("1", 1);
+}
+
+#[test]
+fn snapshots_anywhere_restore_to_the_same_result_on_2_cpus() {
+    if !kvm_available() {
+        return;
+    }
+    snapshot_anywhere_and_restore("2", 2);
+}
+
+/// Snapshot a running VM once, restore that snapshot twice: both restores
+/// print the same and exit the same. Then restore, snapshot the restored
+/// VM, and restore that: the chain ends as the original.
+#[test]
+fn restore_twice_and_snapshot_a_restored_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let reference = reference("2");
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("api.sock");
+    let mut args = checksum_args("2");
+    args.extend([
+        "--api".into(),
+        sock.to_str().unwrap().into(),
+        "--".into(),
+        "wait".into(),
+    ]);
+    let mut vm = spawn(&strs(&args));
+    wait_socket(&sock);
+    let first = d.path().join("first");
+    // --stop leaves the VM paused; `resume` lets it go on.
+    ctl(&[
+        "snapshot",
+        sock.to_str().unwrap(),
+        first.to_str().unwrap(),
+        "--stop",
+    ])
+    .expect(0)
+    .has("\"state\":\"paused\"");
+    ctl(&["status", sock.to_str().unwrap()])
+        .expect(0)
+        .has("\"state\":\"paused\"");
+    ctl(&["resume", sock.to_str().unwrap()])
+        .expect(0)
+        .has("\"state\":\"running\"");
+    vm.key();
+    vm.finish().expect(PASS);
+
+    let a = restore(&first, &[]);
+    let b = restore(&first, &[]);
+    a.expect(PASS);
+    assert_eq!(a.stdout, b.stdout);
+    assert_eq!(a.status, b.status);
+    assert_eq!(final_lines(&a), final_lines(&reference));
+
+    // snapshot -> restore -> snapshot -> restore.
+    let sock2 = d.path().join("api2.sock");
+    let mut vm = spawn(&[
+        "restore",
+        first.to_str().unwrap(),
+        "--timeout",
+        "120",
+        "--api",
+        sock2.to_str().unwrap(),
+    ]);
+    wait_socket(&sock2);
+    let second = d.path().join("second");
+    snapshot(&sock2, &second);
+    // Into the same directory again: the old snapshot is replaced whole,
+    // though the running VM still maps its memory file.
+    snapshot(&sock2, &second);
+    vm.key();
+    let chained = vm.finish();
+    chained.expect(PASS);
+    assert_eq!(final_lines(&chained), final_lines(&reference));
+    let r = restore(&second, &[]);
+    r.expect(PASS);
+    assert_eq!(final_lines(&r), final_lines(&reference));
+    assert!(reference.stdout.ends_with(&r.stdout));
+}
+
+#[test]
+fn pause_resume_and_quit_through_the_socket() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("api.sock");
+    let s = sock.to_str().unwrap();
+    let mut args = checksum_args("1");
+    args.extend(["--api".into(), s.into(), "--".into(), "wait".into()]);
+    let vm = spawn(&strs(&args));
+    wait_socket(&sock);
+    ctl(&["pause", s]).expect(0).has("\"state\":\"paused\"");
+    ctl(&["pause", s]).expect(0).has("\"state\":\"paused\"");
+    ctl(&["status", s]).expect(0).has("\"state\":\"paused\"");
+    ctl(&["resume", s]).expect(0).has("\"state\":\"running\"");
+    // A bad request gets an error answer; the VM goes on.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.write_all(b"{\"cmd\":\"explode\"}\nnot json\n").unwrap();
+    let mut r = BufReader::new(c);
+    for _ in 0..2 {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":false"), "{line}");
+        assert!(line.contains("bad request"), "{line}");
+    }
+    // Snapshot into a path that cannot be a directory: an error answer,
+    // status 2 from the client, and the VM still runs.
+    let file = d.path().join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    ctl(&["snapshot", s, file.to_str().unwrap()])
+        .expect(2)
+        .err_has("plain-file");
+    ctl(&["status", s]).expect(0).has("\"state\":\"running\"");
+    ctl(&["quit", s]).expect(0);
+    let r = vm.finish();
+    r.expect(0);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    assert!(!sock.exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn clients_report_a_missing_socket() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("nothing.sock");
+    for cmd in ["pause", "resume", "status", "quit"] {
+        ctl(&[cmd, sock.to_str().unwrap()])
+            .expect(2)
+            .err_has("nothing.sock");
+    }
+    ctl(&["snapshot", sock.to_str().unwrap(), "/tmp/x"])
+        .expect(2)
+        .err_has("nothing.sock");
+}
+
+/// A good snapshot of a paused checksum guest, for the negative tests.
+fn good_snapshot(root: &Path) -> PathBuf {
+    let sock = root.join("api.sock");
+    let mut args = checksum_args("1");
+    args.extend([
+        "--api".into(),
+        sock.to_str().unwrap().into(),
+        "--".into(),
+        "wait".into(),
+    ]);
+    let vm = spawn(&strs(&args));
+    wait_socket(&sock);
+    let dir = root.join("good");
+    ctl(&[
+        "snapshot",
+        sock.to_str().unwrap(),
+        dir.to_str().unwrap(),
+        "--stop",
+    ])
+    .expect(0);
+    ctl(&["quit", sock.to_str().unwrap()]).expect(0);
+    vm.finish().expect(0);
+    dir
+}
+
+fn copy_snapshot(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["state", "memory"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// Spoils a copy of a good snapshot.
+type Damage = Box<dyn Fn(&Path)>;
+
+#[test]
+fn damaged_snapshots_are_refused_with_status_2() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let good = good_snapshot(d.path());
+    // The good one restores.
+    restore(&good, &[]).expect(PASS);
+
+    let state = std::fs::read(good.join("state")).unwrap();
+    let cases: Vec<(&str, Damage, &str, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|p: &Path| {
+                let s = std::fs::read(p.join("state")).unwrap();
+                std::fs::write(p.join("state"), &s[..s.len() / 2]).unwrap();
+            }),
+            "state",
+            "truncated",
+        ),
+        (
+            "flipped",
+            Box::new(|p: &Path| {
+                let mut s = std::fs::read(p.join("state")).unwrap();
+                let at = s.len() - 100;
+                s[at] ^= 0x40;
+                std::fs::write(p.join("state"), &s).unwrap();
+            }),
+            "state",
+            "checksum mismatch",
+        ),
+        (
+            "version",
+            Box::new(|p: &Path| {
+                let mut s = std::fs::read(p.join("state")).unwrap();
+                s[8] = s[8].wrapping_add(1);
+                std::fs::write(p.join("state"), &s).unwrap();
+            }),
+            "state",
+            "format",
+        ),
+        (
+            "magic",
+            Box::new(|p: &Path| {
+                let mut s = std::fs::read(p.join("state")).unwrap();
+                s[0] = b'X';
+                std::fs::write(p.join("state"), &s).unwrap();
+            }),
+            "state",
+            "bad magic",
+        ),
+        (
+            "memory-size",
+            Box::new(|p: &Path| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p.join("memory"))
+                    .unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len - 4096).unwrap();
+            }),
+            "memory",
+            "memory file has",
+        ),
+        (
+            "no-memory",
+            Box::new(|p: &Path| std::fs::remove_file(p.join("memory")).unwrap()),
+            "memory",
+            "No such file",
+        ),
+        (
+            "no-state",
+            Box::new(|p: &Path| std::fs::remove_file(p.join("state")).unwrap()),
+            "state",
+            "No such file",
+        ),
+    ];
+    assert!(state.len() > 200);
+    for (name, damage, file, why) in cases {
+        let dir = d.path().join(name);
+        copy_snapshot(&good, &dir);
+        damage(&dir);
+        let r = ctl(&["restore", dir.to_str().unwrap(), "--serial", "none"]);
+        r.expect(2)
+            .err_has(&format!("{}/{file}", dir.display()))
+            .err_has(why);
+        assert!(r.stdout.is_empty(), "{name}: {}", r.stdout);
+    }
+    ctl(&["restore", d.path().join("absent").to_str().unwrap()])
+        .expect(2)
+        .err_has("absent/state");
+}
