@@ -159,7 +159,10 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         args.push(format!("--mem={m}"));
     }
     if let Some(c) = cpu {
+        // QEMU only warns about features the host cannot give; so does
+        // --cpu-lenient, with a line that says "warning".
         args.push(format!("--cpu={c}"));
+        args.push("--cpu-lenient".to_string());
     }
     if no_pit {
         args.push("--no-pit".to_string());
@@ -227,6 +230,7 @@ mod tests {
                 "--smp=2",
                 "--mem=2048",
                 "--cpu=qemu64,+x2apic",
+                "--cpu-lenient",
                 "--append=ipi halt"
             ]
         );
@@ -237,7 +241,7 @@ mod tests {
         assert_eq!(t("-M pit=off,accel=kvm").unwrap(), ["--no-pit"]);
         assert_eq!(
             t("-enable-kvm -m 4g -cpu host").unwrap(),
-            ["--mem=4g", "--cpu=host"]
+            ["--mem=4g", "--cpu=host", "--cpu-lenient"]
         );
         assert_eq!(
             t("-machine accel=kvm -accel kvm").unwrap(),
