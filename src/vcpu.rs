@@ -110,6 +110,18 @@ const BOOT_GDT: [u64; 5] = [
     0x0000_9300_0000_ffff,
 ];
 
+/// The Linux boot protocol's GDT: flat 64-bit code at __BOOT_CS (0x10)
+/// and flat data at __BOOT_DS (0x18).
+const LINUX_GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+const LINUX_BOOT_CS: u16 = 0x10;
+const LINUX_BOOT_DS: u16 = 0x18;
+/// CR0.PE | CR0.ET, and CR0.PG for long mode.
+const CR0_PE_ET: u64 = 0x11;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+/// EFER.LME | EFER.LMA.
+const EFER_LONG: u64 = 0x500;
+
 pub struct Vcpu {
     pub id: u32,
     fd: VcpuFd,
@@ -203,12 +215,15 @@ impl Vcpu {
     pub fn apply_boot_plan(&self, plan: &BootPlan, mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
         let id = self.id;
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let write_gdt = |gdt: &[u64]| {
+            let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+            mem.write_slice(&bytes, GuestAddress(BOOT_GDT_ADDR))
+                .map_err(|e| VcpuError::Gdt(e.to_string()))
+        };
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         match plan.mode {
-            EntryMode::Protected32 => {
-                let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
-                mem.write_slice(&gdt, GuestAddress(BOOT_GDT_ADDR))
-                    .map_err(|e| VcpuError::Gdt(e.to_string()))?;
-                let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            EntryMode::Protected32 | EntryMode::Pvh32 => {
+                write_gdt(&BOOT_GDT)?;
                 set_legacy_mode(
                     &mut sregs,
                     segment(0x08, SEG_CODE, 0, true),
@@ -217,16 +232,39 @@ impl Vcpu {
                 sregs.gdt.base = BOOT_GDT_ADDR;
                 sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
                 // Protection on, paging off; ET is hard-wired on every x86-64 CPU.
-                sregs.cr0 = 0x11;
-                self.fd
-                    .set_sregs(&sregs)
-                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+                sregs.cr0 = CR0_PE_ET;
+                if plan.mode == EntryMode::Pvh32 {
+                    // The PVH ABI's TSS: 32-bit, busy, base 0, limit 0x67.
+                    sregs.tr.base = 0;
+                    sregs.tr.limit = 0x67;
+                    sregs.tr.type_ = 0xb;
+                    sregs.tr.present = 1;
+                }
+            }
+            EntryMode::Long64 { cr3 } => {
+                write_gdt(&LINUX_GDT)?;
+                let mut cs = segment(LINUX_BOOT_CS, SEG_CODE, 0, true);
+                cs.l = 1;
+                cs.db = 0;
+                set_legacy_mode(&mut sregs, cs, segment(LINUX_BOOT_DS, SEG_DATA, 0, true));
+                sregs.gdt.base = BOOT_GDT_ADDR;
+                sregs.gdt.limit = (LINUX_GDT.len() * 8 - 1) as u16;
+                // No IDT: the protocol enters with interrupts off.
+                sregs.idt.limit = 0;
+                sregs.cr3 = cr3;
+                sregs.cr4 = CR4_PAE;
+                sregs.efer = EFER_LONG;
+                sregs.cr0 = CR0_PE_ET | CR0_PG;
             }
         }
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
         let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         regs.rip = plan.rip;
         regs.rax = plan.rax;
         regs.rbx = plan.rbx;
+        regs.rsi = plan.rsi;
         regs.rsp = plan.rsp;
         regs.rflags = 0x2;
         self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))

@@ -26,7 +26,7 @@ use vmm_sys_util::signal::Killable;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::boot::acpi::AcpiTables;
-use crate::boot::{self, multiboot, BootError, BootPlan};
+use crate::boot::{self, linux, multiboot, BootError, BootPlan};
 use crate::bus::{BusError, IoBus};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::cpu::msrs::{self, MsrError};
@@ -120,13 +120,28 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus)?;
     boot::bios::write_ivt(&vm.mem)?;
     boot::bios::setup_irqchip(&vm.fd, pit)?;
-    let args = multiboot::LoadArgs {
-        image_path: &cfg.image,
-        image: &image,
-        cmdline: &cfg.cmdline,
-        initrd: initrd.as_ref().map(|(p, d)| (*p, d.as_slice())),
+    let cmdline = cfg.kernel_cmdline(kind);
+    let initrd_ref = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
+    let plan = if kind.is_linux() {
+        let args = linux::LoadArgs {
+            image_path: &cfg.image,
+            image: &image,
+            cmdline: &cmdline,
+            initrd: initrd_ref,
+        };
+        linux::load(&args, kind, &vm.mem, &layout)?
+    } else {
+        let args = multiboot::LoadArgs {
+            image_path: &cfg.image,
+            image: &image,
+            cmdline: &cmdline,
+            initrd: initrd_ref,
+        };
+        multiboot::load(&args, &vm.mem, &layout)?
     };
-    let plan = multiboot::load(&args, &vm.mem, &layout)?;
+    if plan.kind != kind {
+        log::info!("{}: {}", cfg.image.display(), plan.kind);
+    }
 
     let mut bus = IoBus::new();
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
