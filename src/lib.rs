@@ -7,6 +7,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod cpu;
+pub mod diag;
 pub mod kvmcaps;
 pub mod memory;
 pub mod shutdown;

@@ -16,6 +16,7 @@ use crate::boot::{BootPlan, EntryMode};
 use crate::bus::IoBus;
 use crate::cpu;
 use crate::cpu::msrs::MsrValue;
+use crate::diag;
 use crate::memory::BOOT_GDT_ADDR;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vm::Vm;
@@ -125,6 +126,8 @@ const EFER_LONG: u64 = 0x500;
 pub struct Vcpu {
     pub id: u32,
     fd: VcpuFd,
+    /// Guest memory, to read the instruction at RIP for crash reports.
+    mem: GuestMemoryMmap,
 }
 
 impl Vcpu {
@@ -208,7 +211,11 @@ impl Vcpu {
                 );
             }
         }
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd,
+            mem: vm.mem.clone(),
+        })
     }
 
     /// Put the boot vCPU in the state `plan` asks for.
@@ -406,27 +413,101 @@ impl Vcpu {
             })
     }
 
+    /// Describe a KVM_EXIT_INTERNAL_ERROR: where, in which mode, which
+    /// instruction, and what the host's KVM can do about it.
     fn internal_error(&mut self) -> String {
         let run = self.fd.get_kvm_run();
         // SAFETY: KVM filled the `internal` member for KVM_EXIT_INTERNAL_ERROR.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let data: Vec<String> = internal.data[..n]
-            .iter()
-            .map(|d| format!("{d:#x}"))
-            .collect();
-        let kind = match internal.suberror {
-            1 => "emulation failure",
-            2 => "simultaneous exceptions",
-            3 => "delivery event failure",
-            4 => "unexpected exit reason",
-            _ => "unknown suberror",
+        let data = internal.data[..n].to_vec();
+        let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
+        let rip = regs.map_or(0, |r| r.rip);
+        let mode = match (regs, sregs) {
+            (Some(r), Some(s)) => {
+                diag::CpuMode::new(s.cr0, s.efer, r.rflags, s.cs.l != 0, s.cs.db != 0)
+            }
+            _ => diag::CpuMode::Long64,
         };
-        format!(
-            "KVM internal error, suberror {} ({kind}), data [{}]",
-            internal.suberror,
-            data.join(", ")
-        )
+        let bytes = match diag::insn_from_kvm(internal.suberror, &data) {
+            Some(b) => diag::InsnBytes::FromKvm(b),
+            None => match sregs {
+                Some(s) => match self.read_insn(&s, rip, mode) {
+                    Ok(b) => diag::InsnBytes::FromMemory(b),
+                    Err(why) => diag::InsnBytes::Unavailable(why),
+                },
+                None => diag::InsnBytes::Unavailable("KVM_GET_SREGS failed".into()),
+            },
+        };
+        diag::InternalErrorReport {
+            vcpu: self.id,
+            suberror: internal.suberror,
+            data,
+            rip,
+            cs: sregs.map_or(0, |s| s.cs.selector),
+            mode,
+            // CPL is the DPL of SS (CS's RPL in real mode, which is 0).
+            cpl: sregs.map_or(0, |s| s.ss.dpl),
+            bytes,
+            module: diag::kvm_module(),
+        }
+        .format()
+    }
+
+    /// Read the instruction at CS:RIP from guest memory, page by page
+    /// through the guest's page tables.
+    fn read_insn(
+        &self,
+        sregs: &kvm_bindings::kvm_sregs,
+        rip: u64,
+        mode: diag::CpuMode,
+    ) -> Result<Vec<u8>, String> {
+        let linear = if mode == diag::CpuMode::Long64 {
+            rip
+        } else {
+            sregs.cs.base.wrapping_add(rip) & 0xffff_ffff
+        };
+        let paging = sregs.cr0 & CR0_PG != 0;
+        let mut out = Vec::new();
+        let mut at = linear;
+        while out.len() < diag::MAX_INSN_LEN {
+            let gpa = if !paging {
+                Some(at)
+            } else {
+                match self.fd.translate_gva(at) {
+                    Ok(t) if t.valid != 0 => Some(t.physical_address),
+                    Ok(_) => None,
+                    // Some KVMs refuse KVM_TRANSLATE: walk 4-level tables here.
+                    Err(_) if sregs.efer & (1 << 10) != 0 => {
+                        diag::walk_4level(sregs.cr3, at, |a| {
+                            self.mem.read_obj::<u64>(GuestAddress(a)).ok()
+                        })
+                    }
+                    Err(e) => return Err(format!("KVM_TRANSLATE of {at:#x} failed: {e}")),
+                }
+            };
+            let Some(gpa) = gpa else {
+                if out.is_empty() {
+                    return Err(format!("linear address {at:#x} is not mapped"));
+                }
+                break;
+            };
+            let page_left = 0x1000 - (at & 0xfff) as usize;
+            let want = (diag::MAX_INSN_LEN - out.len()).min(page_left);
+            let mut buf = vec![0u8; want];
+            if self.mem.read_slice(&mut buf, GuestAddress(gpa)).is_err() {
+                if out.is_empty() {
+                    return Err(format!(
+                        "rip {rip:#x} lies at guest physical {gpa:#x}, outside guest RAM"
+                    ));
+                }
+                break;
+            }
+            out.extend_from_slice(&buf);
+            at = at.wrapping_add(want as u64);
+        }
+        Ok(out)
     }
 
     /// Report a guest crash with the vCPU's registers and end the VM.

@@ -135,3 +135,14 @@ pub fn boot(code: &[u8], args: &[&str]) -> Run {
     std::fs::write(&p, raw_image(code)).unwrap();
     run(&p, args)
 }
+
+/// The host's KVM module (kvm_intel, kvm_amd or kvm_pvm), for tests whose
+/// outcome depends on what the host's KVM can run.
+pub fn kvm_module() -> Option<&'static str> {
+    kvmrun::diag::kvm_module()
+}
+
+/// Whether the host runs guest kernels on hardware virtualization.
+pub fn hardware_kvm() -> bool {
+    matches!(kvm_module(), Some("kvm_intel") | Some("kvm_amd"))
+}
