@@ -132,7 +132,8 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Create vCPU `id` of `count` with its CPUID and the LAPIC and FPU state
-    /// firmware would leave.
+    /// firmware would leave; `timing_leaf` adds KVM's TSC frequency leaf
+    /// (0x40000010) with this vCPU's TSC rate.
     pub fn new(
         vm: &Vm,
         id: u32,
@@ -140,13 +141,18 @@ impl Vcpu {
         cpuid: &[kvm_bindings::kvm_cpuid_entry2],
         msrs: &[MsrValue],
         required: &[MsrValue],
+        timing_leaf: bool,
     ) -> Result<Vcpu, VcpuError> {
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
         let fd = vm
             .fd
             .create_vcpu(id as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let entries = cpu::for_vcpu(cpuid, id, count);
+        let mut entries = cpu::for_vcpu(cpuid, id, count);
+        if timing_leaf {
+            let khz = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+            cpu::add_timing_leaf(&mut entries, khz);
+        }
         let kvm_cpuid = cpu::to_kvm(&entries).map_err(|source| VcpuError::Cpuid { id, source })?;
         fd.set_cpuid2(&kvm_cpuid)
             .map_err(kvm_err("KVM_SET_CPUID2"))?;

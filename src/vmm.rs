@@ -117,7 +117,10 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         kvmcaps::set_msr_filter(&vm.fd, &cfg.msr_filter)?;
     }
     // Firmware state first, then the image over it, as a BIOS would load it.
-    let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus)?;
+    let platform = boot::acpi::Platform {
+        com1: kind.is_linux(),
+    };
+    let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus, platform)?;
     boot::bios::write_ivt(&vm.mem)?;
     boot::bios::setup_irqchip(&vm.fd, pit)?;
     let cmdline = cfg.kernel_cmdline(kind);
@@ -226,6 +229,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
                 &resolved.entries,
                 &initial_msrs,
                 &cfg.msrs,
+                kind.is_linux(),
             )
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -124,3 +124,28 @@ fn instruction_the_host_cannot_emulate_is_decoded() {
         r.expect(7);
     }
 }
+
+#[test]
+fn pci_config_ports_read_all_ones() {
+    if !kvm_available() {
+        return;
+    }
+    // Linux's type-1 probe: write 0x80000000 to 0xcf8 and read it back,
+    // then read 0xcfc. With no PCI host bridge both dwords read all-ones,
+    // so (cf8 & cfc) + 1 == 0 goes to isa-debug-exit: status 1.
+    let code = [
+        0x66, 0xba, 0xf8, 0x0c, // mov dx, 0xcf8
+        0xb8, 0x00, 0x00, 0x00, 0x80, // mov eax, 0x80000000
+        0xef, // out dx, eax
+        0xed, // in eax, dx
+        0x89, 0xc3, // mov ebx, eax
+        0x66, 0xba, 0xfc, 0x0c, // mov dx, 0xcfc
+        0xed, // in eax, dx
+        0x21, 0xd8, // and eax, ebx
+        0x40, // inc eax
+        0x66, 0xba, 0xf4, 0x00, // mov dx, 0xf4
+        0xef, // out dx, eax
+        0xeb, 0xfe,
+    ];
+    boot(&code, &[]).expect(1);
+}
