@@ -11,6 +11,7 @@ pub mod diag;
 pub mod kvmcaps;
 pub mod memory;
 pub mod shutdown;
+pub mod term;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -297,6 +297,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             shutdown: shutdown.clone(),
         })));
     }
+    // Keys go to the guest as typed while it runs; restored on return.
+    let _raw_terminal = if cfg.serial == SerialOutput::Stdio {
+        crate::term::RawTerminal::enter()
+    } else {
+        None
+    };
     if cfg.serial == SerialOutput::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
             serial: machine.serial.clone(),
