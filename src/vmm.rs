@@ -102,7 +102,6 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     cfg.validate()?;
     let image = read_file(&cfg.image)?;
     let kind = boot::detect(&cfg.image, &image)?;
-    log::info!("{}: {kind} image", cfg.image.display());
     let initrd = match &cfg.initrd {
         Some(p) => Some((p.as_path(), read_file(p)?)),
         None => None,
@@ -142,9 +141,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         };
         multiboot::load(&args, &vm.mem, &layout)?
     };
-    if plan.kind != kind {
-        log::info!("{}: {}", cfg.image.display(), plan.kind);
-    }
+    log::info!("{}: {} image", cfg.image.display(), plan.kind);
 
     let mut bus = IoBus::new();
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;

@@ -26,9 +26,14 @@ pub fn kvm_available() -> bool {
 
 /// Path of one of our guests, built by `make guests`.
 pub fn guest(name: &str) -> PathBuf {
+    guest_file(&format!("{name}.elf"))
+}
+
+/// Path of a file `make guests` builds, by its file name.
+pub fn guest_file(file: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("build/guests")
-        .join(format!("{name}.elf"));
+        .join(file);
     assert!(
         p.exists(),
         "{} is missing: run `make guests` (or `make test`) first",
