@@ -8,8 +8,12 @@ KVMRUN   := target/release/kvmrun
 # add; installed only when absent.
 APT_PKGS   := gcc make binutils
 BENCH_PKGS := qemu-system-x86 hyperfine time
+# The functional-test Linux guest: Debian's cloud kernel, busybox, and the
+# tools that pack the initramfs and unpack the kernel (zstd).
+LINUX_PKGS := linux-image-cloud-amd64 busybox-static cpio zstd
+LINUX      := $(abspath build/linux)
 
-.PHONY: all build guests run test deps bench-deps apt lint bench clean
+.PHONY: all build guests linux run test deps bench-deps apt lint bench clean
 
 all: build guests
 
@@ -18,6 +22,10 @@ build:
 
 guests:
 	$(MAKE) -C resources/guests OUT=$(GUESTS)
+
+linux:
+	@$(MAKE) --no-print-directory apt PKGS="$(LINUX_PKGS)"
+	$(MAKE) -C resources/linux OUT=$(LINUX)
 
 run: build guests
 	$(KVMRUN) run $(GUESTS)/demo.elf --smp 2
@@ -41,7 +49,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: deps guests build lint
+test: deps guests linux build lint
 	$(CARGO) test --workspace
 
 bench: bench-deps build guests

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::boot::linux::DEFAULT_CMDLINE;
+use crate::boot::ImageKind;
 use crate::cpu::msrs::{self, MsrError, MsrValue};
 use crate::cpu::CpuSpec;
 use crate::kvmcaps::{self, CapError, CapSetting, MsrRange};
@@ -45,7 +47,11 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Loaded as multiboot module 0, as QEMU's `-initrd` does.
     pub initrd: Option<PathBuf>,
-    /// Kernel command line, without the image name that multiboot puts first.
+    /// `--cmdline`: the base of the kernel command line. `None` means
+    /// `linux::DEFAULT_CMDLINE` for Linux kernels and nothing for multiboot.
+    #[serde(default)]
+    pub base_cmdline: Option<String>,
+    /// Words appended to the base (`--append` and the words after `--`).
     pub cmdline: String,
     /// In-kernel PIT (QEMU's `-machine pit=off` turns it off).
     pub pit: bool,
@@ -72,6 +78,7 @@ impl VmConfig {
             mem_bytes: 128 << 20,
             vcpus: 1,
             initrd: None,
+            base_cmdline: None,
             cmdline: String::new(),
             pit: true,
             serial: SerialOutput::Stdio,
@@ -82,6 +89,23 @@ impl VmConfig {
             msr_filter: Vec::new(),
             msrs: Vec::new(),
         }
+    }
+
+    /// The command line a kernel of `kind` gets: the base (`--cmdline`, or
+    /// the default for Linux), then the appended words, one space apart.
+    /// Multiboot loaders put the image name in front of it.
+    pub fn kernel_cmdline(&self, kind: ImageKind) -> String {
+        let base = match (&self.base_cmdline, kind.is_linux()) {
+            (Some(b), _) => b.as_str(),
+            (None, true) => DEFAULT_CMDLINE,
+            (None, false) => "",
+        };
+        [base, self.cmdline.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Whether the in-kernel PIT is created: `pit` unless `--kvm-cap
@@ -235,6 +259,25 @@ mod tests {
             c.validate(),
             Err(ConfigError::MsrFilterRanges(17))
         ));
+    }
+
+    #[test]
+    fn command_lines_join_base_and_appended_words() {
+        let mut c = VmConfig::new("x".into());
+        assert_eq!(c.kernel_cmdline(ImageKind::Multiboot), "");
+        assert_eq!(c.kernel_cmdline(ImageKind::BzImage), DEFAULT_CMDLINE);
+        c.cmdline = "a b".into();
+        assert_eq!(c.kernel_cmdline(ImageKind::Multiboot), "a b");
+        assert_eq!(
+            c.kernel_cmdline(ImageKind::Pvh),
+            format!("{DEFAULT_CMDLINE} a b")
+        );
+        c.base_cmdline = Some("console=ttyS0".into());
+        assert_eq!(c.kernel_cmdline(ImageKind::Elf), "console=ttyS0 a b");
+        assert_eq!(c.kernel_cmdline(ImageKind::Multiboot), "console=ttyS0 a b");
+        c.base_cmdline = Some(String::new());
+        c.cmdline.clear();
+        assert_eq!(c.kernel_cmdline(ImageKind::BzImage), "");
     }
 
     #[test]

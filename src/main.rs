@@ -197,7 +197,8 @@ impl std::str::FromStr for MsrRanges {
 
 #[derive(Args)]
 struct RunArgs {
-    /// The image: a multiboot ELF (kvm-unit-tests .flat files).
+    /// The image: a multiboot ELF (kvm-unit-tests .flat files), a Linux
+    /// bzImage, or an ELF kernel (vmlinux; PVH entry when it has the note).
     image: PathBuf,
     /// Guest RAM: a number with K, M, G or T; a bare number is MiB, as QEMU's -m.
     #[arg(short, long, default_value = "128M", value_parser = config::parse_mem_size)]
@@ -205,10 +206,17 @@ struct RunArgs {
     /// Number of vCPUs; vCPU 0 boots, the others wait for INIT/SIPI.
     #[arg(long, default_value_t = 1)]
     smp: u32,
-    /// File loaded as multiboot module 0 (kvm-unit-tests' environment file).
+    /// Multiboot: module 0 (kvm-unit-tests' environment file). Linux: the
+    /// initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Command line after the image name; words after `--` are appended too.
+    /// Base of the kernel command line; --append and the words after `--`
+    /// follow it. Default for Linux kernels: "console=ttyS0 reboot=k
+    /// panic=1"; for multiboot images: empty (the image name always comes
+    /// first there).
+    #[arg(long, allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Words added to the command line (after --cmdline or its default).
     /// Values may start with '-' (kvm-unit-tests passes "-test_name" to
     /// deselect tests).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
@@ -257,6 +265,7 @@ impl RunArgs {
             mem_bytes: self.mem,
             vcpus: self.smp,
             initrd: self.initrd,
+            base_cmdline: self.cmdline,
             cmdline: words.join(" "),
             pit: !self.no_pit,
             serial: self.serial,

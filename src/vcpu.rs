@@ -16,6 +16,7 @@ use crate::boot::{BootPlan, EntryMode};
 use crate::bus::IoBus;
 use crate::cpu;
 use crate::cpu::msrs::MsrValue;
+use crate::diag;
 use crate::memory::BOOT_GDT_ADDR;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vm::Vm;
@@ -110,9 +111,23 @@ const BOOT_GDT: [u64; 5] = [
     0x0000_9300_0000_ffff,
 ];
 
+/// The Linux boot protocol's GDT: flat 64-bit code at __BOOT_CS (0x10)
+/// and flat data at __BOOT_DS (0x18).
+const LINUX_GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+const LINUX_BOOT_CS: u16 = 0x10;
+const LINUX_BOOT_DS: u16 = 0x18;
+/// CR0.PE | CR0.ET, and CR0.PG for long mode.
+const CR0_PE_ET: u64 = 0x11;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+/// EFER.LME | EFER.LMA.
+const EFER_LONG: u64 = 0x500;
+
 pub struct Vcpu {
     pub id: u32,
     fd: VcpuFd,
+    /// Guest memory, to read the instruction at RIP for crash reports.
+    mem: GuestMemoryMmap,
 }
 
 impl Vcpu {
@@ -127,7 +142,11 @@ impl Vcpu {
                 what: "KVM_CREATE_VCPU",
                 source,
             })?;
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd,
+            mem: vm.mem.clone(),
+        })
     }
 
     pub fn fd(&self) -> &VcpuFd {
@@ -139,7 +158,8 @@ impl Vcpu {
     }
 
     /// Create vCPU `id` of `count` with its CPUID and the LAPIC and FPU state
-    /// firmware would leave.
+    /// firmware would leave; `timing_leaf` adds KVM's TSC frequency leaf
+    /// (0x40000010) with this vCPU's TSC rate.
     pub fn new(
         vm: &Vm,
         id: u32,
@@ -147,13 +167,18 @@ impl Vcpu {
         cpuid: &[kvm_bindings::kvm_cpuid_entry2],
         msrs: &[MsrValue],
         required: &[MsrValue],
+        timing_leaf: bool,
     ) -> Result<Vcpu, VcpuError> {
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
         let fd = vm
             .fd
             .create_vcpu(id as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let entries = cpu::for_vcpu(cpuid, id, count);
+        let mut entries = cpu::for_vcpu(cpuid, id, count);
+        if timing_leaf {
+            let khz = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+            cpu::add_timing_leaf(&mut entries, khz);
+        }
         let kvm_cpuid = cpu::to_kvm(&entries).map_err(|source| VcpuError::Cpuid { id, source })?;
         fd.set_cpuid2(&kvm_cpuid)
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -218,19 +243,26 @@ impl Vcpu {
                 );
             }
         }
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd,
+            mem: vm.mem.clone(),
+        })
     }
 
     /// Put the boot vCPU in the state `plan` asks for.
     pub fn apply_boot_plan(&self, plan: &BootPlan, mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
         let id = self.id;
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let write_gdt = |gdt: &[u64]| {
+            let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+            mem.write_slice(&bytes, GuestAddress(BOOT_GDT_ADDR))
+                .map_err(|e| VcpuError::Gdt(e.to_string()))
+        };
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         match plan.mode {
-            EntryMode::Protected32 => {
-                let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
-                mem.write_slice(&gdt, GuestAddress(BOOT_GDT_ADDR))
-                    .map_err(|e| VcpuError::Gdt(e.to_string()))?;
-                let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            EntryMode::Protected32 | EntryMode::Pvh32 => {
+                write_gdt(&BOOT_GDT)?;
                 set_legacy_mode(
                     &mut sregs,
                     segment(0x08, SEG_CODE, 0, true),
@@ -239,16 +271,39 @@ impl Vcpu {
                 sregs.gdt.base = BOOT_GDT_ADDR;
                 sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
                 // Protection on, paging off; ET is hard-wired on every x86-64 CPU.
-                sregs.cr0 = 0x11;
-                self.fd
-                    .set_sregs(&sregs)
-                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+                sregs.cr0 = CR0_PE_ET;
+                if plan.mode == EntryMode::Pvh32 {
+                    // The PVH ABI's TSS: 32-bit, busy, base 0, limit 0x67.
+                    sregs.tr.base = 0;
+                    sregs.tr.limit = 0x67;
+                    sregs.tr.type_ = 0xb;
+                    sregs.tr.present = 1;
+                }
+            }
+            EntryMode::Long64 { cr3 } => {
+                write_gdt(&LINUX_GDT)?;
+                let mut cs = segment(LINUX_BOOT_CS, SEG_CODE, 0, true);
+                cs.l = 1;
+                cs.db = 0;
+                set_legacy_mode(&mut sregs, cs, segment(LINUX_BOOT_DS, SEG_DATA, 0, true));
+                sregs.gdt.base = BOOT_GDT_ADDR;
+                sregs.gdt.limit = (LINUX_GDT.len() * 8 - 1) as u16;
+                // No IDT: the protocol enters with interrupts off.
+                sregs.idt.limit = 0;
+                sregs.cr3 = cr3;
+                sregs.cr4 = CR4_PAE;
+                sregs.efer = EFER_LONG;
+                sregs.cr0 = CR0_PE_ET | CR0_PG;
             }
         }
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
         let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         regs.rip = plan.rip;
         regs.rax = plan.rax;
         regs.rbx = plan.rbx;
+        regs.rsi = plan.rsi;
         regs.rsp = plan.rsp;
         regs.rflags = 0x2;
         self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
@@ -390,27 +445,101 @@ impl Vcpu {
             })
     }
 
+    /// Describe a KVM_EXIT_INTERNAL_ERROR: where, in which mode, which
+    /// instruction, and what the host's KVM can do about it.
     fn internal_error(&mut self) -> String {
         let run = self.fd.get_kvm_run();
         // SAFETY: KVM filled the `internal` member for KVM_EXIT_INTERNAL_ERROR.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let data: Vec<String> = internal.data[..n]
-            .iter()
-            .map(|d| format!("{d:#x}"))
-            .collect();
-        let kind = match internal.suberror {
-            1 => "emulation failure",
-            2 => "simultaneous exceptions",
-            3 => "delivery event failure",
-            4 => "unexpected exit reason",
-            _ => "unknown suberror",
+        let data = internal.data[..n].to_vec();
+        let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
+        let rip = regs.map_or(0, |r| r.rip);
+        let mode = match (regs, sregs) {
+            (Some(r), Some(s)) => {
+                diag::CpuMode::new(s.cr0, s.efer, r.rflags, s.cs.l != 0, s.cs.db != 0)
+            }
+            _ => diag::CpuMode::Long64,
         };
-        format!(
-            "KVM internal error, suberror {} ({kind}), data [{}]",
-            internal.suberror,
-            data.join(", ")
-        )
+        let bytes = match diag::insn_from_kvm(internal.suberror, &data) {
+            Some(b) => diag::InsnBytes::FromKvm(b),
+            None => match sregs {
+                Some(s) => match self.read_insn(&s, rip, mode) {
+                    Ok(b) => diag::InsnBytes::FromMemory(b),
+                    Err(why) => diag::InsnBytes::Unavailable(why),
+                },
+                None => diag::InsnBytes::Unavailable("KVM_GET_SREGS failed".into()),
+            },
+        };
+        diag::InternalErrorReport {
+            vcpu: self.id,
+            suberror: internal.suberror,
+            data,
+            rip,
+            cs: sregs.map_or(0, |s| s.cs.selector),
+            mode,
+            // CPL is the DPL of SS (CS's RPL in real mode, which is 0).
+            cpl: sregs.map_or(0, |s| s.ss.dpl),
+            bytes,
+            module: diag::kvm_module(),
+        }
+        .format()
+    }
+
+    /// Read the instruction at CS:RIP from guest memory, page by page
+    /// through the guest's page tables.
+    fn read_insn(
+        &self,
+        sregs: &kvm_bindings::kvm_sregs,
+        rip: u64,
+        mode: diag::CpuMode,
+    ) -> Result<Vec<u8>, String> {
+        let linear = if mode == diag::CpuMode::Long64 {
+            rip
+        } else {
+            sregs.cs.base.wrapping_add(rip) & 0xffff_ffff
+        };
+        let paging = sregs.cr0 & CR0_PG != 0;
+        let mut out = Vec::new();
+        let mut at = linear;
+        while out.len() < diag::MAX_INSN_LEN {
+            let gpa = if !paging {
+                Some(at)
+            } else {
+                match self.fd.translate_gva(at) {
+                    Ok(t) if t.valid != 0 => Some(t.physical_address),
+                    Ok(_) => None,
+                    // Some KVMs refuse KVM_TRANSLATE: walk 4-level tables here.
+                    Err(_) if sregs.efer & (1 << 10) != 0 => {
+                        diag::walk_4level(sregs.cr3, at, |a| {
+                            self.mem.read_obj::<u64>(GuestAddress(a)).ok()
+                        })
+                    }
+                    Err(e) => return Err(format!("KVM_TRANSLATE of {at:#x} failed: {e}")),
+                }
+            };
+            let Some(gpa) = gpa else {
+                if out.is_empty() {
+                    return Err(format!("linear address {at:#x} is not mapped"));
+                }
+                break;
+            };
+            let page_left = 0x1000 - (at & 0xfff) as usize;
+            let want = (diag::MAX_INSN_LEN - out.len()).min(page_left);
+            let mut buf = vec![0u8; want];
+            if self.mem.read_slice(&mut buf, GuestAddress(gpa)).is_err() {
+                if out.is_empty() {
+                    return Err(format!(
+                        "rip {rip:#x} lies at guest physical {gpa:#x}, outside guest RAM"
+                    ));
+                }
+                break;
+            }
+            out.extend_from_slice(&buf);
+            at = at.wrapping_add(want as u64);
+        }
+        Ok(out)
     }
 
     /// Report a guest crash with the vCPU's registers and end the VM.

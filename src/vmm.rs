@@ -27,7 +27,7 @@ use vmm_sys_util::signal::Killable;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{self, ApiError, ApiServer, Control, Request};
-use crate::boot::{self, multiboot, BootError};
+use crate::boot::{self, linux, multiboot, BootError};
 use crate::bus::{BusError, IoBus};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::cpu::msrs::{self, MsrError};
@@ -153,7 +153,6 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     cfg.validate()?;
     let image = read_file(&cfg.image)?;
     let kind = boot::detect(&cfg.image, &image)?;
-    log::info!("{}: {kind} image", cfg.image.display());
     let initrd = match &cfg.initrd {
         Some(p) => Some((p.as_path(), read_file(p)?)),
         None => None,
@@ -164,16 +163,32 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     let vm = Vm::new(layout.clone(), pit)?;
     enable_caps(&vm, cfg)?;
     // Firmware state first, then the image over it, as a BIOS would load it.
-    let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus)?;
+    let platform = boot::acpi::Platform {
+        com1: kind.is_linux(),
+    };
+    let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus, platform)?;
     boot::bios::write_ivt(&vm.mem)?;
     boot::bios::setup_irqchip(&vm.fd, pit)?;
-    let args = multiboot::LoadArgs {
-        image_path: &cfg.image,
-        image: &image,
-        cmdline: &cfg.cmdline,
-        initrd: initrd.as_ref().map(|(p, d)| (*p, d.as_slice())),
+    let cmdline = cfg.kernel_cmdline(kind);
+    let initrd_ref = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
+    let plan = if kind.is_linux() {
+        let args = linux::LoadArgs {
+            image_path: &cfg.image,
+            image: &image,
+            cmdline: &cmdline,
+            initrd: initrd_ref,
+        };
+        linux::load(&args, kind, &vm.mem, &layout)?
+    } else {
+        let args = multiboot::LoadArgs {
+            image_path: &cfg.image,
+            image: &image,
+            cmdline: &cmdline,
+            initrd: initrd_ref,
+        };
+        multiboot::load(&args, &vm.mem, &layout)?
     };
-    let plan = multiboot::load(&args, &vm.mem, &layout)?;
+    log::info!("{}: {} image", cfg.image.display(), plan.kind);
     let (bus, devices) = attach_devices(cfg, &vm, shutdown, &plan.kernel_data, None)?;
 
     let resolved = cpu::resolve(&cfg.cpu, cfg.cpu_lenient, &cpu::KvmCpuid::query(&vm.kvm)?)?;
@@ -191,6 +206,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
                 &resolved.entries,
                 &initial_msrs,
                 &cfg.msrs,
+                kind.is_linux(),
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -487,6 +503,12 @@ fn run_machine(
             shutdown: shutdown.clone(),
         })));
     }
+    // Keys go to the guest as typed while it runs; restored on return.
+    let _raw_terminal = if cfg.serial == SerialOutput::Stdio {
+        crate::term::RawTerminal::enter()
+    } else {
+        None
+    };
     if cfg.serial == SerialOutput::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
             serial: machine.devices.serial.clone(),

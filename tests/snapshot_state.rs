@@ -49,7 +49,7 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
     let cpuid = kvmrun::cpu::resolve(&Default::default(), false, &kvm_cpuid).unwrap();
     let msrs = kvmrun::cpu::msrs::initial(&[]).unwrap();
     let mut vcpus: Vec<Vcpu> = (0..2)
-        .map(|id| Vcpu::new(&vm, id, 2, &cpuid.entries, &msrs, &[]).unwrap())
+        .map(|id| Vcpu::new(&vm, id, 2, &cpuid.entries, &msrs, &[], false).unwrap())
         .collect();
     // Recognisable values in the registers, the LAPIC and an MSR.
     let regs = kvm_regs {

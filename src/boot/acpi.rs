@@ -44,14 +44,38 @@ fn fix_checksum(table: &mut [u8]) {
     table[9] = 0u8.wrapping_sub(sum);
 }
 
+/// What the DSDT describes besides the sleep states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Platform {
+    /// COM1 as a PNP0501 device with its ports and IRQ, so an OS that
+    /// enumerates devices through ACPI (Linux's 8250_pnp) finds it. Off for
+    /// multiboot images, which see the tables they always saw.
+    pub com1: bool,
+}
+
 /// DSDT with the `\_S3` and `\_S5` packages, so an OS can suspend and
-/// power off through PM1 control with the SLP_TYP values `acpi_pm` decodes.
-fn dsdt() -> Vec<u8> {
-    use acpi_tables::aml::{Name, Package, Path};
+/// power off through PM1 control with the SLP_TYP values `acpi_pm` decodes,
+/// and the devices `platform` asks for.
+fn dsdt(platform: Platform) -> Vec<u8> {
+    use acpi_tables::aml::{
+        Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO,
+    };
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for (name, typ) in [("_S3_", acpi_pm::S3_SLP_TYP), ("_S5_", acpi_pm::S5_SLP_TYP)] {
         let pkg = Name::new(Path::new(name), &Package::new(vec![&typ, &typ, &0u8, &0u8]));
         t.append_slice(&to_bytes(&pkg));
+    }
+    if platform.com1 {
+        let base = devices::serial::COM1_BASE;
+        let io = IO::new(base, base, 1, devices::serial::SERIAL_PORT_COUNT as u8);
+        // ISA IRQ 4, edge-triggered, active high, exclusive.
+        let irq = Interrupt::new(true, true, false, false, devices::serial::COM1_GSI);
+        let crs = ResourceTemplate::new(vec![&io, &irq]);
+        let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+        let uid = Name::new(Path::new("_UID"), &0u8);
+        let crs = Name::new(Path::new("_CRS"), &crs);
+        let com1 = Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]);
+        t.append_slice(&to_bytes(&com1));
     }
     t.as_slice().to_vec()
 }
@@ -115,7 +139,16 @@ pub struct AcpiTables {
 pub const FACS_WAKING_VECTOR: u64 = 12;
 
 /// Build every table for `vcpus` CPUs and write them to guest memory.
-pub fn setup(mem: &GuestMemoryMmap, vcpus: u32) -> Result<AcpiTables, BootError> {
+///
+/// The MADT has no interrupt source overrides: KVM's default GSI routing
+/// sends ISA IRQ n to IOAPIC pin n (the PIT's IRQ 0 included), which is
+/// what an OS assumes without overrides. An IRQ 0 -> GSI 2 override, as on
+/// real chipsets, would need the routing changed to match.
+pub fn setup(
+    mem: &GuestMemoryMmap,
+    vcpus: u32,
+    platform: Platform,
+) -> Result<AcpiTables, BootError> {
     let mut next = ACPI_TABLES_START;
     let mut place = |bytes: &[u8], align: u64| -> Result<u64, BootError> {
         let at = next.next_multiple_of(align);
@@ -134,7 +167,7 @@ pub fn setup(mem: &GuestMemoryMmap, vcpus: u32) -> Result<AcpiTables, BootError>
         next = end;
         Ok(at)
     };
-    let dsdt_at = place(&dsdt(), 16)?;
+    let dsdt_at = place(&dsdt(platform), 16)?;
     // The FACS must be 64-byte aligned.
     let facs_at = place(&facs(), 64)?;
     let fadt_at = place(&fadt(dsdt_at, facs_at), 16)?;
@@ -166,7 +199,13 @@ mod tests {
 
     #[test]
     fn tables_checksum_to_zero() {
-        for t in [dsdt(), facs(), fadt(0x1000, 0x2000), madt(4)] {
+        for t in [
+            dsdt(Platform::default()),
+            dsdt(Platform { com1: true }),
+            facs(),
+            fadt(0x1000, 0x2000),
+            madt(4),
+        ] {
             if &t[..4] != b"FACS" {
                 assert_eq!(sum(&t), 0, "{}", String::from_utf8_lossy(&t[..4]));
                 assert_eq!(
@@ -179,9 +218,22 @@ mod tests {
 
     #[test]
     fn dsdt_has_sleep_states() {
-        let d = dsdt();
+        let d = dsdt(Platform::default());
         let has = |n: &[u8]| d.windows(4).any(|w| w == n);
         assert!(has(b"_S3_") && has(b"_S5_"));
+        assert!(!has(b"COM1"));
+    }
+
+    #[test]
+    fn dsdt_describes_com1_on_request() {
+        let d = dsdt(Platform { com1: true });
+        let has = |n: &[u8]| d.windows(n.len()).any(|w| w == n);
+        assert!(has(b"COM1") && has(b"_HID") && has(b"_CRS"));
+        // EISAID("PNP0501") and the 16-bit decode IO descriptor for 0x3f8, 8 ports.
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        assert!(has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        // Extended IRQ descriptor: consumer, edge, active high; IRQ 4.
+        assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod bios;
+pub mod linux;
 pub mod multiboot;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,12 @@ use std::path::{Path, PathBuf};
 pub enum EntryMode {
     /// 32-bit protected mode, paging off, flat segments (multiboot).
     Protected32,
+    /// 64-bit mode on the identity map rooted at `cr3`, with the Linux boot
+    /// protocol's GDT (code at 0x10, data at 0x18) and interrupts off.
+    Long64 { cr3: u64 },
+    /// 32-bit protected mode as the PVH boot ABI asks: flat segments,
+    /// paging off, CR4 and EFER clear, a 32-bit TSS with limit 0x67.
+    Pvh32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +28,7 @@ pub struct BootPlan {
     pub rip: u64,
     pub rax: u64,
     pub rbx: u64,
+    pub rsi: u64,
     pub rsp: u64,
     /// What QEMU's fw_cfg `KERNEL_DATA` item holds for this image: the
     /// start of the loaded image. kvm-unit-tests reads its first 8 bytes as
@@ -31,12 +39,28 @@ pub struct BootPlan {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageKind {
     Multiboot,
+    /// A Linux bzImage ("HdrS" setup header).
+    BzImage,
+    /// An ELF kernel (vmlinux) without a multiboot header, entered in 64-bit mode.
+    Elf,
+    /// An ELF kernel with a Xen PVH entry note.
+    Pvh,
+}
+
+impl ImageKind {
+    /// Whether the image is a Linux kernel (any Linux boot protocol).
+    pub fn is_linux(self) -> bool {
+        self != ImageKind::Multiboot
+    }
 }
 
 impl std::fmt::Display for ImageKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ImageKind::Multiboot => write!(f, "multiboot"),
+            ImageKind::BzImage => write!(f, "Linux bzImage (64-bit boot protocol)"),
+            ImageKind::Elf => write!(f, "ELF kernel (64-bit boot protocol)"),
+            ImageKind::Pvh => write!(f, "ELF kernel with a PVH entry (32-bit PVH boot)"),
         }
     }
 }
@@ -55,6 +79,8 @@ pub enum BootError {
     DoesNotFit { path: PathBuf, reason: String },
     #[error("cannot write boot data to guest memory at {addr:#x}: {reason}")]
     Memory { addr: u64, reason: String },
+    #[error("--cmdline: {0}")]
+    BadCmdline(String),
     #[error("ACPI tables need {needed} bytes, more than the {room} bytes reserved for them")]
     AcpiTooBig { needed: u64, room: u64 },
 }
@@ -66,20 +92,24 @@ pub(crate) fn bad_image(path: &Path, reason: impl Into<String>) -> BootError {
     }
 }
 
-/// Detect what kind of image `data` is. Only multiboot is supported so far;
-/// anything else is refused with what was found.
+/// Detect what kind of image `data` is: multiboot (a header in the first
+/// 8 KiB, looked for first so kvm-unit-tests images keep their loader), a
+/// bzImage, or an ELF kernel; whether an ELF kernel has a PVH entry is
+/// known once it is loaded.
 pub fn detect(path: &Path, data: &[u8]) -> Result<ImageKind, BootError> {
     if multiboot::find_header(data).is_some() {
         return Ok(ImageKind::Multiboot);
     }
-    let what = if data.len() >= 0x206 && &data[0x202..0x206] == b"HdrS" {
-        "a Linux bzImage, which this kvmrun cannot boot yet"
-    } else if data.starts_with(b"\x7fELF") {
-        "an ELF file without a multiboot header in its first 8 KiB"
-    } else if data.is_empty() {
+    if linux::is_bzimage(data) {
+        return Ok(ImageKind::BzImage);
+    }
+    if data.starts_with(b"\x7fELF") {
+        return Ok(ImageKind::Elf);
+    }
+    let what = if data.is_empty() {
         "an empty file"
     } else {
-        "not a multiboot image (no multiboot header in the first 8 KiB)"
+        "not a multiboot image (no multiboot header in the first 8 KiB), a Linux bzImage (no \"HdrS\" header) or an ELF kernel"
     };
     Err(bad_image(path, what))
 }

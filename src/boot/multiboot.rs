@@ -107,11 +107,11 @@ pub fn find_header(data: &[u8]) -> Option<Header> {
 
 /// One piece of the image to place in guest memory.
 #[derive(Debug, PartialEq, Eq)]
-struct Segment {
-    paddr: u64,
-    file_off: usize,
-    filesz: usize,
-    memsz: u64,
+pub(crate) struct Segment {
+    pub paddr: u64,
+    pub file_off: usize,
+    pub filesz: usize,
+    pub memsz: u64,
 }
 
 /// Segments and entry point from the header's address fields.
@@ -173,7 +173,7 @@ fn address_segments(
 }
 
 /// Loadable segments and entry point of an ELF32 or ELF64 little-endian image.
-fn elf_segments(path: &Path, data: &[u8]) -> Result<(Vec<Segment>, u64), BootError> {
+pub(crate) fn elf_segments(path: &Path, data: &[u8]) -> Result<(Vec<Segment>, u64), BootError> {
     let trunc = |what: &str| {
         bad_image(
             path,
@@ -490,6 +490,7 @@ pub fn load(
         rip: entry,
         rax: BOOTLOADER_MAGIC as u64,
         rbx: mbi_at,
+        rsi: 0,
         rsp: BOOT_STACK,
         kernel_data,
     })
@@ -522,7 +523,7 @@ fn place_string(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::memory::{create_guest_memory, Layout};
     use vm_memory::Bytes;

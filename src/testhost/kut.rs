@@ -373,6 +373,7 @@ mod tests {
                 "--smp=2",
                 "--mem=256",
                 "--cpu=max",
+                "--cpu-lenient",
                 "--no-pit",
                 "--append=10 7"
             ]

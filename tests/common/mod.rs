@@ -26,9 +26,14 @@ pub fn kvm_available() -> bool {
 
 /// Path of one of our guests, built by `make guests`.
 pub fn guest(name: &str) -> PathBuf {
+    guest_file(&format!("{name}.elf"))
+}
+
+/// Path of a file `make guests` builds, by its file name.
+pub fn guest_file(file: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("build/guests")
-        .join(format!("{name}.elf"));
+        .join(file);
     assert!(
         p.exists(),
         "{} is missing: run `make guests` (or `make test`) first",
@@ -134,4 +139,15 @@ pub fn boot(code: &[u8], args: &[&str]) -> Run {
     let p = d.path().join("t.bin");
     std::fs::write(&p, raw_image(code)).unwrap();
     run(&p, args)
+}
+
+/// The host's KVM module (kvm_intel, kvm_amd or kvm_pvm), for tests whose
+/// outcome depends on what the host's KVM can run.
+pub fn kvm_module() -> Option<&'static str> {
+    kvmrun::diag::kvm_module()
+}
+
+/// Whether the host runs guest kernels on hardware virtualization.
+pub fn hardware_kvm() -> bool {
+    matches!(kvm_module(), Some("kvm_intel") | Some("kvm_amd"))
 }

@@ -9,10 +9,15 @@
 #define KERNEL_CS32 0x18
 #define AP_STACK_SIZE 4096
 #define MAX_CPUS 64
+/* boot_kind values, as in guest.h */
+#define BOOT_MULTIBOOT 1
+#define BOOT_BZIMAGE 2
+#define BOOT_PVH 3
 
 	.section .text.boot, "ax"
 	.code32
 
+#ifndef LINUX_BOOT
 	/* Flags 0: the loader takes addresses from the ELF program headers. */
 	.align 4
 mb_header:
@@ -24,6 +29,60 @@ mb_header:
 start:
 	/* Keep EBX before anything clobbers it: it is the only input we read. */
 	movl %ebx, mb_info_addr
+	movl $BOOT_MULTIBOOT, boot_kind
+	jmp start32
+#else
+	/*
+	 * Linux boot protocols (built with -DLINUX_BOOT). Offset 0 is where a
+	 * bzImage's 32-bit entry would be; only the 64-bit one at 0x200 is
+	 * offered (xloadflags XLF_KERNEL_64), so stop if anything enters here.
+	 */
+	.globl start
+start:
+	cli
+	hlt
+	jmp start
+
+	/* PVH: 32-bit protected mode, paging off, EBX = hvm_start_info. */
+	.globl pvh_start32
+pvh_start32:
+	movl %ebx, boot_info_addr
+	movl $BOOT_PVH, boot_kind
+	jmp start32
+
+	/* bzImage 64-bit entry: long mode on the loader's identity map, RSI = boot_params. */
+	.org 0x200
+	.code64
+startup_64:
+	movl %esi, boot_info_addr
+	movl $BOOT_BZIMAGE, boot_kind
+	movq $boot_stack_top, %rsp
+	lgdt gdt_desc
+	/* Our own tables: the loader only promises to map the kernel, zero page and command line. */
+	movq $pml4, %rax
+	movq %rax, %cr3
+	movw $KERNEL_DS, %ax
+	movw %ax, %ds
+	movw %ax, %es
+	movw %ax, %ss
+	movw %ax, %fs
+	movw %ax, %gs
+	pushq $KERNEL_CS64
+	pushq $start64
+	lretq
+
+	/* The Xen ELF note that offers the PVH entry (XEN_ELFNOTE_PHYS32_ENTRY = 18). */
+	.pushsection .note.Xen, "a", @note
+	.align 4
+	.long 4, 4, 18
+	.asciz "Xen"
+	.long pvh_start32
+	.popsection
+	.code32
+#endif
+
+	/* 32-bit entries meet here with the boot kind recorded. */
+start32:
 	movl $boot_stack_top, %esp
 	lgdtl gdt_desc
 	ljmpl $KERNEL_CS32, $1f
@@ -159,8 +218,13 @@ isr_common:
 	iretq
 
 	.data
-	.globl mb_info_addr
+	.globl mb_info_addr, boot_info_addr, boot_kind
 mb_info_addr:
+	.long 0
+	/* Linux protocols: the zero page (bzImage) or hvm_start_info (PVH). */
+boot_info_addr:
+	.long 0
+boot_kind:
 	.long 0
 
 	.align 8

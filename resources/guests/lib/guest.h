@@ -64,6 +64,11 @@ void ap_main(void);
 
 /* entry.S */
 extern u32 mb_info_addr;
+/* How the guest was entered, and the zero page or hvm_start_info address. */
+#define BOOT_MULTIBOOT 1
+#define BOOT_BZIMAGE 2
+#define BOOT_PVH 3
+extern u32 boot_kind, boot_info_addr;
 extern char ap_tramp_start[], ap_tramp_end[];
 
 /* Port I/O */

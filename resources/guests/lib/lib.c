@@ -239,19 +239,44 @@ const char *cmdline(void) { return cmdline_buf; }
 int argc(void) { return nargs; }
 const char *argv(int i) { return i < nargs ? args[i] : NULL; }
 
+/* Where the loader put the command line, by boot protocol. */
+static const char *loader_cmdline(void)
+{
+	if (boot_kind == BOOT_BZIMAGE) {
+		const u8 *bp = (const u8 *)(u64)boot_info_addr;
+		u32 lo, hi;
+		memcpy(&lo, bp + 0x228, 4); /* hdr.cmd_line_ptr */
+		memcpy(&hi, bp + 0xc8, 4);  /* ext_cmd_line_ptr */
+		return (const char *)(((u64)hi << 32) | lo);
+	}
+	if (boot_kind == BOOT_PVH) {
+		u64 p;
+		memcpy(&p, (const u8 *)(u64)boot_info_addr + 24, 8); /* cmdline_paddr */
+		return (const char *)p;
+	}
+	struct mb_info *mbi = mb_info();
+	if (!mbi || !(mbi->flags & MB_INFO_CMDLINE) || !mbi->cmdline)
+		return NULL;
+	return (const char *)(u64)mbi->cmdline;
+}
+
 /* Copy the command line at boot: the loader's copy lives in low memory that a guest may reuse. */
 static void parse_cmdline(void)
 {
-	struct mb_info *mbi = mb_info();
-	if (!mbi || !(mbi->flags & MB_INFO_CMDLINE) || !mbi->cmdline)
+	const char *src = loader_cmdline();
+	if (!src)
 		return;
-	const char *src = (const char *)(u64)mbi->cmdline;
 	size_t n = 0;
 	while (src[n] && n < CMDLINE_MAX - 1)
 		n++;
 	memcpy(cmdline_buf, src, n);
 	memcpy(args_buf, src, n);
-	/* Split on blanks; argv[0] is the image path, as QEMU builds "<kernel> <append>". */
+	/*
+	 * Split on blanks; argv[0] is the image path, as QEMU builds "<kernel> <append>".
+	 * Linux protocols pass no image name, so argv[0] is a placeholder there.
+	 */
+	if (boot_kind != BOOT_MULTIBOOT)
+		args[nargs++] = "kernel";
 	for (char *p = args_buf; *p && nargs < ARGS_MAX;) {
 		while (*p == ' ' || *p == '\t')
 			*p++ = 0;
