@@ -477,3 +477,24 @@ fn sigint_stops_every_vm_and_writes_partial_reports() {
     let v = junit_verdicts(&junit);
     assert_eq!(v, [("hello".to_string(), "PASS".to_string(), None)]);
 }
+
+#[test]
+fn options_kvmrun_rejects_skip_like_the_runners_preflight() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("unittests.cfg");
+    std::fs::write(
+        &cfg,
+        "[nocpu]\nfile = hello.elf\nqemu_params = -cpu qemu64,+frobnicator\n\n\
+         [okcpu]\nfile = hello.elf\nqemu_params = -cpu qemu64,+x2apic\n",
+    )
+    .unwrap();
+    let out = dir.path().join("logs");
+    kvmrun_test(&cfg, &out, &[])
+        .expect(0)
+        .has("SKIP nocpu (")
+        .has("frobnicator")
+        .has("PASS okcpu");
+}

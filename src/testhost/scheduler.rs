@@ -93,39 +93,39 @@ pub fn run(
             let spec = &specs[next];
             match &spec.plan {
                 Plan::Skip(reason) => {
-                    let r = TestResult {
-                        name: spec.name.clone(),
-                        outcome: Outcome::runner_skip(reason.clone()),
-                        duration: Duration::ZERO,
-                        serial: String::new(),
-                        stderr: String::new(),
-                        command: String::new(),
-                    };
+                    let r = skipped(&spec.name, reason.clone());
                     progress.finished(&r);
                     results[next] = Some(r);
                 }
-                Plan::Run(rs) => match start(next, &spec.name, rs, opts) {
-                    Ok(r) => {
-                        progress.started(&spec.name);
-                        running.push(r);
-                    }
-                    Err(e) => {
-                        let r = TestResult {
-                            name: spec.name.clone(),
-                            outcome: Outcome {
-                                verdict: Verdict::Fail,
-                                summary: String::new(),
-                                reason: Some(format!("cannot start kvmrun: {e}")),
-                                status: None,
-                            },
-                            duration: Duration::ZERO,
-                            serial: String::new(),
-                            stderr: String::new(),
-                            command: String::new(),
-                        };
+                Plan::Run(rs) => match preflight(rs, opts) {
+                    Some(why) => {
+                        let r = skipped(&spec.name, why);
                         progress.finished(&r);
                         results[next] = Some(r);
                     }
+                    None => match start(next, &spec.name, rs, opts) {
+                        Ok(r) => {
+                            progress.started(&spec.name);
+                            running.push(r);
+                        }
+                        Err(e) => {
+                            let r = TestResult {
+                                name: spec.name.clone(),
+                                outcome: Outcome {
+                                    verdict: Verdict::Fail,
+                                    summary: String::new(),
+                                    reason: Some(format!("cannot start kvmrun: {e}")),
+                                    status: None,
+                                },
+                                duration: Duration::ZERO,
+                                serial: String::new(),
+                                stderr: String::new(),
+                                command: String::new(),
+                            };
+                            progress.finished(&r);
+                            results[next] = Some(r);
+                        }
+                    },
                 },
             }
             next += 1;
@@ -179,6 +179,49 @@ pub fn run(
         interrupted,
         wall: started.elapsed(),
     })
+}
+
+/// The result of a test the runner skips without starting a VM.
+fn skipped(name: &str, why: String) -> TestResult {
+    TestResult {
+        name: name.to_string(),
+        outcome: Outcome::runner_skip(why),
+        duration: Duration::ZERO,
+        serial: String::new(),
+        stderr: String::new(),
+        command: String::new(),
+    }
+}
+
+/// Image name of the pre-flight run; no such file exists.
+const PREFLIGHT_IMAGE: &str = "_NO_FILE_4Uhere_";
+
+/// kvm-unit-tests' runner first starts the VMM with the test's options and
+/// a kernel that does not exist; when the VMM fails for any other reason
+/// than the missing kernel, the test is SKIPped with the VMM's last line
+/// (that is how QEMU's unknown CPU properties become SKIP). Do the same
+/// for kvm-unit-tests' tests: a command line kvmrun rejects is a SKIP with
+/// kvmrun's reason, not a FAIL.
+fn preflight(rs: &RunSpec, opts: &RunOptions) -> Option<String> {
+    rs.env_file.as_ref()?;
+    let out = Command::new(&opts.kvmrun)
+        .arg("run")
+        .arg(PREFLIGHT_IMAGE)
+        .args(&rs.args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains(PREFLIGHT_IMAGE) {
+        return None;
+    }
+    // The runner shows QEMU's last line; kvmrun's reason is its error line.
+    let why = err
+        .lines()
+        .find(|l| l.contains("error"))
+        .or_else(|| err.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("");
+    Some(why.trim().to_string())
 }
 
 fn start(idx: usize, name: &str, rs: &RunSpec, opts: &RunOptions) -> io::Result<Running> {
