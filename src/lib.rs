@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod diag;
 pub mod kvmcaps;
 pub mod memory;
+pub mod migrate;
 pub mod shutdown;
 pub mod snapshot;
 pub mod term;

@@ -234,6 +234,11 @@ struct RunArgs {
     /// status, quit (see docs/API.md).
     #[arg(long)]
     api: Option<PathBuf>,
+    /// Answer the guest's migration requests (kvm-unit-tests' "Now migrate
+    /// the VM" line): snapshot it, restore it into a new VM process, and
+    /// send the key it waits for, as often as it asks.
+    #[arg(long, conflicts_with = "api")]
+    migrate: bool,
     #[command(flatten)]
     cpu: CpuArgs,
     /// Enable a VM-wide KVM capability (repeatable); `kvmrun caps` lists them.
@@ -307,6 +312,18 @@ fn init_logging(verbose: u8) {
 fn run(cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Run(args) => {
+            if args.migrate {
+                if args.serial != SerialOutput::Stdio {
+                    return Err(kvmrun::migrate::MigrateError::Serial.into());
+                }
+                // The same command line without --migrate, for the child VM.
+                let argv: Vec<std::ffi::OsString> = std::env::args_os()
+                    .skip(1)
+                    .filter(|a| a != "--migrate")
+                    .collect();
+                let exe = std::env::current_exe()?;
+                return Ok(kvmrun::migrate::supervise(&exe, &argv, args.timeout)?);
+            }
             let (cfg, opts) = (*args).into_config();
             let reason = vmm::run(&cfg, &opts)?;
             log::info!("VM ended: {reason:?}");

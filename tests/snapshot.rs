@@ -489,3 +489,41 @@ fn damaged_snapshots_are_refused_with_status_2() {
         .expect(2)
         .err_has("absent/state");
 }
+
+#[test]
+fn migrate_answers_every_request_with_a_fresh_vm() {
+    if !common::kvm_available() {
+        return;
+    }
+    let args = ["--", "words=4096", "rounds=4", "ticks=20"];
+    for smp in ["1", "2"] {
+        let plain = common::run_guest("checksum", &[&["--smp", smp][..], &args[..]].concat());
+        plain.expect(1);
+        let mut margs = vec!["--smp", smp, "--migrate"];
+        margs.extend_from_slice(&args);
+        margs.push("migrate=3");
+        let migrated = common::run_guest("checksum", &margs);
+        migrated.expect(1).has("migration 3 done");
+        let sums = |out: &str| -> Vec<String> {
+            out.lines()
+                .filter(|l| l.contains("checksum 0x") || l.starts_with("checksum:"))
+                .map(|l| l.trim_end().to_string())
+                .collect()
+        };
+        assert_eq!(sums(&plain.stdout), sums(&migrated.stdout));
+        assert_eq!(
+            migrated.stdout.matches("Now migrate the VM").count(),
+            3,
+            "{}",
+            migrated.stdout
+        );
+    }
+    // A guest that never asks runs as usual.
+    common::run_guest("hello", &["--migrate"])
+        .expect(1)
+        .has("Hello from kvmrun guest");
+    // The requests are read from the serial output, which must be stdout.
+    common::run_guest("hello", &["--migrate", "--serial", "none"])
+        .expect(2)
+        .err_has("--migrate needs");
+}

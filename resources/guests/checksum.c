@@ -7,7 +7,9 @@
  * Arguments: words=N (64-bit words per CPU, a power of two, default 32K),
  * rounds=N (mixing passes, default 8), ticks=N (timer interrupts each CPU
  * must see before it finishes, default 50), wait (after phase 1, wait for
- * a byte on COM1 before phase 2).
+ * a byte on COM1 before phase 2), migrate=N (after phase 1, N times: ask
+ * to be migrated with the line kvm-unit-tests' migration harness answers,
+ * then wait for a byte).
  */
 #include "guest.h"
 
@@ -172,6 +174,15 @@ int main(void)
 		while (!(inb(COM1 + 5) & LSR_DR))
 			;
 		printf("key: %c\n", inb(COM1));
+	}
+	u64 migrations = 0;
+	arg_u64("migrate=", &migrations);
+	for (u64 m = 0; m < migrations; m++) {
+		printf("Now migrate the VM, then press a key to continue...\n");
+		while (!(inb(COM1 + 5) & LSR_DR))
+			;
+		inb(COM1);
+		printf("migration %lu done\n", m + 1);
 	}
 	phase2_go = 1;
 	mix(0, rounds / 2, rounds);

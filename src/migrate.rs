@@ -1,0 +1,193 @@
+//! `kvmrun run --migrate`: answer a guest's migration requests the way
+//! kvm-unit-tests' migration harness does with two QEMUs.
+//!
+//! The guest asks by printing `Now migrate the VM` and then waits for a key
+//! on its serial port. The supervisor runs the VM as a child `kvmrun run
+//! --api SOCKET`, copies its output through and watches it; at each request
+//! it snapshots the VM (stopped), ends it, restores the snapshot into a
+//! fresh `kvmrun restore` process and sends the key there. This repeats for
+//! every request; the exit status is the last VM's.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use crate::api::{self, ApiError, Request};
+
+/// What the guest prints to ask for a migration (kvm-unit-tests'
+/// `migrate()` and `migrate_quiet()`).
+pub const MIGRATE_REQUEST: &[u8] = b"Now migrate the VM";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("--migrate needs the guest's serial output on stdout (--serial stdio)")]
+    Serial,
+    #[error("cannot make a work directory for --migrate: {0}")]
+    WorkDir(std::io::Error),
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("migration {n}: {source}")]
+    Api { n: u32, source: ApiError },
+    #[error("migration {n}: the VM answered {answer}")]
+    Refused { n: u32, answer: String },
+    #[error("copying the guest's output: {0}")]
+    Io(std::io::Error),
+}
+
+/// One VM process and the ends of its pipes.
+struct Vm {
+    child: Child,
+    stdout: ChildStdout,
+    // Kept open: the guest's serial input; the key is written here.
+    stdin: ChildStdin,
+    socket: PathBuf,
+}
+
+fn spawn(exe: &Path, args: &[OsString], what: &'static str) -> Result<Vm, MigrateError> {
+    let socket = args
+        .windows(2)
+        .find(|w| w[0] == "--api")
+        .map(|w| PathBuf::from(&w[1]))
+        .unwrap_or_default();
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|source| MigrateError::Spawn { what, source })?;
+    let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+        return Err(MigrateError::Spawn {
+            what,
+            source: std::io::Error::other("no pipes"),
+        });
+    };
+    Ok(Vm {
+        child,
+        stdout,
+        stdin,
+        socket,
+    })
+}
+
+fn call(n: u32, socket: &Path, req: &Request) -> Result<(), MigrateError> {
+    let answer = api::call(socket, req).map_err(|source| MigrateError::Api { n, source })?;
+    if answer.get("ok") == Some(&serde_json::Value::Bool(true)) {
+        Ok(())
+    } else {
+        Err(MigrateError::Refused {
+            n,
+            answer: answer.to_string(),
+        })
+    }
+}
+
+/// Whether `line` is a complete line asking for a migration.
+fn asks_to_migrate(line: &[u8]) -> bool {
+    line.windows(MIGRATE_REQUEST.len())
+        .any(|w| w == MIGRATE_REQUEST)
+}
+
+/// Run `kvmrun` with `run_args` (a `run` command line without --migrate),
+/// migrating at every request. `timeout` is forwarded to restored VMs.
+pub fn supervise(
+    exe: &Path,
+    run_args: &[OsString],
+    timeout: Option<f64>,
+) -> Result<i32, MigrateError> {
+    let work = std::env::temp_dir().join(format!("kvmrun-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(MigrateError::WorkDir)?;
+    let result = supervise_in(exe, run_args, timeout, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn supervise_in(
+    exe: &Path,
+    run_args: &[OsString],
+    timeout: Option<f64>,
+    work: &Path,
+) -> Result<i32, MigrateError> {
+    let snap = work.join("snapshot");
+    let socket = |n: u32| work.join(format!("vm{n}.sock"));
+    // --api goes right after `run`, before any `--` and guest arguments.
+    let mut args: Vec<OsString> = Vec::with_capacity(run_args.len() + 2);
+    for a in run_args {
+        args.push(a.clone());
+        if a == "run" && !args.iter().any(|x| x == "--api") {
+            args.push("--api".into());
+            args.push(socket(0).into());
+        }
+    }
+    let mut vm = spawn(exe, &args, "the VM")?;
+    let mut out = std::io::stdout();
+    let mut line: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut n = 0u32;
+    loop {
+        let got = vm.stdout.read(&mut buf).map_err(MigrateError::Io)?;
+        if got == 0 {
+            break;
+        }
+        out.write_all(&buf[..got]).map_err(MigrateError::Io)?;
+        out.flush().map_err(MigrateError::Io)?;
+        for &b in &buf[..got] {
+            line.push(b);
+            if b != b'\n' {
+                continue;
+            }
+            if !asks_to_migrate(&line) {
+                line.clear();
+                continue;
+            }
+            line.clear();
+            n += 1;
+            log::info!("migration {n}: snapshot, restore into a new VM, send a key");
+            call(
+                n,
+                &vm.socket,
+                &Request::Snapshot {
+                    dir: snap.clone(),
+                    stop: true,
+                },
+            )?;
+            call(n, &vm.socket, &Request::Quit {})?;
+            // The stopped VM prints nothing more; drain what is in flight.
+            let mut rest = Vec::new();
+            let _ = vm.stdout.read_to_end(&mut rest);
+            out.write_all(&rest).map_err(MigrateError::Io)?;
+            let _ = vm.child.wait();
+            let mut restore: Vec<OsString> =
+                vec!["restore".into(), snap.clone().into(), "--api".into()];
+            restore.push(socket(n).into());
+            if let Some(t) = timeout {
+                restore.push(format!("--timeout={t}").into());
+            }
+            vm = spawn(exe, &restore, "the restored VM")?;
+            vm.stdin.write_all(b"\n").map_err(MigrateError::Io)?;
+            vm.stdin.flush().map_err(MigrateError::Io)?;
+            // Bytes after the request in this chunk came from the old VM
+            // before it stopped, and were printed already.
+            break;
+        }
+    }
+    let status = vm.child.wait().map_err(MigrateError::Io)?;
+    Ok(status.code().unwrap_or(crate::shutdown::STATUS_ERROR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_recognised() {
+        assert!(asks_to_migrate(
+            b"Now migrate the VM, then press a key to continue...\r\n"
+        ));
+        assert!(asks_to_migrate(b"Now migrate the VM (quiet)\n"));
+        assert!(!asks_to_migrate(b"Skipped VM migration (quiet)\n"));
+    }
+}
