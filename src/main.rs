@@ -239,6 +239,11 @@ struct RunArgs {
     /// send the key it waits for, as often as it asks.
     #[arg(long, conflicts_with = "api")]
     migrate: bool,
+    /// Also migrate (snapshot, restore into a new VM process) every SECS
+    /// seconds, so any test runs across save/restore points; implies
+    /// --migrate.
+    #[arg(long, value_name = "SECS", value_parser = config::parse_timeout, conflicts_with = "api")]
+    migrate_every: Option<f64>,
     #[command(flatten)]
     cpu: CpuArgs,
     /// Enable a VM-wide KVM capability (repeatable); `kvmrun caps` lists them.
@@ -312,17 +317,20 @@ fn init_logging(verbose: u8) {
 fn run(cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Run(args) => {
-            if args.migrate {
+            if args.migrate || args.migrate_every.is_some() {
                 if args.serial != SerialOutput::Stdio {
                     return Err(kvmrun::migrate::MigrateError::Serial.into());
                 }
                 // The same command line without --migrate, for the child VM.
-                let argv: Vec<std::ffi::OsString> = std::env::args_os()
-                    .skip(1)
-                    .filter(|a| a != "--migrate")
-                    .collect();
+                let argv = without_migrate_flags(std::env::args_os().skip(1));
                 let exe = std::env::current_exe()?;
-                return Ok(kvmrun::migrate::supervise(&exe, &argv, args.timeout)?);
+                let every = args.migrate_every.map(std::time::Duration::from_secs_f64);
+                return Ok(kvmrun::migrate::supervise(
+                    &exe,
+                    &argv,
+                    args.timeout,
+                    every,
+                )?);
             }
             let (cfg, opts) = (*args).into_config();
             let reason = vmm::run(&cfg, &opts)?;
@@ -480,6 +488,36 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
     } else {
         0
     })
+}
+
+/// A `run` command line without --migrate and --migrate-every (in either
+/// spelling), for the VM the supervisor starts.
+fn without_migrate_flags(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    let mut after_dashes = false;
+    for a in args {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        if !after_dashes {
+            if a == "--" {
+                after_dashes = true;
+            } else if a == "--migrate" {
+                continue;
+            } else if a == "--migrate-every" {
+                skip_value = true;
+                continue;
+            } else if a.to_string_lossy().starts_with("--migrate-every=") {
+                continue;
+            }
+        }
+        out.push(a);
+    }
+    out
 }
 
 /// Send one request and print the VM's answer (a JSON line) on stdout.

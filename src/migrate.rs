@@ -6,12 +6,17 @@
 //! --api SOCKET`, copies its output through and watches it; at each request
 //! it snapshots the VM (stopped), ends it, restores the snapshot into a
 //! fresh `kvmrun restore` process and sends the key there. This repeats for
-//! every request; the exit status is the last VM's.
+//! every request; the exit status is the last VM's. With an interval
+//! (`--migrate-every SECS`) the VM is also migrated whenever that much time
+//! passed since the last migration, without a key, so any test can be run
+//! across save/restore points.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use crate::api::{self, ApiError, Request};
 
@@ -41,10 +46,25 @@ pub enum MigrateError {
 /// One VM process and the ends of its pipes.
 struct Vm {
     child: Child,
-    stdout: ChildStdout,
+    /// The VM's output, read by a thread so a timer can interrupt waiting.
+    output: Receiver<Vec<u8>>,
     // Kept open: the guest's serial input; the key is written here.
     stdin: ChildStdin,
     socket: PathBuf,
+}
+
+/// Forward everything `stdout` produces to a channel, until end of file.
+fn reader(mut stdout: ChildStdout) -> Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn spawn(exe: &Path, args: &[OsString], what: &'static str) -> Result<Vm, MigrateError> {
@@ -67,7 +87,7 @@ fn spawn(exe: &Path, args: &[OsString], what: &'static str) -> Result<Vm, Migrat
     };
     Ok(Vm {
         child,
-        stdout,
+        output: reader(stdout),
         stdin,
         socket,
     })
@@ -97,10 +117,11 @@ pub fn supervise(
     exe: &Path,
     run_args: &[OsString],
     timeout: Option<f64>,
+    every: Option<Duration>,
 ) -> Result<i32, MigrateError> {
     let work = std::env::temp_dir().join(format!("kvmrun-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(MigrateError::WorkDir)?;
-    let result = supervise_in(exe, run_args, timeout, &work);
+    let result = supervise_in(exe, run_args, timeout, every, &work);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -109,6 +130,7 @@ fn supervise_in(
     exe: &Path,
     run_args: &[OsString],
     timeout: Option<f64>,
+    every: Option<Duration>,
     work: &Path,
 ) -> Result<i32, MigrateError> {
     let snap = work.join("snapshot");
@@ -125,54 +147,69 @@ fn supervise_in(
     let mut vm = spawn(exe, &args, "the VM")?;
     let mut out = std::io::stdout();
     let mut line: Vec<u8> = Vec::new();
-    let mut buf = [0u8; 4096];
     let mut n = 0u32;
+    let mut last = Instant::now();
     loop {
-        let got = vm.stdout.read(&mut buf).map_err(MigrateError::Io)?;
-        if got == 0 {
-            break;
+        let wait = every.map_or(Duration::from_secs(3600), |e| {
+            e.saturating_sub(last.elapsed())
+        });
+        let requested = match vm.output.recv_timeout(wait) {
+            Ok(chunk) => {
+                out.write_all(&chunk).map_err(MigrateError::Io)?;
+                out.flush().map_err(MigrateError::Io)?;
+                let mut requested = false;
+                for &b in &chunk {
+                    line.push(b);
+                    if b == b'\n' {
+                        requested |= asks_to_migrate(&line);
+                        line.clear();
+                    }
+                }
+                requested
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let due = every.is_some_and(|e| last.elapsed() >= e);
+        if !(requested || due) {
+            continue;
         }
-        out.write_all(&buf[..got]).map_err(MigrateError::Io)?;
-        out.flush().map_err(MigrateError::Io)?;
-        for &b in &buf[..got] {
-            line.push(b);
-            if b != b'\n' {
-                continue;
+        n += 1;
+        log::info!("migration {n}: snapshot, restore into a new VM");
+        let saved = call(
+            n,
+            &vm.socket,
+            &Request::Snapshot {
+                dir: snap.clone(),
+                stop: true,
+            },
+        );
+        // A VM that ended just as a timed migration came due has nothing
+        // left to migrate.
+        if saved.is_err() && !requested {
+            if let Ok(Some(_)) = vm.child.try_wait() {
+                break;
             }
-            if !asks_to_migrate(&line) {
-                line.clear();
-                continue;
-            }
-            line.clear();
-            n += 1;
-            log::info!("migration {n}: snapshot, restore into a new VM, send a key");
-            call(
-                n,
-                &vm.socket,
-                &Request::Snapshot {
-                    dir: snap.clone(),
-                    stop: true,
-                },
-            )?;
-            call(n, &vm.socket, &Request::Quit {})?;
-            // The stopped VM prints nothing more; drain what is in flight.
-            let mut rest = Vec::new();
-            let _ = vm.stdout.read_to_end(&mut rest);
+        }
+        saved?;
+        call(n, &vm.socket, &Request::Quit {})?;
+        // The stopped VM prints nothing more; pass on what is in flight.
+        while let Ok(rest) = vm.output.recv() {
             out.write_all(&rest).map_err(MigrateError::Io)?;
-            let _ = vm.child.wait();
-            let mut restore: Vec<OsString> =
-                vec!["restore".into(), snap.clone().into(), "--api".into()];
-            restore.push(socket(n).into());
-            if let Some(t) = timeout {
-                restore.push(format!("--timeout={t}").into());
-            }
-            vm = spawn(exe, &restore, "the restored VM")?;
+        }
+        let _ = vm.child.wait();
+        let mut restore: Vec<OsString> =
+            vec!["restore".into(), snap.clone().into(), "--api".into()];
+        restore.push(socket(n).into());
+        if let Some(t) = timeout {
+            restore.push(format!("--timeout={t}").into());
+        }
+        vm = spawn(exe, &restore, "the restored VM")?;
+        if requested {
             vm.stdin.write_all(b"\n").map_err(MigrateError::Io)?;
             vm.stdin.flush().map_err(MigrateError::Io)?;
-            // Bytes after the request in this chunk came from the old VM
-            // before it stopped, and were printed already.
-            break;
         }
+        last = Instant::now();
     }
     let status = vm.child.wait().map_err(MigrateError::Io)?;
     Ok(status.code().unwrap_or(crate::shutdown::STATUS_ERROR))
