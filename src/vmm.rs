@@ -171,21 +171,15 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     boot::bios::setup_irqchip(&vm.fd, pit)?;
     let cmdline = cfg.kernel_cmdline(kind);
     let initrd_ref = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
+    let args = boot::LoadArgs {
+        image_path: &cfg.image,
+        image: &image,
+        cmdline: &cmdline,
+        initrd: initrd_ref,
+    };
     let plan = if kind.is_linux() {
-        let args = linux::LoadArgs {
-            image_path: &cfg.image,
-            image: &image,
-            cmdline: &cmdline,
-            initrd: initrd_ref,
-        };
         linux::load(&args, kind, &vm.mem, &layout)?
     } else {
-        let args = multiboot::LoadArgs {
-            image_path: &cfg.image,
-            image: &image,
-            cmdline: &cmdline,
-            initrd: initrd_ref,
-        };
         multiboot::load(&args, &vm.mem, &layout)?
     };
     log::info!("{}: {} image", cfg.image.display(), plan.kind);

@@ -22,7 +22,7 @@ use linux_loader::loader::KernelLoader;
 use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{bad_image, multiboot, BootError, BootPlan, EntryMode, ImageKind};
+use super::{bad_image, multiboot, BootError, BootPlan, EntryMode, ImageKind, LoadArgs};
 use crate::memory::{E820Type, Layout, HIGH_MEMORY, RSDP_ADDR};
 
 /// The command line when `--cmdline` is not given: the serial console, and
@@ -67,14 +67,6 @@ const ZERO_PAGE_VERSION: u16 = 0x020f;
 /// Xen's magic for `hvm_start_info`; version 1 has `memmap_*` and `rsdp_paddr`.
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const XEN_HVM_START_VERSION: u32 = 1;
-
-pub struct LoadArgs<'a> {
-    pub image_path: &'a Path,
-    pub image: &'a [u8],
-    /// The whole kernel command line.
-    pub cmdline: &'a str,
-    pub initrd: Option<(&'a Path, &'a [u8])>,
-}
 
 fn write(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) -> Result<(), BootError> {
     mem.write_slice(data, GuestAddress(addr))

@@ -8,6 +8,18 @@ pub mod multiboot;
 
 use std::path::{Path, PathBuf};
 
+/// What a loader needs besides guest memory and its layout.
+pub struct LoadArgs<'a> {
+    pub image_path: &'a Path,
+    pub image: &'a [u8],
+    /// The command line: for multiboot the words after the image name
+    /// (the loader puts the name first, as QEMU does); for Linux all of it.
+    pub cmdline: &'a str,
+    /// Multiboot module 0 or the Linux initramfs: its path as given and
+    /// its contents.
+    pub initrd: Option<(&'a Path, &'a [u8])>,
+}
+
 /// How the boot vCPU enters the image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryMode {

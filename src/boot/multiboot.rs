@@ -11,7 +11,7 @@ use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{bad_image, BootError, BootPlan, EntryMode, ImageKind};
+use super::{bad_image, BootError, BootPlan, EntryMode, ImageKind, LoadArgs};
 use crate::memory::{E820Type, Layout, BOOT_STACK, EBDA_START};
 
 pub const HEADER_MAGIC: u32 = 0x1bad_b002;
@@ -40,16 +40,6 @@ const MODS_ADDR: u64 = 0x9580;
 /// Strings (command lines, loader name) go here while they fit below the EBDA.
 const STRINGS_ADDR: u64 = 0x9600;
 const PAGE: u64 = 4096;
-
-/// What the loader needs besides the image.
-pub struct LoadArgs<'a> {
-    pub image_path: &'a Path,
-    pub image: &'a [u8],
-    /// Words after the image name on the command line.
-    pub cmdline: &'a str,
-    /// Module 0: its path as given (also its command line) and contents.
-    pub initrd: Option<(&'a Path, &'a [u8])>,
-}
 
 /// A multiboot header found in an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
