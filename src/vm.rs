@@ -2,6 +2,7 @@
 //! page services devices reach through `devices`' traits.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use devices::{IrqLine, PageFlusher};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -10,6 +11,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{self, Layout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::pit_policy::TickSwitch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -27,6 +29,10 @@ pub enum VmError {
         len: u64,
         source: kvm_ioctls::Error,
     },
+    #[error("cannot start a helper thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("the {0} thread died")]
+    Helper(&'static str),
     #[error("{what} failed: {source}")]
     Setup {
         what: &'static str,
@@ -43,16 +49,8 @@ pub struct Vm {
     pub fd: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub layout: Layout,
-}
-
-// KVM_REINJECT_CONTROL is an _IO ioctl that takes a pointer anyway.
-vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
-
-#[repr(C)]
-#[derive(Default)]
-struct KvmReinjectControl {
-    pit_reinject: u8,
-    reserved: [u8; 31],
+    /// Whether the VM has the in-kernel PIT.
+    pub pit: bool,
 }
 
 impl Vm {
@@ -102,25 +100,28 @@ impl Vm {
                 ..Default::default()
             };
             fd.create_pit2(cfg).map_err(setup("KVM_CREATE_PIT2"))?;
-            // Drop ticks the guest missed instead of replaying them, as QEMU's
-            // `lost_tick_policy=discard` that kvm-unit-tests asks for.
-            let ctl = KvmReinjectControl::default();
-            // SAFETY: the ioctl reads a `kvm_reinject_control`, which `ctl` is.
-            let ret =
-                unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&fd, KVM_REINJECT_CONTROL(), &ctl) };
-            if ret < 0 {
-                return Err(VmError::Setup {
-                    what: "KVM_REINJECT_CONTROL",
-                    source: kvm_ioctls::Error::last(),
-                });
-            }
         }
         Ok(Vm {
             kvm,
             fd: Arc::new(fd),
             mem,
             layout,
+            pit,
         })
+    }
+
+    /// Start the PIT's switch to dropping missed ticks (see
+    /// `pit_policy`). `loaded`: when channel 0's count was last loaded and
+    /// its period, if periodic. `failed` runs if the switch fails.
+    pub fn drop_lost_ticks(
+        &self,
+        loaded: Option<(Instant, Duration)>,
+        failed: impl FnOnce(&VmError) + Send + 'static,
+    ) -> Result<TickSwitch, VmError> {
+        if !self.pit {
+            return Ok(TickSwitch::default());
+        }
+        TickSwitch::start(self.fd.clone(), loaded, failed)
     }
 
     /// Route writes to `evt` into GSI `gsi` (an edge).

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ use crate::cpu::msrs::{self, MsrError};
 use crate::cpu::{self, CpuError};
 use crate::kvmcaps::{self, CapError};
 use crate::memory::Layout;
+use crate::pit_policy::{self, TickSwitch};
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
     self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
@@ -146,6 +148,8 @@ struct Machine {
     facs: u64,
     /// fw_cfg KERNEL_DATA, saved with snapshots.
     kernel_data: Vec<u8>,
+    /// The PIT's lost-tick policy switch, if the vCPUs did not wait for it.
+    ticks: TickSwitch,
 }
 
 /// Load the image and build the VM, ready to run.
@@ -168,7 +172,13 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     };
     let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus, platform)?;
     boot::bios::write_ivt(&vm.mem)?;
-    boot::bios::setup_irqchip(&vm.fd, pit)?;
+    let pit_loaded = Instant::now();
+    let pit_state = boot::bios::setup_irqchip(&vm.fd, pit)?;
+    let loaded = pit_state
+        .as_ref()
+        .and_then(pit_policy::period)
+        .map(|p| (pit_loaded, p));
+    let ticks = vm.drop_lost_ticks(loaded, failed_switch(shutdown))?;
     let cmdline = cfg.kernel_cmdline(kind);
     let initrd_ref = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
     let args = boot::LoadArgs {
@@ -215,6 +225,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         vcpus,
         facs: acpi.facs,
         kernel_data: plan.kernel_data,
+        ticks,
     })
 }
 
@@ -247,7 +258,15 @@ fn build_restored(
         })?;
         vcpus.push(v);
     }
+    let pit_loaded = Instant::now();
     state.vm.restore(&vm, cfg.pit_enabled())?;
+    let loaded = state
+        .vm
+        .pit
+        .as_ref()
+        .and_then(pit_policy::period)
+        .map(|p| (pit_loaded, p));
+    let ticks = vm.drop_lost_ticks(loaded, failed_switch(shutdown))?;
     Ok(Machine {
         cfg: cfg.clone(),
         vm,
@@ -256,7 +275,14 @@ fn build_restored(
         vcpus,
         facs: state.facs,
         kernel_data: state.kernel_data.clone(),
+        ticks,
     })
+}
+
+/// End the VM if the PIT's lost-tick policy switch fails.
+fn failed_switch(shutdown: &Arc<Shutdown>) -> impl FnOnce(&VmError) + Send + 'static {
+    let shutdown = shutdown.clone();
+    move |e| shutdown.request(ExitReason::Error(e.to_string()))
 }
 
 /// Turn on the VM-wide KVM capabilities and the MSR filter the
@@ -530,6 +556,27 @@ fn run_machine(
         shutdown: shutdown.clone(),
     })));
 
+    // The vCPUs stop at the PIT policy switch's deadline if it is late.
+    let tick_hold = Arc::new(AtomicBool::new(false));
+    match machine.ticks.deadline() {
+        None => {}
+        Some(deadline) if deadline <= Instant::now() => tick_hold.store(true, Ordering::SeqCst),
+        Some(deadline) => {
+            let mut timer = TimerFd::new().map_err(sys("timerfd"))?;
+            // A zero duration would disarm the timer.
+            let left = deadline.saturating_duration_since(Instant::now());
+            timer
+                .reset(left.max(Duration::from_nanos(1)), None)
+                .map_err(sys("timerfd"))?;
+            em.add_subscriber(Arc::new(Mutex::new(TickDeadline {
+                timer,
+                landed: machine.ticks.landed_flag(),
+                hold: tick_hold.clone(),
+                shutdown: shutdown.clone(),
+            })));
+        }
+    }
+
     // Each round runs the vCPUs until the VM ends, the guest suspends, or
     // a control request needs them stopped; a suspended guest is woken
     // through its firmware waking vector, requests are served, and the
@@ -538,6 +585,17 @@ fn run_machine(
     let mut first_round = true;
     loop {
         if !paused {
+            if tick_hold.swap(false, Ordering::SeqCst) {
+                log::debug!("vCPUs wait for the PIT policy switch");
+                if let Err(e) = machine.ticks.join() {
+                    shutdown.request(ExitReason::Error(e.to_string()));
+                    break;
+                }
+                log::debug!(
+                    "PIT policy switch landed {:?} after start",
+                    started.elapsed()
+                );
+            }
             let threads = start_vcpus(vcpus, &machine.bus, &shutdown, &halt);
             if first_round {
                 log::debug!("vCPUs running {:?} after start", started.elapsed());
@@ -606,6 +664,8 @@ fn run_machine(
     if log::log_enabled!(log::Level::Info) {
         log::info!("guest RAM resident: {} KiB", resident_kib(&machine.vm));
     }
+    // A failed switch has ended the VM through its `failed` callback.
+    let _ = machine.ticks.join();
     drop(vcpus);
     drop(machine);
     let _ = std::io::stdout().flush();
@@ -743,6 +803,34 @@ impl MutEventSubscriber for Timeout {
         if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
             self.shutdown.request(ExitReason::Error(format!(
                 "cannot watch the timeout: {e:?}"
+            )));
+        }
+    }
+}
+
+/// Stops the vCPUs when the PIT's lost-tick policy switch misses its
+/// deadline (see `pit_policy`); the run loop restarts them once it lands.
+struct TickDeadline {
+    timer: TimerFd,
+    landed: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
+    shutdown: Arc<Shutdown>,
+}
+
+impl MutEventSubscriber for TickDeadline {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        let _ = ops.remove(Events::new(&self.timer, EventSet::IN));
+        if !self.landed.load(Ordering::SeqCst) {
+            self.hold.store(true, Ordering::SeqCst);
+            self.shutdown.request_pause();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            self.shutdown.request(ExitReason::Error(format!(
+                "cannot watch the PIT policy deadline: {e:?}"
             )));
         }
     }

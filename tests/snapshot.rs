@@ -142,9 +142,10 @@ fn strs(v: &[String]) -> Vec<&str> {
 }
 
 /// A run with no snapshot, the key sent at once.
-fn reference(smp: &str) -> Run {
+fn reference(smp: &str, guest_args: &[&str]) -> Run {
     let mut args = checksum_args(smp);
     args.extend(["--".into(), "wait".into()]);
+    args.extend(guest_args.iter().map(|a| a.to_string()));
     let mut vm = spawn(&strs(&args));
     vm.key();
     let r = vm.finish();
@@ -170,8 +171,8 @@ fn final_lines(r: &Run) -> String {
     r.stdout[from..].to_string()
 }
 
-fn snapshot_anywhere_and_restore(smp: &str, early_snapshots: usize) {
-    let reference = reference(smp);
+fn snapshot_anywhere_and_restore(smp: &str, early_snapshots: usize, guest_args: &[&str]) {
+    let reference = reference(smp, guest_args);
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("api.sock");
     let mut args = checksum_args(smp);
@@ -181,6 +182,7 @@ fn snapshot_anywhere_and_restore(smp: &str, early_snapshots: usize) {
         "--".into(),
         "wait".into(),
     ]);
+    args.extend(guest_args.iter().map(|a| a.to_string()));
     let mut vm = spawn(&strs(&args));
     wait_socket(&sock);
     // Wherever these land: during boot, phase 1 or the wait.
@@ -218,31 +220,37 @@ fn snapshot_anywhere_and_restore(smp: &str, early_snapshots: usize) {
     assert!(r.stdout.starts_with("key: k"), "{}", r.stdout);
 }
 
+/// With the PIT ticking as the firmware left it (a 55 ms period), the
+/// vCPUs start at once and stop only if the PIT's lost-tick policy switch
+/// is still in flight a period later.
 #[test]
 fn snapshots_anywhere_restore_to_the_same_result_on_1_cpu() {
     if !kvm_available() {
         return;
     }
-    snapshot_anywhere_and_restore("1", 1);
+    snapshot_anywhere_and_restore("1", 1, &[]);
 }
 
+/// With a PIT period just above `pit_policy`'s floor, the vCPUs start at
+/// once and, if the policy switch is late, stop until it lands.
 #[test]
 fn snapshots_anywhere_restore_to_the_same_result_on_2_cpus() {
     if !kvm_available() {
         return;
     }
-    snapshot_anywhere_and_restore("2", 2);
+    snapshot_anywhere_and_restore("2", 2, &["pit-count=1194"]);
 }
 
 /// Snapshot a running VM once, restore that snapshot twice: both restores
 /// print the same and exit the same. Then restore, snapshot the restored
-/// VM, and restore that: the chain ends as the original.
+/// VM, and restore that: the chain ends as the original. The PIT is
+/// stopped, so restores do not wait for its lost-tick policy switch.
 #[test]
 fn restore_twice_and_snapshot_a_restored_vm() {
     if !kvm_available() {
         return;
     }
-    let reference = reference("2");
+    let reference = reference("2", &["pit-off"]);
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("api.sock");
     let mut args = checksum_args("2");
@@ -251,6 +259,7 @@ fn restore_twice_and_snapshot_a_restored_vm() {
         sock.to_str().unwrap().into(),
         "--".into(),
         "wait".into(),
+        "pit-off".into(),
     ]);
     let mut vm = spawn(&strs(&args));
     wait_socket(&sock);

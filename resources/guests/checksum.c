@@ -9,7 +9,9 @@
  * must see before it finishes, default 50), wait (after phase 1, wait for
  * a byte on COM1 before phase 2), migrate=N (after phase 1, N times: ask
  * to be migrated with the line kvm-unit-tests' migration harness answers,
- * then wait for a byte).
+ * then wait for a byte), pit-off (stop the PIT's periodic ticks, which
+ * the firmware leaves running), pit-count=N (run the PIT periodically
+ * dividing by N instead; IRQ 0 stays masked either way).
  */
 #include "guest.h"
 
@@ -156,6 +158,11 @@ int main(void)
 	/* Mask the 8259s: firmware left the PIT's IRQ 0 on vector 8. */
 	outb(0x21, 0xff);
 	outb(0xa1, 0xff);
+	u64 pit_count;
+	if (arg_str("pit-off"))
+		pit_stop();
+	else if (arg_u64("pit-count=", &pit_count))
+		pit_periodic(pit_count);
 	set_irq_handler(TIMER_VECTOR, tick);
 	start_timer();
 	if (ncpus > 1) {

@@ -7,7 +7,7 @@
 //! unmasked, PIT channel 0 in mode 2 counting 65536 (18.2 Hz), and a
 //! real-mode IVT whose timer vector acknowledges the PIC.
 
-use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+use kvm_bindings::{kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -73,8 +73,9 @@ pub fn write_ivt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     w(&ivt, 0)
 }
 
-/// Program the in-kernel PICs and (if present) PIT as the BIOS leaves them.
-pub fn setup_irqchip(vm: &VmFd, pit: bool) -> Result<(), BiosError> {
+/// Program the in-kernel PICs and (if present) PIT as the BIOS leaves them;
+/// return the PIT state loaded.
+pub fn setup_irqchip(vm: &VmFd, pit: bool) -> Result<Option<kvm_pit_state2>, BiosError> {
     for (chip, base, imr) in [
         (KVM_IRQCHIP_PIC_MASTER, MASTER_VECTOR_BASE, MASTER_IMR),
         (KVM_IRQCHIP_PIC_SLAVE, SLAVE_VECTOR_BASE, SLAVE_IMR),
@@ -105,8 +106,9 @@ pub fn setup_irqchip(vm: &VmFd, pit: bool) -> Result<(), BiosError> {
         ch.gate = 1;
         ch.bcd = 0;
         vm.set_pit2(&st).map_err(kvm("KVM_SET_PIT2"))?;
+        return Ok(Some(st));
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -107,6 +107,25 @@ static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 #define TIMEOUT_CYCLES 10000000000ull
 static inline bool timed_out(u64 start) { return rdtsc() - start > TIMEOUT_CYCLES; }
 
+/*
+ * Stop the PIT's periodic ticks, as an OS that takes its ticks from the
+ * LAPIC timer does: channel 0, lobyte/hibyte, mode 0, one last count.
+ */
+static inline void pit_stop(void)
+{
+	outb(0x43, 0x30);
+	outb(0x40, 0);
+	outb(0x40, 0);
+}
+
+/* Run PIT channel 0 as a rate generator (mode 2) dividing by `count`. */
+static inline void pit_periodic(u16 count)
+{
+	outb(0x43, 0x34);
+	outb(0x40, count & 0xff);
+	outb(0x40, count >> 8);
+}
+
 /* lib.c */
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
