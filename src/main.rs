@@ -89,6 +89,10 @@ struct RestoreArgs {
     /// Serve the control socket at this path (see docs/API.md).
     #[arg(long)]
     api: Option<PathBuf>,
+    /// Check guest RAM against the digest in the state before starting;
+    /// reads the whole memory file (without it, restore reads no RAM).
+    #[arg(long)]
+    verify_memory: bool,
 }
 
 /// `--cpu` and `--cpu-lenient`, shared by `run` and `cpuid`.
@@ -339,7 +343,7 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
         }
         Cmd::Restore(a) => {
             let opts = vmm::RunOptions { api: a.api };
-            let reason = vmm::restore(&a.dir, a.serial, a.timeout, &opts)?;
+            let reason = vmm::restore(&a.dir, a.serial, a.timeout, a.verify_memory, &opts)?;
             log::info!("VM ended: {reason:?}");
             Ok(reason.status())
         }

@@ -232,15 +232,17 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
 /// Build the VM a snapshot in `dir` describes, with `cfg` (the saved
 /// configuration with this run's serial and timeout): guest memory mapped
 /// from the memory file, every vCPU, the irqchip, PIT, clock and devices
-/// set to their saved state.
+/// set to their saved state. `verify_memory` checks the memory file's
+/// digest first, reading all of it.
 fn build_restored(
     dir: &Path,
     state: &MachineState,
     cfg: &VmConfig,
     shutdown: &Arc<Shutdown>,
+    verify_memory: bool,
 ) -> Result<Machine, VmmError> {
     let layout = Layout::new(cfg.mem_bytes);
-    let mem = snapshot::map_memory(dir, &layout)?;
+    let mem = snapshot::map_memory(dir, &layout, &state.memory, verify_memory)?;
     let vm = Vm::with_memory(layout, cfg.pit_enabled(), mem)?;
     enable_caps(&vm, cfg)?;
     let (bus, devices) =
@@ -413,6 +415,7 @@ impl Machine {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MachineState {
             config: self.cfg.clone(),
+            memory: Default::default(),
             kernel_data: self.kernel_data.clone(),
             facs: self.facs,
             vm: VmState::save(&self.vm, self.cfg.pit_enabled())?,
@@ -424,8 +427,8 @@ impl Machine {
     /// Write a snapshot of the stopped VM into `dir`.
     fn snapshot(&self, vcpus: &mut [Vcpu], dir: &Path) -> Result<WriteStats, VmmError> {
         let started = Instant::now();
-        let state = self.save(vcpus)?;
-        let mut stats = snapshot::write(dir, &state, &self.vm.mem)?;
+        let mut state = self.save(vcpus)?;
+        let mut stats = snapshot::write(dir, &mut state, &self.vm.mem)?;
         stats.elapsed = started.elapsed();
         log::info!(
             "snapshot to {}: {} bytes of memory written, state {} bytes, {:?}",
@@ -479,11 +482,13 @@ pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, VmmError> {
 }
 
 /// Bring back the snapshot in `dir` with this run's `serial` and
-/// `timeout_secs`, run it to the end, and say why it ended.
+/// `timeout_secs` (checking the memory digest first if `verify_memory`),
+/// run it to the end, and say why it ended.
 pub fn restore(
     dir: &Path,
     serial: SerialOutput,
     timeout_secs: Option<f64>,
+    verify_memory: bool,
     opts: &RunOptions,
 ) -> Result<ExitReason, VmmError> {
     let started = Instant::now();
@@ -493,7 +498,7 @@ pub fn restore(
     cfg.timeout_secs = timeout_secs;
     cfg.validate()?;
     let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
-    let machine = build_restored(dir, &state, &cfg, &shutdown)?;
+    let machine = build_restored(dir, &state, &cfg, &shutdown, verify_memory)?;
     log::debug!("VM restored in {:?}", started.elapsed());
     run_machine(machine, shutdown, opts, started)
 }
@@ -647,6 +652,7 @@ fn run_machine(
                         Ok(serde_json::json!({
                             "dir": dir,
                             "memory_bytes_written": stats.memory_bytes_written,
+                            "memory_digest": format!("{:016x}", stats.memory.digest),
                             "state_bytes": stats.state_bytes,
                             "save_us": stats.elapsed.as_micros() as u64,
                         }))

@@ -122,7 +122,8 @@ fn ctl(args: &[&str]) -> Run {
 fn snapshot(sock: &Path, dir: &Path) {
     ctl(&["snapshot", sock.to_str().unwrap(), dir.to_str().unwrap()])
         .expect(0)
-        .has("\"ok\":true");
+        .has("\"ok\":true")
+        .has("\"memory_digest\":\"");
 }
 
 fn checksum_args(smp: &str) -> Vec<String> {
@@ -283,7 +284,7 @@ fn restore_twice_and_snapshot_a_restored_vm() {
     vm.finish().expect(PASS);
 
     let a = restore(&first, &[]);
-    let b = restore(&first, &[]);
+    let b = restore(&first, &["--verify-memory"]);
     a.expect(PASS);
     assert_eq!(a.stdout, b.stdout);
     assert_eq!(a.status, b.status);
@@ -309,8 +310,10 @@ fn restore_twice_and_snapshot_a_restored_vm() {
     let chained = vm.finish();
     chained.expect(PASS);
     assert_eq!(final_lines(&chained), final_lines(&reference));
-    let r = restore(&second, &[]);
+    // Its memory file was written from a mapping of `first`'s.
+    let r = restore(&second, &["--verify-memory"]);
     r.expect(PASS);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
     assert_eq!(final_lines(&r), final_lines(&reference));
     assert!(reference.stdout.ends_with(&r.stdout));
 }
@@ -370,8 +373,9 @@ fn clients_report_a_missing_socket() {
         .err_has("nothing.sock");
 }
 
-/// A good snapshot of a paused checksum guest, for the negative tests.
-fn good_snapshot(root: &Path) -> PathBuf {
+/// Good snapshots of one paused checksum guest, one per name, for the
+/// negative tests: all alike but for their ids.
+fn good_snapshots(root: &Path, names: &[&str]) -> Vec<PathBuf> {
     let sock = root.join("api.sock");
     let mut args = checksum_args("1");
     args.extend([
@@ -382,17 +386,19 @@ fn good_snapshot(root: &Path) -> PathBuf {
     ]);
     let vm = spawn(&strs(&args));
     wait_socket(&sock);
-    let dir = root.join("good");
-    ctl(&[
-        "snapshot",
-        sock.to_str().unwrap(),
-        dir.to_str().unwrap(),
-        "--stop",
-    ])
-    .expect(0);
+    let dirs: Vec<PathBuf> = names.iter().map(|n| root.join(n)).collect();
+    for dir in &dirs {
+        ctl(&[
+            "snapshot",
+            sock.to_str().unwrap(),
+            dir.to_str().unwrap(),
+            "--stop",
+        ])
+        .expect(0);
+    }
     ctl(&["quit", sock.to_str().unwrap()]).expect(0);
     vm.finish().expect(0);
-    dir
+    dirs
 }
 
 fn copy_snapshot(from: &Path, to: &Path) {
@@ -405,13 +411,39 @@ fn copy_snapshot(from: &Path, to: &Path) {
 /// Spoils a copy of a good snapshot.
 type Damage = Box<dyn Fn(&Path)>;
 
+/// XOR `mask` into the byte at `at(len)` of `file`, `len` its length.
+fn flip(file: &Path, at: impl Fn(u64) -> u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let at = at(f.metadata().unwrap().len());
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= mask;
+    f.write_all_at(&b, at).unwrap();
+}
+
+/// Grow (`delta` > 0) or shrink `file` by `delta` bytes.
+fn resize(file: &Path, delta: i64) {
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len.checked_add_signed(delta).unwrap()).unwrap();
+}
+
+/// The memory file's trailer: the last page.
+const TRAILER: u64 = 4096;
+
 #[test]
 fn damaged_snapshots_are_refused_with_status_2() {
     if !kvm_available() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let good = good_snapshot(d.path());
+    let dirs = good_snapshots(d.path(), &["good", "other"]);
+    let (good, other) = (dirs[0].clone(), dirs[1].clone());
     // The good one restores.
     restore(&good, &[]).expect(PASS);
 
@@ -458,17 +490,56 @@ fn damaged_snapshots_are_refused_with_status_2() {
             "bad magic",
         ),
         (
-            "memory-size",
-            Box::new(|p: &Path| {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p.join("memory"))
-                    .unwrap();
-                let len = f.metadata().unwrap().len();
-                f.set_len(len - 4096).unwrap();
-            }),
+            "memory-long",
+            Box::new(|p: &Path| resize(&p.join("memory"), 4096)),
             "memory",
             "memory file has",
+        ),
+        (
+            "memory-short",
+            Box::new(|p: &Path| resize(&p.join("memory"), -2 * 4096)),
+            "memory",
+            "memory file has",
+        ),
+        (
+            // A memory file as format 1 wrote it: RAM only.
+            "no-trailer",
+            Box::new(|p: &Path| resize(&p.join("memory"), -4096)),
+            "memory",
+            "memory file has no kvmrun trailer",
+        ),
+        (
+            "truncated-trailer",
+            Box::new(|p: &Path| resize(&p.join("memory"), -100)),
+            "memory",
+            "memory file has no kvmrun trailer (truncated",
+        ),
+        (
+            "trailer-magic",
+            Box::new(|p: &Path| flip(&p.join("memory"), |len| len - TRAILER, 0x20)),
+            "memory",
+            "memory file has no kvmrun trailer (bad magic",
+        ),
+        (
+            "trailer-id",
+            Box::new(|p: &Path| flip(&p.join("memory"), |len| len - TRAILER + 8, 1)),
+            "memory",
+            "memory file belongs to a different snapshot",
+        ),
+        (
+            "trailer-digest",
+            Box::new(|p: &Path| flip(&p.join("memory"), |len| len - TRAILER + 32, 1)),
+            "memory",
+            "memory file trailer does not match the state",
+        ),
+        (
+            // The same guest, the same RAM, another snapshot.
+            "other-snapshot",
+            Box::new(move |p: &Path| {
+                std::fs::copy(other.join("memory"), p.join("memory")).unwrap();
+            }),
+            "memory",
+            "memory file belongs to a different snapshot",
         ),
         (
             "no-memory",
@@ -497,6 +568,51 @@ fn damaged_snapshots_are_refused_with_status_2() {
     ctl(&["restore", d.path().join("absent").to_str().unwrap()])
         .expect(2)
         .err_has("absent/state");
+}
+
+/// A flipped byte inside guest RAM: a plain restore does not read RAM, so
+/// it neither notices nor minds (the byte is in the ACPI RSDP, which the
+/// checksum guest never reads); `--verify-memory` refuses the file.
+#[test]
+fn damage_inside_memory_is_found_with_verify_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let good = good_snapshots(d.path(), &["good"]).remove(0);
+    let r = restore(&good, &["--verify-memory"]);
+    r.expect(PASS);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+
+    // The RSDP's OEM ID, at guest (and file) address 0xe0009.
+    const RSDP_OEM_ID: u64 = 0xe_0009;
+    let bad = d.path().join("bad");
+    copy_snapshot(&good, &bad);
+    let memory = bad.join("memory");
+    let mut page = [0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&memory).unwrap(),
+        &mut page,
+        RSDP_OEM_ID & !4095,
+    )
+    .unwrap();
+    assert_eq!(&page[..8], b"RSD PTR ", "the RSDP moved");
+    flip(&memory, |_| RSDP_OEM_ID, 0x20);
+
+    let r = restore(&bad, &[]);
+    r.expect(PASS);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let r = ctl(&[
+        "restore",
+        bad.to_str().unwrap(),
+        "--serial",
+        "none",
+        "--verify-memory",
+    ]);
+    r.expect(2)
+        .err_has(&format!("{}: memory digest mismatch", memory.display()))
+        .err_has("damaged");
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
 }
 
 #[test]

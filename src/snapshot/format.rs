@@ -15,8 +15,9 @@
 
 /// First bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"KVMRUNSS";
-/// Bumped on any change an older kvmrun cannot read.
-pub const FORMAT_MAJOR: u16 = 1;
+/// Bumped on any change an older kvmrun cannot read. 2: the state records
+/// the memory file's id and digest, and the memory file has a trailer.
+pub const FORMAT_MAJOR: u16 = 2;
 /// Bumped on additions an older kvmrun of the same major can ignore.
 pub const FORMAT_MINOR: u16 = 0;
 
@@ -190,6 +191,11 @@ mod tests {
         let mut f = encode(b"x");
         f[8] = FORMAT_MAJOR as u8 + 1;
         assert!(matches!(decode(&f), Err(FormatError::Version { .. })));
+        f[8] = FORMAT_MAJOR as u8 - 1;
+        assert!(matches!(
+            decode(&f),
+            Err(FormatError::Version { major, .. }) if major == FORMAT_MAJOR - 1
+        ));
         // A newer minor of the same major still reads, once its checksum
         // matches.
         let mut g = encode(b"x");

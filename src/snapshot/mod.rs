@@ -4,7 +4,13 @@
 //! A snapshot directory holds two files:
 //! - `state`: header (magic, format version, kvmrun version, CRC-64) and
 //!   the postcard-encoded [`MachineState`] (see [`format`]);
-//! - `memory`: guest RAM, sparse (see [`memory`]).
+//! - `memory`: guest RAM, sparse, then a trailer with the snapshot's
+//!   random id and a digest of the RAM (see [`memory`]).
+//!
+//! The state records the same id, length and digest ([`MemoryInfo`]):
+//! restore refuses a memory file whose trailer does not match, and with
+//! `--verify-memory` also one whose RAM does not match the digest. Without
+//! it, restore reads no guest RAM, so damage inside RAM goes unnoticed.
 //!
 //! Both are written to a temporary name, fsynced and renamed into place,
 //! memory first, then the directory is fsynced: a directory is a valid
@@ -27,11 +33,12 @@ use devices::rtc::RtcState;
 use devices::serial::SerialDeviceState;
 use devices::testdev::{PcTestDevState, TestDevIomemState};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
 use crate::memory::Layout;
 
+pub use self::memory::MemoryInfo;
 pub use self::vcpu::{VcpuContext, VcpuState, VcpuStateError};
 pub use self::vm::{VmState, VmStateError};
 
@@ -56,6 +63,8 @@ pub struct DeviceStates {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct MachineState {
     pub config: VmConfig,
+    /// The memory file's id, length and digest; filled in by [`write()`].
+    pub memory: MemoryInfo,
     /// fw_cfg's KERNEL_DATA item, which a restore cannot rebuild without
     /// the image.
     pub kernel_data: Vec<u8>,
@@ -82,12 +91,30 @@ pub enum SnapshotError {
     Decode { path: PathBuf, reason: String },
     #[error("{}: invalid state: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
-    #[error("{}: memory file has {actual} bytes, but the state describes {expected} bytes of guest RAM", path.display())]
+    #[error("{}: memory file has {actual} bytes, but the state describes {ram} bytes of guest RAM and a {} byte trailer", path.display(), memory::TRAILER_LEN)]
     MemorySize {
         path: PathBuf,
-        expected: u64,
+        ram: u64,
         actual: u64,
     },
+    #[error("{}: memory file has no kvmrun trailer ({what})", path.display())]
+    NoTrailer { path: PathBuf, what: String },
+    #[error("{}: memory file belongs to a different snapshot (id {found:032x}, the state's {expected:032x})", path.display())]
+    OtherSnapshot {
+        path: PathBuf,
+        expected: u128,
+        found: u128,
+    },
+    #[error("{}: memory file trailer does not match the state ({what}): one of them is damaged", path.display())]
+    TrailerMismatch { path: PathBuf, what: String },
+    #[error("{}: memory digest mismatch (state {stored:#018x}, file {computed:#018x}): the file is damaged", path.display())]
+    MemoryDigest {
+        path: PathBuf,
+        stored: u64,
+        computed: u64,
+    },
+    #[error("cannot draw a random snapshot id: {0}")]
+    Random(std::io::Error),
     #[error("{}: cannot map guest memory: {reason}", path.display())]
     Map { path: PathBuf, reason: String },
     #[error("cannot encode the state: {0}")]
@@ -105,6 +132,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 #[derive(Clone, Debug, Default)]
 pub struct WriteStats {
     pub memory_bytes_written: u64,
+    pub memory: MemoryInfo,
     pub state_bytes: u64,
     pub elapsed: Duration,
 }
@@ -113,16 +141,42 @@ fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// A random snapshot id from the kernel's CSPRNG, so the memory file of
+/// another snapshot is told apart even when it holds the same RAM.
+fn new_id() -> Result<u128, SnapshotError> {
+    let mut id = [0u8; 16];
+    let mut got = 0;
+    while got < id.len() {
+        // SAFETY: the buffer is `id[got..]`, writable and that long.
+        let n = unsafe {
+            libc::getrandom(
+                id[got..].as_mut_ptr().cast::<libc::c_void>(),
+                id.len() - got,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(SnapshotError::Random(e));
+            }
+            continue;
+        }
+        got += n as usize;
+    }
+    Ok(u128::from_le_bytes(id))
+}
+
 /// Write `state` and `mem` into `dir` (created if missing; an older
-/// snapshot in it is invalidated first, then replaced).
+/// snapshot in it is invalidated first, then replaced), with a new
+/// snapshot id; `state.memory` is set to what the memory file holds.
 pub fn write(
     dir: &Path,
-    state: &MachineState,
+    state: &mut MachineState,
     mem: &GuestMemoryMmap,
 ) -> Result<WriteStats, SnapshotError> {
     let started = Instant::now();
-    let body = postcard::to_stdvec(state).map_err(|e| SnapshotError::Encode(e.to_string()))?;
-    let bytes = format::encode(&body);
+    let id = new_id()?;
 
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let state_path = dir.join(STATE_FILE);
@@ -136,14 +190,15 @@ pub fn write(
     let mem_tmp = dir.join(".memory.tmp");
     let mem_path = dir.join(MEMORY_FILE);
     let f = File::create(&mem_tmp).map_err(io(&mem_tmp))?;
-    let layout_len: u64 = mem.iter().map(|r| r.len()).sum();
-    f.set_len(layout_len).map_err(io(&mem_tmp))?;
-    let written = memory::write(&f, mem).map_err(io(&mem_tmp))?;
+    let written = memory::write(&f, mem, id).map_err(io(&mem_tmp))?;
     f.sync_all().map_err(io(&mem_tmp))?;
     drop(f);
     std::fs::rename(&mem_tmp, &mem_path).map_err(io(&mem_path))?;
     fsync_dir(dir)?;
 
+    state.memory = written.info;
+    let body = postcard::to_stdvec(&*state).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let bytes = format::encode(&body);
     let state_tmp = dir.join(".state.tmp");
     let f = File::create(&state_tmp).map_err(io(&state_tmp))?;
     std::io::Write::write_all(&mut &f, &bytes).map_err(io(&state_tmp))?;
@@ -152,7 +207,8 @@ pub fn write(
     std::fs::rename(&state_tmp, &state_path).map_err(io(&state_path))?;
     fsync_dir(dir)?;
     Ok(WriteStats {
-        memory_bytes_written: written,
+        memory_bytes_written: written.bytes,
+        memory: written.info,
         state_bytes: bytes.len() as u64,
         elapsed: started.elapsed(),
     })
@@ -194,22 +250,79 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
     {
         return Err(invalid(format!("vCPU state {i} is for vCPU {}", v.id)));
     }
+    let ram = memory::ram_len(&Layout::new(state.config.mem_bytes));
+    if state.memory.len != ram {
+        return Err(invalid(format!(
+            "memory file described as {} bytes of RAM, but the configuration has {ram}",
+            state.memory.len
+        )));
+    }
     Ok(state)
 }
 
-/// Open `dir/memory`, check its size against `layout`, and map it
-/// copy-on-write as guest RAM.
-pub fn map_memory(dir: &Path, layout: &Layout) -> Result<GuestMemoryMmap, SnapshotError> {
+/// Open `dir/memory`, check its size and trailer against `info` (the
+/// state's), with `verify` also its RAM against the digest (this reads
+/// the whole file), and map it copy-on-write as guest RAM for `layout`.
+pub fn map_memory(
+    dir: &Path,
+    layout: &Layout,
+    info: &MemoryInfo,
+    verify: bool,
+) -> Result<GuestMemoryMmap, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let f = File::open(&path).map_err(io(&path))?;
     let actual = f.metadata().map_err(io(&path))?.len();
-    let expected = memory::file_len(layout);
-    if actual != expected {
-        return Err(SnapshotError::MemorySize {
+    let ram = memory::ram_len(layout);
+    if actual == ram {
+        return Err(SnapshotError::NoTrailer {
             path,
-            expected,
-            actual,
+            what: format!("{actual} bytes, exactly the guest RAM"),
         });
+    }
+    if actual > ram && actual < memory::file_len(layout) {
+        return Err(SnapshotError::NoTrailer {
+            path,
+            what: format!(
+                "truncated to {} of its {} bytes",
+                actual - ram,
+                memory::TRAILER_LEN
+            ),
+        });
+    }
+    if actual != memory::file_len(layout) {
+        return Err(SnapshotError::MemorySize { path, ram, actual });
+    }
+    let Some(found) = memory::read_trailer(&f, ram).map_err(io(&path))? else {
+        return Err(SnapshotError::NoTrailer {
+            path,
+            what: format!("bad magic at offset {ram:#x}"),
+        });
+    };
+    if found.id != info.id {
+        return Err(SnapshotError::OtherSnapshot {
+            path,
+            expected: info.id,
+            found: found.id,
+        });
+    }
+    if found != *info {
+        return Err(SnapshotError::TrailerMismatch {
+            path,
+            what: format!(
+                "{} bytes with digest {:#018x}, the state's {} bytes with digest {:#018x}",
+                found.len, found.digest, info.len, info.digest
+            ),
+        });
+    }
+    if verify {
+        let computed = memory::digest_file(&f, ram).map_err(io(&path))?;
+        if computed != info.digest {
+            return Err(SnapshotError::MemoryDigest {
+                path,
+                stored: info.digest,
+                computed,
+            });
+        }
     }
     memory::map(&f, layout).map_err(|reason| SnapshotError::Map { path, reason })
 }
