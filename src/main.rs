@@ -537,8 +537,22 @@ fn main() -> ExitCode {
     match run(cli.cmd) {
         Ok(status) => ExitCode::from(status as u8),
         Err(e) => {
-            eprintln!("kvmrun: error: {e:#}");
+            eprintln!("kvmrun: error: {}", error_text(&e));
             ExitCode::from(STATUS_ERROR as u8)
         }
     }
+}
+
+/// The error and its causes, leaving out a cause an error's own message
+/// already quotes (most layers name their source in the message).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
