@@ -152,6 +152,10 @@ struct TestArgs {
     /// Multiply every test's timeout by this factor.
     #[arg(long, default_value_t = 1.0)]
     timeout_scale: f64,
+    /// Stress save/restore: every test also migrates (snapshot, restore
+    /// into a new VM process) every SECS seconds (`run --migrate-every`).
+    #[arg(long, value_name = "SECS", value_parser = parse_migrate_every)]
+    migrate_every: Option<f64>,
     /// Write a TAP 13 report here.
     #[arg(long)]
     tap: Option<PathBuf>,
@@ -179,6 +183,12 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
         return Err(err());
     }
     Ok((k, n))
+}
+
+/// `test --migrate-every`: what `run --migrate-every` accepts, checked once
+/// here so a bad value is one error, not a failure of every test.
+fn parse_migrate_every(s: &str) -> Result<f64, String> {
+    config::parse_timeout(s).map_err(|_| "expected a positive, finite number of seconds".into())
 }
 
 #[derive(Args)]
@@ -461,6 +471,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         out_dir: a.output_dir.clone(),
         kvmrun: std::env::current_exe()?,
         kill_grace: 5.0,
+        migrate_every: a.migrate_every,
     };
     let bar = match a.progress {
         ProgressMode::Auto => std::io::stdout().is_terminal(),

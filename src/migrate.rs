@@ -13,6 +13,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -73,10 +74,21 @@ fn spawn(exe: &Path, args: &[OsString], what: &'static str) -> Result<Vm, Migrat
         .find(|w| w[0] == "--api")
         .map(|w| PathBuf::from(&w[1]))
         .unwrap_or_default();
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
+    // SAFETY: prctl() is async-signal-safe and touches no memory of the
+    // parent. A VM must not outlive its supervisor (killed by `kvmrun
+    // test`, or failed mid-migration): nothing would read its output or
+    // answer its requests.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|source| MigrateError::Spawn { what, source })?;
     let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {

@@ -150,6 +150,8 @@ fn cfg_suite_verdicts_logs_and_reports() {
     assert!(hello.contains("argv[2]: \"b"), "{hello}");
     let env = std::fs::read_to_string(out.join("hello.env")).unwrap();
     assert!(env.contains("QEMU_ACCEL=kvm\n"), "{env}");
+    let cmd = cmd_words(&out, "hello");
+    assert!(cmd.iter().any(|w| w == "--append=a1 \"b 2\""), "{cmd:?}");
     assert!(std::fs::read_to_string(out.join("hang.log"))
         .unwrap()
         .contains("hanging"));
@@ -364,6 +366,12 @@ fn bad_input_exits_2_with_a_clear_message() {
     kvmrun_test(&cfg, &out, &["--timeout-scale=-1"])
         .expect(2)
         .err_has("--timeout-scale");
+    for bad in ["0", "-1", "0s", "nan", "inf", "soon", ""] {
+        kvmrun_test(&cfg, &out, &[&format!("--migrate-every={bad}")])
+            .expect(2)
+            .err_has("--migrate-every")
+            .err_has("expected a positive, finite number of seconds");
+    }
     kvmrun_test(&dir.path().join("none.cfg"), &out, &[])
         .expect(2)
         .err_has("cannot read");
@@ -497,4 +505,148 @@ fn options_kvmrun_rejects_skip_like_the_runners_preflight() {
         .has("SKIP nocpu (")
         .has("frobnicator")
         .has("PASS okcpu");
+}
+
+/// The words of a test's recorded command line (`NAME.cmd`).
+fn cmd_words(out: &Path, name: &str) -> Vec<String> {
+    let line = std::fs::read_to_string(out.join(format!("{name}.cmd"))).unwrap();
+    shlex::split(&line).unwrap_or_else(|| panic!("{name}.cmd is not shell words: {line}"))
+}
+
+/// A migration-group entry in kvm-unit-tests' syntax, and one outside it
+/// (the checksum guest's default work, about 2 s, so that timed migrations
+/// have time to land).
+fn migration_cfg(dir: &Path) -> PathBuf {
+    let p = dir.join("unittests.cfg");
+    std::fs::write(
+        &p,
+        "[migrating]\nfile = checksum.elf\n\
+         extra_params = -append 'words=4096 rounds=4 ticks=20 migrate=2'\n\
+         groups = checksum migration\n\n\
+         [plain]\nfile = checksum.elf\n",
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn migration_group_tests_are_migrated_at_every_request() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = migration_cfg(dir.path());
+    let out = dir.path().join("logs");
+    // Without --migrate the guest would wait for its key until the timeout.
+    let r = kvmrun_test(&cfg, &out, &["migrating"]);
+    r.expect(0)
+        .has("PASS migrating (3 tests, 0 unexpected failures)\n");
+    assert!(r.stderr.is_empty(), "stderr: {}", r.stderr);
+    let log = std::fs::read_to_string(out.join("migrating.log")).unwrap();
+    assert_eq!(log.matches("Now migrate the VM").count(), 2, "{log}");
+    assert!(log.contains("migration 2 done"), "{log}");
+    let cmd = cmd_words(&out, "migrating");
+    assert!(cmd.iter().any(|w| w == "--migrate"), "{cmd:?}");
+    assert!(
+        !cmd.iter().any(|w| w.starts_with("--migrate-every")),
+        "{cmd:?}"
+    );
+    // The guest's environment stays the runner's.
+    let env = std::fs::read_to_string(out.join("migrating.env")).unwrap();
+    assert!(!env.contains("MIGRAT"), "{env}");
+}
+
+#[test]
+fn migrate_every_reaches_every_test() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = migration_cfg(dir.path());
+    let out = dir.path().join("logs");
+    // How many timed migrations land in a run is up to the clock; the
+    // verdicts are not.
+    let r = kvmrun_test(&cfg, &out, &["-j", "1", "--migrate-every", "0.2"]);
+    r.expect(0)
+        .has("PASS migrating (3 tests, 0 unexpected failures)\n")
+        .has("PASS plain (3 tests, 0 unexpected failures)\n");
+    assert!(r.stderr.is_empty(), "stderr: {}", r.stderr);
+    let log = std::fs::read_to_string(out.join("migrating.log")).unwrap();
+    assert!(log.contains("migration 2 done"), "{log}");
+    let has = |name: &str, flag: &str| cmd_words(&out, name).iter().any(|w| w == flag);
+    assert!(has("migrating", "--migrate") && has("migrating", "--migrate-every=0.2"));
+    assert!(!has("plain", "--migrate") && has("plain", "--migrate-every=0.2"));
+}
+
+#[test]
+fn sigint_stops_the_vms_of_a_migrating_test() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("u.cfg");
+    std::fs::write(
+        &cfg,
+        "[hang]\nfile = hang.elf\ngroups = migration\ntimeout = 600\n",
+    )
+    .unwrap();
+    let out = dir.path().join("logs");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmrun"))
+        .arg("test")
+        .arg(&cfg)
+        .arg("--dir")
+        .arg(guests_dir())
+        .arg("-o")
+        .arg(&out)
+        .args(["--progress", "lines"])
+        // The killed supervisor cannot remove its work directory; keep it
+        // in the test's own.
+        .env("TMPDIR", dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // "hanging" in the log means the supervisor and its VM both run. The
+    // bound only keeps a broken build from hanging the test suite.
+    let start = Instant::now();
+    let log = out.join("hang.log");
+    while !std::fs::read_to_string(&log).is_ok_and(|s| s.contains("hanging")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "hang.elf never started"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kvmrun test ended early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let supervisors = children(child.id());
+    assert_eq!(supervisors.len(), 1, "{supervisors:?}");
+    let vms = children(supervisors[0]);
+    assert_eq!(
+        vms.len(),
+        1,
+        "expected one VM under the supervisor: {vms:?}"
+    );
+    // SAFETY: kill() on a child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let r = Run::from(child.wait_with_output().unwrap());
+    r.expect(130);
+    assert!(
+        !alive(supervisors[0]),
+        "the supervisor survived the interrupt"
+    );
+    // The VM is not kvmrun test's child, so nothing waits for its end;
+    // SIGKILL ends it soon, the bound only catches one that survived.
+    let killed = Instant::now();
+    while alive(vms[0]) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "VM process {} survived the interrupt",
+            vms[0]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

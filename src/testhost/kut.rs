@@ -190,6 +190,7 @@ fn plan_one(
     Ok(Plan::Run(RunSpec {
         image: kernel,
         args,
+        migrate: e.in_group("migration"),
         env_file: Some(env_file.to_string()),
         initrd: None,
         timeout_secs,
@@ -387,6 +388,22 @@ mod tests {
         let s = specs(text, &o);
         assert_eq!(run_spec(&s[0]).timeout_text, "45s");
         assert_eq!(run_spec(&s[1]).timeout_secs, Some(15.0));
+    }
+
+    #[test]
+    fn migration_group_tests_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.flat"), b"x").unwrap();
+        let text = "[mig]\nfile = t.flat\nextra_params = -append 'migrate=2'\n\
+                    groups = a migration\n\
+                    [plain]\nfile = t.flat\ngroups = migrationx\n";
+        let s = specs(text, &opts(dir.path()));
+        let mig = run_spec(&s[0]);
+        assert!(mig.migrate);
+        // The flag is the scheduler's to add: the pre-flight start runs
+        // without it, as the runner's does without MIGRATION=yes.
+        assert_eq!(mig.args, ["--smp=1", "--append=migrate=2"]);
+        assert!(!run_spec(&s[1]).migrate);
     }
 
     #[test]

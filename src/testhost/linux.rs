@@ -234,6 +234,7 @@ fn plan_one(
                     Plan::Run(RunSpec {
                         image,
                         args,
+                        migrate: false,
                         env_file: None,
                         initrd,
                         timeout_secs: Some(timeout),

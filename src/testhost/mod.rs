@@ -46,9 +46,12 @@ pub enum Plan {
 #[derive(Clone, Debug)]
 pub struct RunSpec {
     pub image: PathBuf,
-    /// `kvmrun run` flags after the image, without --timeout, --initrd and
-    /// --serial, which the scheduler adds.
+    /// `kvmrun run` flags after the image, without --timeout, --initrd,
+    /// --serial and the migration flags, which the scheduler adds.
     pub args: Vec<String>,
+    /// Answer the guest's migration requests (`--migrate`), as
+    /// kvm-unit-tests' `run_migration()` does for the `migration` group.
+    pub migrate: bool,
     /// Environment file contents, written next to the log and passed as
     /// `--initrd` (kvm-unit-tests' `initrd_create()`).
     pub env_file: Option<String>,

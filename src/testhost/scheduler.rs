@@ -6,8 +6,11 @@
 //! SIGKILL) and sit in its own process group (a terminal's Ctrl-C reaches
 //! only this process, which then stops every VM and still writes reports).
 //! A child gets `--timeout T` and is SIGKILLed if it is still alive
-//! `kill_grace` seconds later, so a stuck VMM cannot hang the suite.
+//! `kill_grace` seconds later, so a stuck VMM cannot hang the suite. Kills
+//! go to the child's whole process group: a migrating child (`--migrate`)
+//! is a supervisor whose VMs are its own children.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -31,6 +34,8 @@ pub struct RunOptions {
     pub kvmrun: PathBuf,
     /// Seconds between a test's timeout and its hard kill.
     pub kill_grace: f64,
+    /// Give every child `--migrate-every SECS` (a save/restore stress run).
+    pub migrate_every: Option<f64>,
 }
 
 /// The results, in suite order; `None` for tests stopped or never started
@@ -138,7 +143,7 @@ pub fn run(
             let done = match r.child.try_wait() {
                 Ok(Some(status)) => Some((status, false)),
                 Ok(None) if r.hard_deadline.is_some_and(|d| now >= d) => {
-                    let _ = r.child.kill();
+                    kill_group(&mut r.child);
                     r.child.wait().ok().map(|s| (s, true))
                 }
                 Ok(None) => None,
@@ -170,7 +175,7 @@ pub fn run(
 
     let interrupted = stop.load(Ordering::SeqCst) && results.iter().any(Option::is_none);
     for mut r in running {
-        let _ = r.child.kill();
+        kill_group(&mut r.child);
         let _ = r.child.wait();
     }
     progress.end();
@@ -224,24 +229,61 @@ fn preflight(rs: &RunSpec, opts: &RunOptions) -> Option<String> {
     Some(why.trim().to_string())
 }
 
+/// SIGKILL `child` and every process of its group (it leads its own, see
+/// `start()`); `child` is not reaped yet, so its id still names the group.
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill() only sends a signal.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+}
+
+/// The `kvmrun run` arguments of a test; `env` is its environment file.
+fn child_args(rs: &RunSpec, opts: &RunOptions, env: Option<&Path>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "run".into(),
+        rs.image.clone().into(),
+        "--serial=stdio".into(),
+    ];
+    if let Some(initrd) = env.or(rs.initrd.as_deref()) {
+        args.push("--initrd".into());
+        args.push(initrd.into());
+    }
+    if let Some(t) = rs.timeout_secs {
+        args.push(format!("--timeout={t}").into());
+    }
+    if rs.migrate {
+        args.push("--migrate".into());
+    }
+    if let Some(every) = opts.migrate_every {
+        args.push(format!("--migrate-every={every}").into());
+    }
+    args.extend(rs.args.iter().map(OsString::from));
+    args
+}
+
 fn start(idx: usize, name: &str, rs: &RunSpec, opts: &RunOptions) -> io::Result<Running> {
     let stem = file_stem(name);
     let log = opts.out_dir.join(format!("{stem}.log"));
     let err = opts.out_dir.join(format!("{stem}.stderr"));
+    let env = match &rs.env_file {
+        Some(text) => {
+            let path = opts.out_dir.join(format!("{stem}.env"));
+            std::fs::write(&path, text)?;
+            Some(path)
+        }
+        None => None,
+    };
     let mut cmd = Command::new(&opts.kvmrun);
-    cmd.arg("run").arg(&rs.image).arg("--serial=stdio");
-    if let Some(env) = &rs.env_file {
-        let path = opts.out_dir.join(format!("{stem}.env"));
-        std::fs::write(&path, env)?;
-        cmd.arg("--initrd").arg(path);
-    } else if let Some(initrd) = &rs.initrd {
-        cmd.arg("--initrd").arg(initrd);
-    }
-    if let Some(t) = rs.timeout_secs {
-        cmd.arg(format!("--timeout={t}"));
-    }
-    cmd.args(&rs.args);
+    cmd.args(child_args(rs, opts, env.as_deref()));
     let command = describe(&cmd);
+    // Keep every flag the test ran with (the migration flags too) next to
+    // its log, as the runner's log starts with its command line.
+    std::fs::write(
+        opts.out_dir.join(format!("{stem}.cmd")),
+        format!("{command}\n"),
+    )?;
     cmd.stdin(Stdio::null())
         .stdout(File::create(&log)?)
         .stderr(File::create(&err)?)
@@ -349,5 +391,68 @@ fn judge(rs: &RunSpec, raw: RawExit, serial: &str, stderr: &str) -> Outcome {
                 status: Some(code),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(migrate: bool) -> RunSpec {
+        RunSpec {
+            image: "t.flat".into(),
+            args: vec!["--smp=1".into()],
+            migrate,
+            env_file: Some(String::new()),
+            initrd: None,
+            timeout_secs: Some(90.0),
+            timeout_text: "90s".into(),
+            judge: Judge::Kut,
+        }
+    }
+
+    fn opts(migrate_every: Option<f64>) -> RunOptions {
+        RunOptions {
+            jobs: 1,
+            out_dir: "out".into(),
+            kvmrun: "kvmrun".into(),
+            kill_grace: 5.0,
+            migrate_every,
+        }
+    }
+
+    fn args(rs: &RunSpec, o: &RunOptions) -> Vec<String> {
+        child_args(rs, o, Some(Path::new("out/t.env")))
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn migration_flags_reach_the_child() {
+        let base = [
+            "run",
+            "t.flat",
+            "--serial=stdio",
+            "--initrd",
+            "out/t.env",
+            "--timeout=90",
+        ];
+        assert_eq!(
+            args(&spec(false), &opts(None)),
+            [&base[..], &["--smp=1"]].concat()
+        );
+        assert_eq!(
+            args(&spec(true), &opts(None)),
+            [&base[..], &["--migrate", "--smp=1"]].concat()
+        );
+        assert_eq!(
+            args(&spec(false), &opts(Some(0.25))),
+            [&base[..], &["--migrate-every=0.25", "--smp=1"]].concat()
+        );
+        assert_eq!(
+            args(&spec(true), &opts(Some(2.0))),
+            [&base[..], &["--migrate", "--migrate-every=2", "--smp=1"]].concat()
+        );
     }
 }
