@@ -1,15 +1,24 @@
 //! `kvmrun run --migrate`: answer a guest's migration requests the way
 //! kvm-unit-tests' migration harness does with two QEMUs.
 //!
-//! The guest asks by printing `Now migrate the VM` and then waits for a key
-//! on its serial port. The supervisor runs the VM as a child `kvmrun run
-//! --api SOCKET`, copies its output through and watches it; at each request
-//! it snapshots the VM (stopped), ends it, restores the snapshot into a
-//! fresh `kvmrun restore` process and sends the key there. This repeats for
-//! every request; the exit status is the last VM's. With an interval
-//! (`--migrate-every SECS`) the VM is also migrated whenever that much time
-//! passed since the last migration, without a key, so any test can be run
-//! across save/restore points.
+//! The guest asks by printing a line and then waits for a key on its
+//! serial port (kvm-unit-tests' lib/migrate.c). The supervisor runs the VM
+//! as a child `kvmrun run --api SOCKET`, copies its output through and
+//! watches it, line by line:
+//!
+//! - `Now migrate the VM`: snapshot the VM (stopped), end it, restore the
+//!   snapshot into a fresh `kvmrun restore` process, send the key there.
+//! - `Skipped VM migration`: send the key; no migration.
+//! - `Begin continuous migration`: send the key, then migrate back to back
+//!   until `End continuous migration`, after which the key goes to the new
+//!   VM. The guest prints the end line twice, once with ` (quiet)`, for
+//!   harnesses that may see only one; the quiet copies of the begin and
+//!   end lines are ignored here.
+//!
+//! The exit status is the last VM's, and `--timeout` spans all of them.
+//! With an interval (`--migrate-every SECS`) the VM is also migrated
+//! whenever that much time passed since the last migration, without a
+//! key, so any test can be run across save/restore points.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -24,6 +33,19 @@ use crate::api::{self, ApiError, Request};
 /// What the guest prints to ask for a migration (kvm-unit-tests'
 /// `migrate()` and `migrate_quiet()`).
 pub const MIGRATE_REQUEST: &[u8] = b"Now migrate the VM";
+/// `migrate_skip()`: no migration will come; the key lets the guest go on.
+const SKIP_REQUEST: &[u8] = b"Skipped VM migration";
+/// `migrate_begin_continuous()` and `migrate_end_continuous()`.
+const BEGIN_CONTINUOUS: &[u8] = b"Begin continuous migration";
+const END_CONTINUOUS: &[u8] = b"End continuous migration";
+const QUIET_COPY: &[u8] = b"End continuous migration (quiet)";
+const QUIET_BEGIN_COPY: &[u8] = b"Begin continuous migration (quiet)";
+
+/// Least time a VM runs between continuous migrations.
+const MIN_CONTINUOUS_RUN: Duration = Duration::from_millis(10);
+
+/// How long a new VM may take to serve its control socket.
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -105,8 +127,25 @@ fn spawn(exe: &Path, args: &[OsString], what: &'static str) -> Result<Vm, Migrat
     })
 }
 
-fn call(n: u32, socket: &Path, req: &Request) -> Result<(), MigrateError> {
-    let answer = api::call(socket, req).map_err(|source| MigrateError::Api { n, source })?;
+/// Send `req` to `vm`'s control socket. A VM just started may not serve
+/// it yet: retry while the socket is missing or refuses, the VM lives, and
+/// for at most `SOCKET_WAIT`.
+fn call(n: u32, vm: &mut Vm, req: &Request) -> Result<(), MigrateError> {
+    let started = Instant::now();
+    let answer = loop {
+        match api::call(&vm.socket, req) {
+            Err(ApiError::Socket { ref source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && started.elapsed() < SOCKET_WAIT
+                    && matches!(vm.child.try_wait(), Ok(None)) =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            r => break r.map_err(|source| MigrateError::Api { n, source })?,
+        }
+    };
     if answer.get("ok") == Some(&serde_json::Value::Bool(true)) {
         Ok(())
     } else {
@@ -117,10 +156,40 @@ fn call(n: u32, socket: &Path, req: &Request) -> Result<(), MigrateError> {
     }
 }
 
-/// Whether `line` is a complete line asking for a migration.
-fn asks_to_migrate(line: &[u8]) -> bool {
-    line.windows(MIGRATE_REQUEST.len())
-        .any(|w| w == MIGRATE_REQUEST)
+/// What a line of guest output asks of the supervisor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ask {
+    Nothing,
+    Migrate,
+    Skip,
+    BeginContinuous,
+    EndContinuous,
+}
+
+fn contains(line: &[u8], what: &[u8]) -> bool {
+    line.windows(what.len()).any(|w| w == what)
+}
+
+/// What the complete line `line` asks for.
+fn ask(line: &[u8]) -> Ask {
+    if contains(line, MIGRATE_REQUEST) {
+        Ask::Migrate
+    } else if contains(line, SKIP_REQUEST) {
+        Ask::Skip
+    } else if contains(line, QUIET_BEGIN_COPY) || contains(line, QUIET_COPY) {
+        Ask::Nothing
+    } else if contains(line, BEGIN_CONTINUOUS) {
+        Ask::BeginContinuous
+    } else if contains(line, END_CONTINUOUS) {
+        Ask::EndContinuous
+    } else {
+        Ask::Nothing
+    }
+}
+
+fn send_key(vm: &mut Vm) -> Result<(), MigrateError> {
+    vm.stdin.write_all(b"\n").map_err(MigrateError::Io)?;
+    vm.stdin.flush().map_err(MigrateError::Io)
 }
 
 /// Run `kvmrun` with `run_args` (a `run` command line without --migrate),
@@ -156,55 +225,78 @@ fn supervise_in(
             args.push(socket(0).into());
         }
     }
+    let started = Instant::now();
     let mut vm = spawn(exe, &args, "the VM")?;
     let mut out = std::io::stdout();
     let mut line: Vec<u8> = Vec::new();
     let mut n = 0u32;
     let mut last = Instant::now();
+    let mut continuous = false;
+    // Between continuous migrations the VM runs at least as long as the
+    // last migration took, so the guest makes progress: a snapshot stops
+    // it, unlike QEMU's live migration.
+    let mut cost = Duration::ZERO;
     loop {
-        let wait = every.map_or(Duration::from_secs(3600), |e| {
-            e.saturating_sub(last.elapsed())
-        });
-        let requested = match vm.output.recv_timeout(wait) {
+        let wait = if continuous {
+            cost.max(MIN_CONTINUOUS_RUN).saturating_sub(last.elapsed())
+        } else {
+            every.map_or(Duration::from_secs(3600), |e| {
+                e.saturating_sub(last.elapsed())
+            })
+        };
+        // Whether a guest waits for its key on the other side.
+        let mut requested = false;
+        match vm.output.recv_timeout(wait) {
             Ok(chunk) => {
                 out.write_all(&chunk).map_err(MigrateError::Io)?;
                 out.flush().map_err(MigrateError::Io)?;
-                let mut requested = false;
                 for &b in &chunk {
                     line.push(b);
-                    if b == b'\n' {
-                        requested |= asks_to_migrate(&line);
-                        line.clear();
+                    if b != b'\n' {
+                        continue;
                     }
+                    match ask(&line) {
+                        Ask::Nothing => {}
+                        Ask::Migrate => requested = true,
+                        Ask::Skip => send_key(&mut vm)?,
+                        Ask::BeginContinuous => {
+                            continuous = true;
+                            send_key(&mut vm)?;
+                        }
+                        Ask::EndContinuous => {
+                            continuous = false;
+                            requested = true;
+                        }
+                    }
+                    line.clear();
                 }
-                requested
             }
-            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let due = every.is_some_and(|e| last.elapsed() >= e);
+        }
+        let due = (continuous && last.elapsed() >= cost.max(MIN_CONTINUOUS_RUN))
+            || every.is_some_and(|e| last.elapsed() >= e);
         if !(requested || due) {
             continue;
         }
         n += 1;
+        let migration_started = Instant::now();
         log::info!("migration {n}: snapshot, restore into a new VM");
         let saved = call(
             n,
-            &vm.socket,
+            &mut vm,
             &Request::Snapshot {
                 dir: snap.clone(),
                 stop: true,
             },
         );
-        // A VM that ended just as a timed migration came due has nothing
-        // left to migrate.
-        if saved.is_err() && !requested {
-            if let Ok(Some(_)) = vm.child.try_wait() {
-                break;
-            }
+        // A VM that ended as a migration came due (its guest finished, or
+        // its timeout expired) has nothing left to migrate.
+        if saved.is_err() && ended_soon(&mut vm) {
+            break;
         }
         saved?;
-        call(n, &vm.socket, &Request::Quit {})?;
+        call(n, &mut vm, &Request::Quit {})?;
         // The stopped VM prints nothing more; pass on what is in flight.
         while let Ok(rest) = vm.output.recv() {
             out.write_all(&rest).map_err(MigrateError::Io)?;
@@ -214,17 +306,35 @@ fn supervise_in(
             vec!["restore".into(), snap.clone().into(), "--api".into()];
         restore.push(socket(n).into());
         if let Some(t) = timeout {
-            restore.push(format!("--timeout={t}").into());
+            restore.push(format!("--timeout={:.3}", remaining(t, started)).into());
         }
         vm = spawn(exe, &restore, "the restored VM")?;
         if requested {
-            vm.stdin.write_all(b"\n").map_err(MigrateError::Io)?;
-            vm.stdin.flush().map_err(MigrateError::Io)?;
+            send_key(&mut vm)?;
         }
         last = Instant::now();
+        cost = last - migration_started;
     }
     let status = vm.child.wait().map_err(MigrateError::Io)?;
     Ok(status.code().unwrap_or(crate::shutdown::STATUS_ERROR))
+}
+
+/// Whether `vm` has ended or ends within a second.
+fn ended_soon(vm: &mut Vm) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        if !matches!(vm.child.try_wait(), Ok(None)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Seconds left of a `timeout` that started at `started`; at least 1 ms,
+/// so an expired timeout still ends the restored VM at once.
+fn remaining(timeout: f64, started: Instant) -> f64 {
+    (timeout - started.elapsed().as_secs_f64()).max(0.001)
 }
 
 #[cfg(test)]
@@ -233,10 +343,29 @@ mod tests {
 
     #[test]
     fn requests_are_recognised() {
-        assert!(asks_to_migrate(
-            b"Now migrate the VM, then press a key to continue...\r\n"
-        ));
-        assert!(asks_to_migrate(b"Now migrate the VM (quiet)\n"));
-        assert!(!asks_to_migrate(b"Skipped VM migration (quiet)\n"));
+        let cases: [(&[u8], Ask); 8] = [
+            (
+                b"Now migrate the VM, then press a key to continue...\r\n",
+                Ask::Migrate,
+            ),
+            (b"Now migrate the VM (quiet)\n", Ask::Migrate),
+            (b"Skipped VM migration (quiet)\n", Ask::Skip),
+            (b"Begin continuous migration\n", Ask::BeginContinuous),
+            (b"End continuous migration\n", Ask::EndContinuous),
+            (b"End continuous migration (quiet)\n", Ask::Nothing),
+            (b"Begin continuous migration (quiet)\n", Ask::Nothing),
+            (b"PASS: migration\n", Ask::Nothing),
+        ];
+        for (line, want) in cases {
+            assert_eq!(ask(line), want, "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn the_timeout_spans_every_vm() {
+        let started = Instant::now() - Duration::from_secs(2);
+        let left = remaining(10.0, started);
+        assert!(left > 7.0 && left <= 8.0, "{left}");
+        assert_eq!(remaining(1.0, started), 0.001);
     }
 }

@@ -678,3 +678,46 @@ fn migrate_every_keeps_the_result_of_an_uninterrupted_run() {
         .expect(2)
         .err_has("invalid timeout");
 }
+
+/// kvm-unit-tests' other requests: a skipped migration gets its key at
+/// once, and continuous migration migrates back to back between its begin
+/// and end lines; the result is that of an uninterrupted run.
+#[test]
+fn migrate_answers_skip_and_continuous_requests() {
+    if !common::kvm_available() {
+        return;
+    }
+    let work = ["--", "words=4096", "rounds=4", "ticks=20"];
+    let plain = common::run_guest("checksum", &[&["--smp", "2"][..], &work[..]].concat());
+    plain.expect(1);
+    let mut args = vec!["--smp", "2", "--migrate", "-v"];
+    args.extend_from_slice(&work);
+    args.extend(["migrate-skip", "continuous"]);
+    let migrated = common::run_guest("checksum", &args);
+    migrated
+        .expect(1)
+        .has("migration skipped")
+        .has("continuous migration done");
+    let total = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("checksum:"))
+            .map(|l| l.trim_end().to_string())
+    };
+    assert_eq!(total(&plain.stdout), total(&migrated.stdout));
+    // The end line always comes with a migration, so at least one ran.
+    assert!(
+        migrated.stderr.contains("migration 1: snapshot"),
+        "{}",
+        migrated.stderr
+    );
+}
+
+/// `--timeout` spans every VM of a migrating run, so a hung guest still
+/// ends with the timeout status however often it is migrated.
+#[test]
+fn the_timeout_spans_every_migrated_vm() {
+    if !common::kvm_available() {
+        return;
+    }
+    common::run_guest("hang", &["--migrate-every", "0.1", "--timeout", "2"]).expect(124);
+}

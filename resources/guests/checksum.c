@@ -9,7 +9,10 @@
  * must see before it finishes, default 50), wait (after phase 1, wait for
  * a byte on COM1 before phase 2), migrate=N (after phase 1, N times: ask
  * to be migrated with the line kvm-unit-tests' migration harness answers,
- * then wait for a byte), pit-off (stop the PIT's periodic ticks, which
+ * then wait for a byte), migrate-skip (before that, say no migration will
+ * come and wait for a byte), continuous (ask to be migrated continuously
+ * during phase 2, as kvm-unit-tests' migrate_begin_continuous() and
+ * migrate_end_continuous() do), pit-off (stop the PIT's periodic ticks, which
  * the firmware leaves running), pit-count=N (run the PIT periodically
  * dividing by N instead; IRQ 0 stays masked either way).
  */
@@ -139,6 +142,14 @@ static bool wait_all(volatile u32 *counter, u32 n)
 	return *counter >= n;
 }
 
+/* Poll COM1 for one byte. */
+static char wait_key(void)
+{
+	while (!(inb(COM1 + 5) & LSR_DR))
+		;
+	return inb(COM1);
+}
+
 int main(void)
 {
 	arg_u64("words=", &words);
@@ -178,18 +189,24 @@ int main(void)
 	printf("phase 1 done\n");
 	if (arg_str("wait")) {
 		printf("waiting for a key\n");
-		while (!(inb(COM1 + 5) & LSR_DR))
-			;
-		printf("key: %c\n", inb(COM1));
+		printf("key: %c\n", wait_key());
+	}
+	if (arg_str("migrate-skip")) {
+		printf("Skipped VM migration (quiet)\n");
+		wait_key();
+		printf("migration skipped\n");
 	}
 	u64 migrations = 0;
 	arg_u64("migrate=", &migrations);
 	for (u64 m = 0; m < migrations; m++) {
 		printf("Now migrate the VM, then press a key to continue...\n");
-		while (!(inb(COM1 + 5) & LSR_DR))
-			;
-		inb(COM1);
+		wait_key();
 		printf("migration %lu done\n", m + 1);
+	}
+	bool continuous = arg_str("continuous");
+	if (continuous) {
+		printf("Begin continuous migration\n");
+		wait_key();
 	}
 	phase2_go = 1;
 	mix(0, rounds / 2, rounds);
@@ -197,6 +214,12 @@ int main(void)
 	wait_ticks(0);
 	__atomic_fetch_add(&phase2_done, 1, __ATOMIC_SEQ_CST);
 	report(wait_all(&phase2_done, ncpus), "phase-2-all-cpus");
+	if (continuous) {
+		printf("End continuous migration\n");
+		printf("End continuous migration (quiet)\n");
+		wait_key();
+		printf("continuous migration done\n");
+	}
 
 	u64 total = 0;
 	bool all_ticked = true;
