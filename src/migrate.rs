@@ -291,12 +291,13 @@ fn supervise_in(
             },
         );
         // A VM that ended as a migration came due (its guest finished, or
-        // its timeout expired) has nothing left to migrate.
-        if saved.is_err() && ended_soon(&mut vm) {
+        // its timeout expired, even while stopped) has nothing left to
+        // migrate; its status is the run's.
+        let stopped = saved.and_then(|()| call(n, &mut vm, &Request::Quit {}));
+        if stopped.is_err() && ended_soon(&mut vm) {
             break;
         }
-        saved?;
-        call(n, &mut vm, &Request::Quit {})?;
+        stopped?;
         // The stopped VM prints nothing more; pass on what is in flight.
         while let Ok(rest) = vm.output.recv() {
             out.write_all(&rest).map_err(MigrateError::Io)?;
