@@ -668,11 +668,6 @@ fn migrate_every_keeps_the_result_of_an_uninterrupted_run() {
     args.push("migrate=1");
     let migrated = common::run_guest("checksum", &args);
     migrated.expect(1).has("migration 1 done");
-    let total = |out: &str| {
-        out.lines()
-            .find(|l| l.starts_with("checksum:"))
-            .map(|l| l.trim_end().to_string())
-    };
     assert_eq!(total(&plain.stdout), total(&migrated.stdout));
     common::run_guest("hello", &["--migrate-every", "0"])
         .expect(2)
@@ -698,11 +693,6 @@ fn migrate_answers_skip_and_continuous_requests() {
         .expect(1)
         .has("migration skipped")
         .has("continuous migration done");
-    let total = |out: &str| {
-        out.lines()
-            .find(|l| l.starts_with("checksum:"))
-            .map(|l| l.trim_end().to_string())
-    };
     assert_eq!(total(&plain.stdout), total(&migrated.stdout));
     // The end line always comes with a migration, so at least one ran.
     assert!(
@@ -720,4 +710,11 @@ fn the_timeout_spans_every_migrated_vm() {
         return;
     }
     common::run_guest("hang", &["--migrate-every", "0.1", "--timeout", "2"]).expect(124);
+}
+
+/// The checksum guest's overall checksum line.
+fn total(out: &str) -> Option<String> {
+    out.lines()
+        .find(|l| l.starts_with("checksum:"))
+        .map(|l| l.trim_end().to_string())
 }

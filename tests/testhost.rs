@@ -450,21 +450,8 @@ fn sigint_stops_every_vm_and_writes_partial_reports() {
         .spawn()
         .unwrap();
     // With -j 1, "hanging" in hang.log means hello has finished and the
-    // hung VM is the one running. The bound only keeps a broken build
-    // from hanging the test suite.
-    let start = Instant::now();
-    let log = out.join("hang.log");
-    while !std::fs::read_to_string(&log).is_ok_and(|s| s.contains("hanging")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "hang.elf never started"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "kvmrun test ended early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // hung VM is the one running.
+    wait_for_hanging(&mut child, &out.join("hang.log"));
     let vms = children(child.id());
     assert_eq!(vms.len(), 1, "expected one running VM, found {vms:?}");
     // SAFETY: kill() on a child this test started.
@@ -607,21 +594,8 @@ fn sigint_stops_the_vms_of_a_migrating_test() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // "hanging" in the log means the supervisor and its VM both run. The
-    // bound only keeps a broken build from hanging the test suite.
-    let start = Instant::now();
-    let log = out.join("hang.log");
-    while !std::fs::read_to_string(&log).is_ok_and(|s| s.contains("hanging")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "hang.elf never started"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "kvmrun test ended early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // "hanging" in the log means the supervisor and its VM both run.
+    wait_for_hanging(&mut child, &out.join("hang.log"));
     let supervisors = children(child.id());
     assert_eq!(supervisors.len(), 1, "{supervisors:?}");
     let vms = children(supervisors[0]);
@@ -646,6 +620,23 @@ fn sigint_stops_the_vms_of_a_migrating_test() {
             killed.elapsed() < Duration::from_secs(30),
             "VM process {} survived the interrupt",
             vms[0]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until `log` says "hanging" while `child` (kvmrun test) still runs.
+/// The bound only keeps a broken build from hanging the test suite.
+fn wait_for_hanging(child: &mut std::process::Child, log: &Path) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(log).is_ok_and(|s| s.contains("hanging")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "hang.elf never started"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kvmrun test ended early"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
