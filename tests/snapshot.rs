@@ -718,3 +718,33 @@ fn total(out: &str) -> Option<String> {
         .find(|l| l.starts_with("checksum:"))
         .map(|l| l.trim_end().to_string())
 }
+
+/// A VM without the in-kernel PIT saves no PIT state and restores without
+/// a lost-tick policy switch; the guest finishes as an uninterrupted run.
+#[test]
+fn a_vm_without_a_pit_survives_save_and_restore() {
+    if !kvm_available() {
+        return;
+    }
+    let mut plain = checksum_args("1");
+    plain.push("--no-pit".into());
+    let reference = spawn(&strs(&plain)).finish();
+    reference.expect(PASS);
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("api.sock");
+    let mut args = plain.clone();
+    args.extend(["--api".into(), sock.to_str().unwrap().into()]);
+    args.extend(["--".into(), "wait".into()]);
+    let mut vm = spawn(&strs(&args));
+    wait_socket(&sock);
+    vm.wait_for("waiting for a key");
+    let dir = d.path().join("snap");
+    snapshot(&sock, &dir);
+    vm.key();
+    let original = vm.finish();
+    original.expect(PASS);
+    let restored = restore(&dir, &[]);
+    restored.expect(PASS);
+    assert_eq!(final_lines(&restored), final_lines(&original));
+    assert_eq!(final_lines(&original), final_lines(&reference));
+}
