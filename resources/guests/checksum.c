@@ -18,13 +18,6 @@
  */
 #include "guest.h"
 
-#define TRAMPOLINE 0x8000 /* SIPI vector 8 */
-#define ICR_ALL_BUT_SELF (3u << 18)
-#define ICR_ASSERT (1u << 14)
-#define ICR_BUSY (1u << 12)
-#define ICR_INIT (5u << 8)
-#define ICR_STARTUP (6u << 8)
-
 #define APIC_LVT_TIMER 0x320
 #define APIC_TIMER_INIT 0x380
 #define APIC_TIMER_DIV 0x3e0
@@ -127,14 +120,6 @@ void ap_main(void)
 	work(cpu);
 }
 
-static void icr_write(u32 lo)
-{
-	for (u64 t = rdtsc(); (lapic_read(APIC_ICR_LO) & ICR_BUSY) && !timed_out(t);)
-		;
-	lapic_write(APIC_ICR_HI, 0);
-	lapic_write(APIC_ICR_LO, lo);
-}
-
 static bool wait_all(volatile u32 *counter, u32 n)
 {
 	for (u64 t = rdtsc(); *counter < n && rdtsc() - t < LONG_WAIT;)
@@ -177,9 +162,7 @@ int main(void)
 	set_irq_handler(TIMER_VECTOR, tick);
 	start_timer();
 	if (ncpus > 1) {
-		memcpy((void *)TRAMPOLINE, ap_tramp_start, ap_tramp_end - ap_tramp_start);
-		icr_write(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
-		icr_write(ICR_ALL_BUT_SELF | ICR_STARTUP | (TRAMPOLINE >> 12));
+		start_aps();
 	}
 
 	fill(0);

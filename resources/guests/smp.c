@@ -4,15 +4,6 @@
  */
 #include "guest.h"
 
-#define TRAMPOLINE 0x8000 /* SIPI vector 8 */
-
-/* ICR: destination shorthand "all excluding self", level assert, delivery mode. */
-#define ICR_ALL_BUT_SELF (3u << 18)
-#define ICR_ASSERT (1u << 14)
-#define ICR_BUSY (1u << 12)
-#define ICR_INIT (5u << 8)
-#define ICR_STARTUP (6u << 8)
-
 struct cpu_ids {
 	u32 lapic, cpuid1, cpuidb;
 };
@@ -45,14 +36,6 @@ void ap_main(void)
 	__atomic_fetch_add(&ap_online, 1, __ATOMIC_SEQ_CST);
 }
 
-static void icr_write(u32 lo)
-{
-	for (u64 t = rdtsc(); (lapic_read(APIC_ICR_LO) & ICR_BUSY) && !timed_out(t);)
-		;
-	lapic_write(APIC_ICR_HI, 0);
-	lapic_write(APIC_ICR_LO, lo);
-}
-
 int main(void)
 {
 	u32 nb = fwcfg_read(FW_CFG_NB_CPUS, 2);
@@ -69,9 +52,7 @@ int main(void)
 	read_ids(&ids[0]);
 	if (nb > 1) {
 		lapic_enable();
-		memcpy((void *)TRAMPOLINE, ap_tramp_start, ap_tramp_end - ap_tramp_start);
-		icr_write(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
-		icr_write(ICR_ALL_BUT_SELF | ICR_STARTUP | (TRAMPOLINE >> 12));
+		start_aps();
 		for (u64 t = rdtsc(); ap_online < nb - 1 && !timed_out(t);)
 			;
 	}

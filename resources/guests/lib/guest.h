@@ -161,6 +161,7 @@ void lapic_enable(void);
 void lapic_eoi(void);
 u32 ioapic_read(u32 reg);
 void ioapic_write(u32 reg, u32 v);
+void start_aps(void);
 
 /* LAPIC registers */
 #define APIC_ID 0x20

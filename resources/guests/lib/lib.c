@@ -446,6 +446,34 @@ void lapic_enable(void)
 	lapic_write(APIC_SPIV, 0x1ff); /* software-enable, spurious vector 0xff */
 }
 
+#define TRAMPOLINE 0x8000 /* SIPI vector 8 */
+
+/* ICR: destination shorthand "all excluding self", level assert, delivery mode. */
+#define ICR_ALL_BUT_SELF (3u << 18)
+#define ICR_ASSERT (1u << 14)
+#define ICR_BUSY (1u << 12)
+#define ICR_INIT (5u << 8)
+#define ICR_STARTUP (6u << 8)
+
+static void icr_write(u32 lo)
+{
+	for (u64 t = rdtsc(); (lapic_read(APIC_ICR_LO) & ICR_BUSY) && !timed_out(t);)
+		;
+	lapic_write(APIC_ICR_HI, 0);
+	lapic_write(APIC_ICR_LO, lo);
+}
+
+/*
+ * Wake every other CPU with INIT and one SIPI into the AP trampoline,
+ * which enters ap_main() in 64-bit mode.
+ */
+void start_aps(void)
+{
+	memcpy((void *)TRAMPOLINE, ap_tramp_start, ap_tramp_end - ap_tramp_start);
+	icr_write(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
+	icr_write(ICR_ALL_BUT_SELF | ICR_STARTUP | (TRAMPOLINE >> 12));
+}
+
 u32 ioapic_read(u32 reg)
 {
 	mmio_write32(IOAPIC_BASE, reg);
