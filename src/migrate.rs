@@ -38,7 +38,7 @@ const SKIP_REQUEST: &[u8] = b"Skipped VM migration";
 /// `migrate_begin_continuous()` and `migrate_end_continuous()`.
 const BEGIN_CONTINUOUS: &[u8] = b"Begin continuous migration";
 const END_CONTINUOUS: &[u8] = b"End continuous migration";
-const QUIET_COPY: &[u8] = b"End continuous migration (quiet)";
+const QUIET_END_COPY: &[u8] = b"End continuous migration (quiet)";
 const QUIET_BEGIN_COPY: &[u8] = b"Begin continuous migration (quiet)";
 
 /// Least time a VM runs between continuous migrations.
@@ -176,7 +176,7 @@ fn ask(line: &[u8]) -> Ask {
         Ask::Migrate
     } else if contains(line, SKIP_REQUEST) {
         Ask::Skip
-    } else if contains(line, QUIET_BEGIN_COPY) || contains(line, QUIET_COPY) {
+    } else if contains(line, QUIET_BEGIN_COPY) || contains(line, QUIET_END_COPY) {
         Ask::Nothing
     } else if contains(line, BEGIN_CONTINUOUS) {
         Ask::BeginContinuous

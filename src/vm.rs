@@ -2,16 +2,18 @@
 //! page services devices reach through `devices`' traits.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::{IrqLine, PageFlusher};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{self, Layout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
-use crate::pit_policy::TickSwitch;
+use crate::pit_policy::{self, TickSwitch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -111,17 +113,19 @@ impl Vm {
     }
 
     /// Start the PIT's switch to dropping missed ticks (see
-    /// `pit_policy`). `loaded`: when channel 0's count was last loaded and
-    /// its period, if periodic. `failed` runs if the switch fails.
+    /// `pit_policy`). `loaded`: the PIT state last loaded, and when the
+    /// load started. `failed` runs if the switch fails.
     pub fn drop_lost_ticks(
         &self,
-        loaded: Option<(Instant, Duration)>,
+        loaded: Option<&kvm_pit_state2>,
+        loaded_at: Instant,
         failed: impl FnOnce(&VmError) + Send + 'static,
     ) -> Result<TickSwitch, VmError> {
         if !self.pit {
             return Ok(TickSwitch::default());
         }
-        TickSwitch::start(self.fd.clone(), loaded, failed)
+        let periodic = loaded.and_then(pit_policy::period).map(|p| (loaded_at, p));
+        TickSwitch::start(self.fd.clone(), periodic, failed)
     }
 
     /// Route writes to `evt` into GSI `gsi` (an edge).

@@ -35,7 +35,7 @@ use crate::cpu::msrs::{self, MsrError};
 use crate::cpu::{self, CpuError};
 use crate::kvmcaps::{self, CapError};
 use crate::memory::Layout;
-use crate::pit_policy::{self, TickSwitch};
+use crate::pit_policy::TickSwitch;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
     self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
@@ -174,11 +174,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     boot::bios::write_ivt(&vm.mem)?;
     let pit_loaded = Instant::now();
     let pit_state = boot::bios::setup_irqchip(&vm.fd, pit)?;
-    let loaded = pit_state
-        .as_ref()
-        .and_then(pit_policy::period)
-        .map(|p| (pit_loaded, p));
-    let ticks = vm.drop_lost_ticks(loaded, failed_switch(shutdown))?;
+    let ticks = vm.drop_lost_ticks(pit_state.as_ref(), pit_loaded, failed_switch(shutdown))?;
     let cmdline = cfg.kernel_cmdline(kind);
     let initrd_ref = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
     let args = boot::LoadArgs {
@@ -262,13 +258,7 @@ fn build_restored(
     }
     let pit_loaded = Instant::now();
     state.vm.restore(&vm, cfg.pit_enabled())?;
-    let loaded = state
-        .vm
-        .pit
-        .as_ref()
-        .and_then(pit_policy::period)
-        .map(|p| (pit_loaded, p));
-    let ticks = vm.drop_lost_ticks(loaded, failed_switch(shutdown))?;
+    let ticks = vm.drop_lost_ticks(state.vm.pit.as_ref(), pit_loaded, failed_switch(shutdown))?;
     Ok(Machine {
         cfg: cfg.clone(),
         vm,
