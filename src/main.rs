@@ -80,19 +80,28 @@ enum Cmd {
 struct RestoreArgs {
     /// A snapshot directory (holding `state` and `memory`).
     dir: PathBuf,
+    #[command(flatten)]
+    io: HostSideArgs,
+    /// Check guest RAM against the digest in the state before starting;
+    /// reads the whole memory file (without it, restore reads no RAM).
+    #[arg(long)]
+    verify_memory: bool,
+}
+
+/// The host side of a VM that a snapshot does not fix: `--serial`,
+/// `--timeout` and `--api`, shared by `run` and `restore`.
+#[derive(Args)]
+struct HostSideArgs {
     /// Where COM1 output goes: stdio, none or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialOutput,
     /// End the VM with status 124 after this many seconds.
     #[arg(long, value_parser = config::parse_timeout)]
     timeout: Option<f64>,
-    /// Serve the control socket at this path (see docs/API.md).
+    /// Serve the control socket at this path: pause, resume, snapshot,
+    /// status, quit (see docs/API.md).
     #[arg(long)]
     api: Option<PathBuf>,
-    /// Check guest RAM against the digest in the state before starting;
-    /// reads the whole memory file (without it, restore reads no RAM).
-    #[arg(long)]
-    verify_memory: bool,
 }
 
 /// `--cpu` and `--cpu-lenient`, shared by `run` and `cpuid`.
@@ -238,16 +247,8 @@ struct RunArgs {
     /// Leave out the in-kernel PIT (QEMU's -machine pit=off).
     #[arg(long)]
     no_pit: bool,
-    /// Where COM1 output goes: stdio, none or file:PATH.
-    #[arg(long, default_value = "stdio")]
-    serial: SerialOutput,
-    /// End the VM with status 124 after this many seconds.
-    #[arg(long, value_parser = config::parse_timeout)]
-    timeout: Option<f64>,
-    /// Serve the control socket at this path: pause, resume, snapshot,
-    /// status, quit (see docs/API.md).
-    #[arg(long)]
-    api: Option<PathBuf>,
+    #[command(flatten)]
+    io: HostSideArgs,
     /// Answer the guest's migration requests (kvm-unit-tests' "Now migrate
     /// the VM" line): snapshot it, restore it into a new VM process, and
     /// send the key it waits for, as often as it asks.
@@ -283,7 +284,7 @@ impl RunArgs {
             words.push(self.append);
         }
         words.extend(self.args);
-        let opts = vmm::RunOptions { api: self.api };
+        let opts = vmm::RunOptions { api: self.io.api };
         let cfg = VmConfig {
             image: self.image,
             mem_bytes: self.mem,
@@ -292,8 +293,8 @@ impl RunArgs {
             base_cmdline: self.cmdline,
             cmdline: words.join(" "),
             pit: !self.no_pit,
-            serial: self.serial,
-            timeout_secs: self.timeout,
+            serial: self.io.serial,
+            timeout_secs: self.io.timeout,
             cpu: self.cpu.cpu,
             cpu_lenient: self.cpu.cpu_lenient,
             kvm_caps: self.kvm_cap,
@@ -332,7 +333,7 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Run(args) => {
             if args.migrate || args.migrate_every.is_some() {
-                if args.serial != SerialOutput::Stdio {
+                if args.io.serial != SerialOutput::Stdio {
                     return Err(kvmrun::migrate::MigrateError::Serial.into());
                 }
                 // The same command line without --migrate, for the child VM.
@@ -342,7 +343,7 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
                 return Ok(kvmrun::migrate::supervise(
                     &exe,
                     &argv,
-                    args.timeout,
+                    args.io.timeout,
                     every,
                 )?);
             }
@@ -352,8 +353,8 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
             Ok(reason.status())
         }
         Cmd::Restore(a) => {
-            let opts = vmm::RunOptions { api: a.api };
-            let reason = vmm::restore(&a.dir, a.serial, a.timeout, a.verify_memory, &opts)?;
+            let opts = vmm::RunOptions { api: a.io.api };
+            let reason = vmm::restore(&a.dir, a.io.serial, a.io.timeout, a.verify_memory, &opts)?;
             log::info!("VM ended: {reason:?}");
             Ok(reason.status())
         }
