@@ -146,15 +146,7 @@ fn overlong_command_line_is_refused() {
 /// Debian's cloud kernel, its ELF vmlinux and our initramfs, built by
 /// `make linux`.
 fn debian(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("build/linux")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `make linux` (or `make test`) first",
-        p.display()
-    );
-    p
+    common::built("linux", name)
 }
 
 /// The lines Linux prints for kvmrun's e820 map of `mem` bytes.

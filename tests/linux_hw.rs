@@ -5,21 +5,14 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use common::{kvm_available, kvm_module, kvmrun, Run};
 
+/// A file `make linux` builds.
 fn built(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("build/linux")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `make linux` first",
-        p.display()
-    );
-    p
+    common::built("linux", name)
 }
 
 const CONSOLE: &str = "console=ttyS0 reboot=k panic=1";

@@ -31,12 +31,18 @@ pub fn guest(name: &str) -> PathBuf {
 
 /// Path of a file `make guests` builds, by its file name.
 pub fn guest_file(file: &str) -> PathBuf {
+    built("guests", file)
+}
+
+/// Path of `build/DIR/FILE`, which `make DIR` builds.
+pub fn built(dir: &str, file: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("build/guests")
+        .join("build")
+        .join(dir)
         .join(file);
     assert!(
         p.exists(),
-        "{} is missing: run `make guests` (or `make test`) first",
+        "{} is missing: run `make {dir}` (or `make test`) first",
         p.display()
     );
     p
