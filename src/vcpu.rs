@@ -1,8 +1,10 @@
 //! One vCPU: its KVM state at creation, its thread's run loop, and the
 //! dispatch of every exit to the bus or the shutdown path.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_segment, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
@@ -329,9 +331,43 @@ impl Vcpu {
         }
     }
 
-    /// The vCPU thread: run until the VM shuts down or is suspended, then
-    /// hand the vCPU back.
-    pub fn run(mut self, bus: Arc<IoBus>, shutdown: Arc<Shutdown>, halt: Arc<HaltWatch>) -> Self {
+    /// This vCPU's `kvm_run.immediate_exit`, shared with the threads that
+    /// kick it (`Kick`).
+    fn immediate_exit(&mut self) -> *mut u8 {
+        &mut self.fd.get_kvm_run().immediate_exit
+    }
+
+    /// Start this vCPU's thread, which runs it until the VM shuts down or
+    /// must stop, then hands it back through `Running::stop()`.
+    pub fn start(
+        mut self,
+        bus: Arc<IoBus>,
+        shutdown: Arc<Shutdown>,
+        halt: Arc<HaltWatch>,
+    ) -> std::io::Result<Running> {
+        let immediate_exit = self.immediate_exit();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || {
+                // Keep the vCPU, and with it the kvm_run mapping a `Kick`
+                // writes to, alive until the thread is joined, even when
+                // the loop panics.
+                let ran =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.run(&bus, &shutdown, &halt)));
+                if ran.is_err() {
+                    shutdown.request(ExitReason::Error(format!("vCPU {} panicked", self.id)));
+                }
+                self
+            })?;
+        let kick = Kick {
+            immediate_exit,
+            thread: std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread),
+        };
+        Ok(Running { thread, kick })
+    }
+
+    /// The vCPU thread's loop: run until the VM shuts down or must stop.
+    fn run(&mut self, bus: &IoBus, shutdown: &Shutdown, halt: &HaltWatch) {
         while !shutdown.must_stop() {
             let outcome = match self.fd.run() {
                 Ok(exit) => match exit {
@@ -380,7 +416,11 @@ impl Vcpu {
                     other => Some(Outcome::Crash(format!("unhandled exit {other:?}"))),
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
+                    // Cleared before `must_stop()` is read again, so a stop
+                    // whose kick this clears is still seen (`Kick::kick()`).
+                    // SAFETY: the field lives in this vCPU's kvm_run mapping.
+                    unsafe { AtomicU8::from_ptr(self.immediate_exit()) }
+                        .store(0, Ordering::SeqCst);
                     halt.report(self.id, self.is_stuck());
                     None
                 }
@@ -392,14 +432,13 @@ impl Vcpu {
             match outcome {
                 None => {}
                 Some(Outcome::Exit(reason)) => shutdown.request(reason),
-                Some(Outcome::Crash(what)) => self.crash(&shutdown, what),
+                Some(Outcome::Crash(what)) => self.crash(shutdown, what),
                 Some(Outcome::InternalError) => {
                     let what = self.internal_error();
-                    self.crash(&shutdown, what)
+                    self.crash(shutdown, what)
                 }
             }
         }
-        self
     }
 
     /// Put the vCPU where firmware's S3 resume path leaves it: just reset,
@@ -572,6 +611,54 @@ impl Vcpu {
             );
         }
         s
+    }
+}
+
+/// A vCPU whose thread runs it.
+pub struct Running {
+    thread: JoinHandle<Vcpu>,
+    kick: Kick,
+}
+
+impl Running {
+    pub fn kick(&self) -> Kick {
+        self.kick
+    }
+
+    /// Kick the vCPU out of KVM_RUN and take it back once its thread
+    /// ends; the caller has made `Shutdown::must_stop()` true. None if the
+    /// thread could not hand it back.
+    pub fn stop(self) -> Option<Vcpu> {
+        self.kick.kick();
+        self.thread.join().ok()
+    }
+}
+
+/// What another thread needs to kick one vCPU out of KVM_RUN.
+#[derive(Clone, Copy)]
+pub struct Kick {
+    immediate_exit: *mut u8,
+    thread: libc::pthread_t,
+}
+
+// SAFETY: both fields name things that outlive every use of a `Kick`: the
+// vCPU's kvm_run mapping lives as long as the `Vcpu`, which its thread
+// hands back when it ends, and the pthread id stays valid until the
+// thread is joined. Kicks are only sent before `Running::stop()` joins.
+unsafe impl Send for Kick {}
+unsafe impl Sync for Kick {}
+
+impl Kick {
+    /// Set `immediate_exit`, then signal the thread, as the KVM API
+    /// documentation prescribes: KVM_RUN returns EINTR at once while the
+    /// field is set, so a signal that lands before the thread enters
+    /// KVM_RUN is not lost, and one inside KVM_RUN interrupts it.
+    pub fn kick(&self) {
+        // SAFETY: see `unsafe impl Send for Kick`.
+        unsafe {
+            AtomicU8::from_ptr(self.immediate_exit).store(1, Ordering::SeqCst);
+            libc::pthread_kill(self.thread, kick_signal());
+        }
     }
 }
 

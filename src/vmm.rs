@@ -5,11 +5,9 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::acpi_pm::AcpiPm;
@@ -24,7 +22,6 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::Killable;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{self, ApiError, ApiServer, Control, Request};
@@ -41,7 +38,7 @@ use crate::snapshot::{
     self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
     VmState, VmStateError, WriteStats,
 };
-use crate::vcpu::{self, HaltWatch, Vcpu, VcpuError};
+use crate::vcpu::{self, HaltWatch, Kick, Running, Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -539,7 +536,7 @@ fn run_machine(
     let mut machine = machine;
     let mut vcpus = std::mem::take(&mut machine.vcpus);
     let halt = Arc::new(HaltWatch::new(cfg.vcpus));
-    let thread_ids = Arc::new(Mutex::new(Vec::new()));
+    let kicks = Arc::new(Mutex::new(Vec::new()));
     let mut halt_timer = TimerFd::new().map_err(sys("timerfd"))?;
     halt_timer
         .reset(HALT_POLL, Some(HALT_POLL))
@@ -547,7 +544,7 @@ fn run_machine(
     em.add_subscriber(Arc::new(Mutex::new(HaltPoll {
         timer: halt_timer,
         watch: halt.clone(),
-        threads: thread_ids.clone(),
+        kicks: kicks.clone(),
         shutdown: shutdown.clone(),
     })));
 
@@ -596,13 +593,13 @@ fn run_machine(
                 log::debug!("vCPUs running {:?} after start", started.elapsed());
                 first_round = false;
             }
-            *lock(&thread_ids) = threads.iter().map(|t| t.as_pthread_t()).collect();
+            *lock(&kicks) = threads.iter().map(Running::kick).collect();
             while !shutdown.must_stop() {
                 if let Err(e) = em.run() {
                     shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
                 }
             }
-            lock(&thread_ids).clear();
+            lock(&kicks).clear();
             vcpus = stop_vcpus(threads);
             if shutdown.is_requested() || vcpus.len() != cfg.vcpus as usize {
                 break;
@@ -676,15 +673,10 @@ fn start_vcpus(
     bus: &Arc<IoBus>,
     shutdown: &Arc<Shutdown>,
     halt: &Arc<HaltWatch>,
-) -> Vec<JoinHandle<Vcpu>> {
+) -> Vec<Running> {
     let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {
-        let (bus, sd, h) = (bus.clone(), shutdown.clone(), halt.clone());
-        let name = format!("vcpu{}", v.id);
-        match std::thread::Builder::new()
-            .name(name)
-            .spawn(move || v.run(bus, sd, h))
-        {
+        match v.start(bus.clone(), shutdown.clone(), halt.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 shutdown.request(ExitReason::Error(format!(
@@ -697,21 +689,10 @@ fn start_vcpus(
     threads
 }
 
-/// Kick every vCPU out of KVM_RUN until its thread ends, and take the
-/// vCPUs back. Kicks repeat because one that lands just before a thread
-/// enters KVM_RUN is lost.
-fn stop_vcpus(threads: Vec<JoinHandle<Vcpu>>) -> Vec<Vcpu> {
-    let mut vcpus = Vec::with_capacity(threads.len());
-    for t in threads {
-        while !t.is_finished() {
-            let _ = t.kill(vcpu::kick_signal());
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        if let Ok(v) = t.join() {
-            vcpus.push(v);
-        }
-    }
-    vcpus
+/// Take the vCPUs back from their threads; `Shutdown::must_stop()` is
+/// already true, so one kick each suffices.
+fn stop_vcpus(threads: Vec<Running>) -> Vec<Vcpu> {
+    threads.into_iter().filter_map(Running::stop).collect()
 }
 
 /// Resume from S3 the way firmware does after the wake event: the boot
@@ -741,8 +722,8 @@ const HALT_POLL: Duration = Duration::from_millis(250);
 struct HaltPoll {
     timer: TimerFd,
     watch: Arc<HaltWatch>,
-    /// The running vCPU threads; empty while they are stopped.
-    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// The running vCPUs; empty while they are stopped.
+    kicks: Arc<Mutex<Vec<Kick>>>,
     shutdown: Arc<Shutdown>,
 }
 
@@ -753,11 +734,9 @@ impl MutEventSubscriber for HaltPoll {
             self.shutdown.request(ExitReason::Halted);
             return;
         }
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        for &t in threads.iter() {
-            // SAFETY: the list is emptied before the threads are joined, so
-            // every id in it names a live thread.
-            unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+        // The list is emptied before the threads are joined.
+        for k in self.kicks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            k.kick();
         }
     }
 
