@@ -44,8 +44,10 @@ const QUIET_BEGIN_COPY: &[u8] = b"Begin continuous migration (quiet)";
 /// Least time a VM runs between continuous migrations.
 const MIN_CONTINUOUS_RUN: Duration = Duration::from_millis(10);
 
-/// How long a new VM may take to serve its control socket.
-const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// Backstops, never verdicts: how long a new VM may take to serve its
+/// control socket, and a VM that failed a request to end.
+const SOCKET_WAIT: Duration = Duration::from_secs(60);
+const ENDING_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -187,9 +189,88 @@ fn ask(line: &[u8]) -> Ask {
     }
 }
 
-fn send_key(vm: &mut Vm) -> Result<(), MigrateError> {
-    vm.stdin.write_all(b"\n").map_err(MigrateError::Io)?;
+/// The guest's requests, read from its output. Every byte any VM of the
+/// run prints goes through `feed()` exactly once and in order, so a
+/// request printed just before a stop, or split between the stopped VM
+/// and its restored copy, is answered like any other.
+#[derive(Debug, Default)]
+struct Requests {
+    /// The line read so far; it outlives the VM that started it.
+    line: Vec<u8>,
+    /// Between the begin and end of continuous migration.
+    continuous: bool,
+    /// Keys the guest waits for that no migration has to precede.
+    keys: u32,
+    /// A guest waits for its key after the next migration.
+    migrate: bool,
+}
+
+impl Requests {
+    fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            self.line.push(b);
+            if b != b'\n' {
+                continue;
+            }
+            match ask(&self.line) {
+                Ask::Nothing => {}
+                Ask::Migrate => self.migrate = true,
+                Ask::Skip => self.keys += 1,
+                Ask::BeginContinuous => {
+                    self.continuous = true;
+                    self.keys += 1;
+                }
+                Ask::EndContinuous => {
+                    self.continuous = false;
+                    self.migrate = true;
+                }
+            }
+            self.line.clear();
+        }
+    }
+
+    /// Keys owed now; with `migrated`, also the key of a request the
+    /// migration just done answers.
+    fn take_keys(&mut self, migrated: bool) -> u32 {
+        let keys = std::mem::take(&mut self.keys);
+        if migrated && std::mem::take(&mut self.migrate) {
+            keys + 1
+        } else {
+            keys
+        }
+    }
+}
+
+fn send_keys(vm: &mut Vm, keys: u32) -> Result<(), MigrateError> {
+    for _ in 0..keys {
+        vm.stdin.write_all(b"\n").map_err(MigrateError::Io)?;
+    }
     vm.stdin.flush().map_err(MigrateError::Io)
+}
+
+/// Copy `chunk` of guest output to stdout and read the requests in it.
+fn pass_on(out: &mut impl Write, reqs: &mut Requests, chunk: &[u8]) -> Result<(), MigrateError> {
+    out.write_all(chunk).map_err(MigrateError::Io)?;
+    out.flush().map_err(MigrateError::Io)?;
+    reqs.feed(chunk);
+    Ok(())
+}
+
+/// Test-only: with this set in the environment, a chunk of output that
+/// holds a request is held back until the VM has been stopped for a
+/// migration, so the request reaches the supervisor as output in flight
+/// at the stop: the race a loaded machine produces by chance, every time.
+const RACE_HOOK: &str = "KVMRUN_TEST_STOP_BEFORE_REQUEST";
+
+fn holds_request(chunk: &[u8]) -> bool {
+    [
+        MIGRATE_REQUEST,
+        SKIP_REQUEST,
+        BEGIN_CONTINUOUS,
+        END_CONTINUOUS,
+    ]
+    .iter()
+    .any(|r| contains(chunk, r))
 }
 
 /// Run `kvmrun` with `run_args` (a `run` command line without --migrate),
@@ -225,58 +306,38 @@ fn supervise_in(
             args.push(socket(0).into());
         }
     }
+    let race_hook = std::env::var_os(RACE_HOOK).is_some();
     let started = Instant::now();
     let mut vm = spawn(exe, &args, "the VM")?;
     let mut out = std::io::stdout();
-    let mut line: Vec<u8> = Vec::new();
+    let mut reqs = Requests::default();
+    let mut held: Option<Vec<u8>> = None;
     let mut n = 0u32;
     let mut last = Instant::now();
-    let mut continuous = false;
     // Between continuous migrations the VM runs at least as long as the
     // last migration took, so the guest makes progress: a snapshot stops
     // it, unlike QEMU's live migration.
     let mut cost = Duration::ZERO;
     loop {
-        let wait = if continuous {
+        let wait = if reqs.continuous {
             cost.max(MIN_CONTINUOUS_RUN).saturating_sub(last.elapsed())
         } else {
             every.map_or(Duration::from_secs(3600), |e| {
                 e.saturating_sub(last.elapsed())
             })
         };
-        // Whether a guest waits for its key on the other side.
-        let mut requested = false;
         match vm.output.recv_timeout(wait) {
-            Ok(chunk) => {
-                out.write_all(&chunk).map_err(MigrateError::Io)?;
-                out.flush().map_err(MigrateError::Io)?;
-                for &b in &chunk {
-                    line.push(b);
-                    if b != b'\n' {
-                        continue;
-                    }
-                    match ask(&line) {
-                        Ask::Nothing => {}
-                        Ask::Migrate => requested = true,
-                        Ask::Skip => send_key(&mut vm)?,
-                        Ask::BeginContinuous => {
-                            continuous = true;
-                            send_key(&mut vm)?;
-                        }
-                        Ask::EndContinuous => {
-                            continuous = false;
-                            requested = true;
-                        }
-                    }
-                    line.clear();
-                }
-            }
+            Ok(chunk) if race_hook && holds_request(&chunk) => held = Some(chunk),
+            Ok(chunk) => pass_on(&mut out, &mut reqs, &chunk)?,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        let due = (continuous && last.elapsed() >= cost.max(MIN_CONTINUOUS_RUN))
+        send_keys(&mut vm, reqs.take_keys(false))?;
+        let due = reqs.migrate
+            || held.is_some()
+            || (reqs.continuous && last.elapsed() >= cost.max(MIN_CONTINUOUS_RUN))
             || every.is_some_and(|e| last.elapsed() >= e);
-        if !(requested || due) {
+        if !due {
             continue;
         }
         n += 1;
@@ -294,13 +355,17 @@ fn supervise_in(
         // its timeout expired, even while stopped) has nothing left to
         // migrate; its status is the run's.
         let stopped = saved.and_then(|()| call(n, &mut vm, &Request::Quit {}));
-        if stopped.is_err() && ended_soon(&mut vm) {
+        if let Some(chunk) = held.take() {
+            pass_on(&mut out, &mut reqs, &chunk)?;
+        }
+        if stopped.is_err() && ended(&mut vm, &mut out, &mut reqs)? {
             break;
         }
         stopped?;
-        // The stopped VM prints nothing more; pass on what is in flight.
+        // The stopped VM prints nothing more; what it printed before the
+        // stop is still in flight and may hold a request.
         while let Ok(rest) = vm.output.recv() {
-            out.write_all(&rest).map_err(MigrateError::Io)?;
+            pass_on(&mut out, &mut reqs, &rest)?;
         }
         let _ = vm.child.wait();
         let mut restore: Vec<OsString> =
@@ -310,26 +375,33 @@ fn supervise_in(
             restore.push(format!("--timeout={:.3}", remaining(t, started)).into());
         }
         vm = spawn(exe, &restore, "the restored VM")?;
-        if requested {
-            send_key(&mut vm)?;
-        }
+        send_keys(&mut vm, reqs.take_keys(true))?;
         last = Instant::now();
         cost = last - migration_started;
+    }
+    // The last VM's output, to its end.
+    while let Ok(rest) = vm.output.recv() {
+        pass_on(&mut out, &mut reqs, &rest)?;
     }
     let status = vm.child.wait().map_err(MigrateError::Io)?;
     Ok(status.code().unwrap_or(crate::shutdown::STATUS_ERROR))
 }
 
-/// Whether `vm` has ended or ends within a second.
-fn ended_soon(vm: &mut Vm) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(1) {
-        if !matches!(vm.child.try_wait(), Ok(None)) {
-            return true;
+/// Whether `vm` is ending: its output reaches its end (passed on like
+/// any other) within `ENDING_WAIT`, a backstop for a VM that refused a
+/// request and lives on.
+fn ended(vm: &mut Vm, out: &mut impl Write, reqs: &mut Requests) -> Result<bool, MigrateError> {
+    let deadline = Instant::now() + ENDING_WAIT;
+    loop {
+        match vm
+            .output
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(chunk) => pass_on(out, reqs, &chunk)?,
+            Err(RecvTimeoutError::Disconnected) => return Ok(true),
+            Err(RecvTimeoutError::Timeout) => return Ok(false),
         }
-        std::thread::sleep(Duration::from_millis(5));
     }
-    false
 }
 
 /// Seconds left of a `timeout` that started at `started`; at least 1 ms,
@@ -360,6 +432,63 @@ mod tests {
         for (line, want) in cases {
             assert_eq!(ask(line), want, "{}", String::from_utf8_lossy(line));
         }
+    }
+
+    /// A request line cut at every byte between the stopped VM's output
+    /// and its restored copy's is still one request.
+    #[test]
+    fn a_request_split_across_a_migration_is_recognised() {
+        let output = b"phase 1 done\nNow migrate the VM, then press a key\r\n";
+        for cut in 0..=output.len() {
+            let mut r = Requests::default();
+            r.feed(&output[..cut]);
+            r.feed(&output[cut..]);
+            assert!(r.migrate, "cut at {cut}");
+            assert!(r.line.is_empty(), "cut at {cut}");
+            assert_eq!(r.take_keys(true), 1, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn every_request_asks_for_its_key() {
+        let mut r = Requests::default();
+        r.feed(b"Skipped VM migration (quiet)\n");
+        assert_eq!(r.take_keys(false), 1);
+        assert_eq!(r.take_keys(true), 0);
+        r.feed(b"Begin continuous migration\nBegin continuous migration (quiet)\n");
+        assert!(r.continuous);
+        assert_eq!(r.take_keys(false), 1);
+        r.feed(b"End continuous migration\nEnd continuous migration (quiet)\n");
+        assert!(!r.continuous);
+        // The end's key waits for the migration after it.
+        assert_eq!(r.take_keys(false), 0);
+        assert_eq!(r.take_keys(true), 1);
+        assert_eq!(r.take_keys(true), 0);
+    }
+
+    /// A request the stopped VM printed before its stop, read only from
+    /// the output in flight, is answered after the migration under way.
+    #[test]
+    fn a_request_in_flight_at_a_stop_is_answered_after_it() {
+        for line in [
+            &b"End continuous migration\n"[..],
+            b"Now migrate the VM, then press a key to continue...\n",
+        ] {
+            let mut r = Requests {
+                continuous: true,
+                ..Requests::default()
+            };
+            // A timed migration fell due; the stopped VM's last output:
+            r.feed(line);
+            assert_eq!(r.take_keys(true), 1, "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn the_race_hook_holds_back_only_requests() {
+        assert!(holds_request(b"x\nEnd continuous migration\n"));
+        assert!(holds_request(b"Now migrate the VM"));
+        assert!(!holds_request(b"PASS: migration\n"));
     }
 
     #[test]
