@@ -7,7 +7,7 @@
 //! the vCPUs stopped, so they are queued in [`Control`], the vCPUs are
 //! asked to stop, and the main loop answers them between rounds.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -24,7 +24,7 @@ use crate::shutdown::{ExitReason, Shutdown};
 
 /// Longest request line accepted; a longer one is an error, not a buffer
 /// that grows without bound.
-const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 64 * 1024;
 
 /// One request. On the wire: `{"cmd": "snapshot", "dir": "/x", "stop": false}`.
 /// Variants without arguments are empty structs so that unknown fields
@@ -129,23 +129,87 @@ pub fn reply(mut to: UnixStream, answer: Result<serde_json::Value, String>, paus
     }
 }
 
-struct Conn {
-    stream: UnixStream,
+/// Splits the bytes of one connection into request lines, holding at
+/// most `MAX_LINE` bytes of a line that has not ended yet.
+#[derive(Debug, Default)]
+pub struct LineReader {
     buf: Vec<u8>,
 }
 
-/// The listening socket and its connections.
+/// A line longer than `MAX_LINE`: the connection cannot be read further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineTooLong;
+
+impl LineReader {
+    /// Take `bytes` and return the lines they complete, without their
+    /// `\n`, in order; `Err` once the line being read grows beyond
+    /// `MAX_LINE` (nothing is returned after that).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, LineTooLong> {
+        let mut lines = Vec::new();
+        let mut rest = bytes;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            if self.buf.len() + nl > MAX_LINE {
+                return Err(LineTooLong);
+            }
+            self.buf.extend_from_slice(&rest[..nl]);
+            lines.push(std::mem::take(&mut self.buf));
+            rest = &rest[nl + 1..];
+        }
+        if self.buf.len() + rest.len() > MAX_LINE {
+            return Err(LineTooLong);
+        }
+        self.buf.extend_from_slice(rest);
+        Ok(lines)
+    }
+
+    /// Bytes of a line that has not ended yet.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// The request on one line, `None` for a blank line, or the error to
+/// answer: not UTF-8, not JSON, not a request.
+pub fn parse_request(line: &[u8]) -> Result<Option<Request>, String> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "bad request: not UTF-8 (invalid byte at offset {}); send one JSON object per line",
+            e.valid_up_to()
+        )
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str::<Request>(text)
+        .map(Some)
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Eof => {
+                format!("bad request: incomplete JSON object ({e})")
+            }
+            _ => format!("bad request: {e}"),
+        })
+}
+
+struct Conn {
+    stream: UnixStream,
+    lines: LineReader,
+}
+
+/// The listening socket and its one client: a second client while one
+/// is connected gets an error answer and is closed.
 pub struct ApiServer {
     path: PathBuf,
     listener: UnixListener,
-    conns: HashMap<RawFd, Conn>,
+    conn: Option<Conn>,
     control: Arc<Control>,
     shutdown: Arc<Shutdown>,
 }
 
 impl ApiServer {
-    /// Listen at `path`. A stale socket there is replaced; any other file
-    /// is left alone and is an error.
+    /// Listen at `path`, a socket only its owner may use (mode 0600). A
+    /// stale socket there is replaced; any other file is left alone and
+    /// is an error.
     pub fn bind(
         path: &Path,
         control: Arc<Control>,
@@ -164,12 +228,12 @@ impl ApiServer {
             }
             std::fs::remove_file(path).map_err(err)?;
         }
-        let listener = UnixListener::bind(path).map_err(err)?;
+        let listener = bind_private(path).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
         Ok(ApiServer {
             path: path.to_path_buf(),
             listener,
-            conns: HashMap::new(),
+            conn: None,
             control,
             shutdown,
         })
@@ -177,40 +241,64 @@ impl ApiServer {
 
     fn accept(&mut self, ops: &mut EventOps) {
         while let Ok((stream, _)) = self.listener.accept() {
+            // A client that has gone may not have been noticed yet: read
+            // what it left first, so the slot is free if it has.
+            if let Some(fd) = self.conn.as_ref().map(|c| c.stream.as_raw_fd()) {
+                self.readable(fd, ops);
+            }
+            if self.conn.is_some() {
+                reply(
+                    stream,
+                    Err("another client is connected to this control socket; one at a time".into()),
+                    self.control.is_paused(),
+                );
+                continue;
+            }
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
             if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                self.conns.insert(
-                    stream.as_raw_fd(),
-                    Conn {
-                        stream,
-                        buf: Vec::new(),
-                    },
+                self.conn = Some(Conn {
+                    stream,
+                    lines: LineReader::default(),
+                });
+            }
+        }
+    }
+
+    fn close(&mut self, ops: &mut EventOps) {
+        if let Some(c) = self.conn.take() {
+            let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
+            if c.lines.pending() > 0 {
+                log::debug!(
+                    "control socket: client left in the middle of a request ({} bytes unanswered)",
+                    c.lines.pending()
                 );
             }
         }
     }
 
-    fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
-        if let Some(c) = self.conns.remove(&fd) {
-            let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
-        }
-    }
-
     fn readable(&mut self, fd: RawFd, ops: &mut EventOps) {
-        let Some(conn) = self.conns.get_mut(&fd) else {
+        let Some(conn) = self.conn.as_mut().filter(|c| c.stream.as_raw_fd() == fd) else {
             return;
         };
         let mut chunk = [0u8; 4096];
+        let mut lines = Vec::new();
         let mut eof = false;
+        let mut overlong = false;
         loop {
             match conn.stream.read(&mut chunk) {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => match conn.lines.feed(&chunk[..n]) {
+                    Ok(mut l) => lines.append(&mut l),
+                    Err(LineTooLong) => {
+                        overlong = true;
+                        break;
+                    }
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -219,11 +307,6 @@ impl ApiServer {
                 }
             }
         }
-        let mut lines = Vec::new();
-        while let Some(nl) = conn.buf.iter().position(|&b| b == b'\n') {
-            lines.push(conn.buf.drain(..=nl).collect::<Vec<u8>>());
-        }
-        let overlong = conn.buf.len() > MAX_LINE;
         let stream = conn.stream.try_clone();
         for line in lines {
             let Ok(s) = stream.as_ref().map(|s| s.try_clone()) else {
@@ -236,37 +319,47 @@ impl ApiServer {
             if let Ok(s) = stream {
                 reply(
                     s,
-                    Err(format!("request longer than {MAX_LINE} bytes")),
+                    Err(format!(
+                        "bad request: line longer than {MAX_LINE} bytes; closing the connection"
+                    )),
                     self.control.is_paused(),
                 );
             }
             eof = true;
         }
         if eof {
-            self.close(fd, ops);
+            self.close(ops);
         }
     }
 
     fn handle_line(&self, line: &[u8], stream: UnixStream) {
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim();
-        if text.is_empty() {
-            return;
-        }
         let paused = self.control.is_paused();
-        match serde_json::from_str::<Request>(text) {
-            Err(e) => reply(stream, Err(format!("bad request: {e}")), paused),
-            Ok(Request::Status {}) => reply(stream, Ok(serde_json::json!({})), paused),
-            Ok(Request::Quit {}) => {
+        match parse_request(line) {
+            Ok(None) => {}
+            Err(e) => reply(stream, Err(e), paused),
+            Ok(Some(Request::Status {})) => reply(stream, Ok(serde_json::json!({})), paused),
+            Ok(Some(Request::Quit {})) => {
                 reply(stream, Ok(serde_json::json!({})), paused);
                 self.shutdown.request(ExitReason::Quit);
             }
-            Ok(req) => {
+            Ok(Some(req)) => {
                 self.control.lock().push_back((req, stream));
                 self.shutdown.request_pause();
             }
         }
     }
+}
+
+/// Bind a Unix socket at `path` that only this user can connect to: the
+/// umask is narrowed around bind(), because a socket's mode is fixed when
+/// it is created and a chmod() after would leave a window.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    // SAFETY: umask() only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
 }
 
 impl Drop for ApiServer {
@@ -282,8 +375,12 @@ impl MutEventSubscriber for ApiServer {
             self.accept(ops);
         } else if events.event_set().contains(EventSet::IN) {
             self.readable(fd, ops);
-        } else {
-            self.close(fd, ops);
+        } else if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.stream.as_raw_fd() == fd)
+        {
+            self.close(ops);
         }
     }
 
@@ -359,5 +456,49 @@ mod tests {
         assert!(p(r#"{"cmd":"explode"}"#).is_err());
         assert!(p(r#"{"cmd":"status","x":1}"#).is_err());
         assert!(p("pause").is_err());
+    }
+
+    #[test]
+    fn lines_are_split_wherever_the_reads_cut_them() {
+        let input = b"{\"cmd\":\"status\"}\n\n{\"cmd\":\"pause\"}\r\n";
+        for cut in 0..=input.len() {
+            let mut r = LineReader::default();
+            let mut lines = r.feed(&input[..cut]).unwrap();
+            lines.extend(r.feed(&input[cut..]).unwrap());
+            assert_eq!(lines.len(), 3, "cut at {cut}");
+            assert_eq!(r.pending(), 0);
+            let reqs: Vec<_> = lines.iter().map(|l| parse_request(l).unwrap()).collect();
+            assert_eq!(
+                reqs,
+                vec![Some(Request::Status {}), None, Some(Request::Pause {})]
+            );
+        }
+    }
+
+    #[test]
+    fn an_overlong_line_is_refused_without_holding_it() {
+        let mut r = LineReader::default();
+        assert!(r.feed(&vec![b'x'; MAX_LINE]).unwrap().is_empty());
+        assert_eq!(r.feed(b"x"), Err(LineTooLong));
+        // A line of exactly MAX_LINE bytes and its newline is fine.
+        let mut r = LineReader::default();
+        let mut line = vec![b' '; MAX_LINE];
+        line.push(b'\n');
+        assert_eq!(r.feed(&line).unwrap().len(), 1);
+        // So is a long run of short lines in one read.
+        let many = b"{}\n".repeat(MAX_LINE);
+        let mut r = LineReader::default();
+        assert_eq!(r.feed(&many).unwrap().len(), MAX_LINE);
+    }
+
+    #[test]
+    fn bad_lines_get_clear_errors() {
+        let e = parse_request(b"{\"cmd\":\"sta\xfftus\"}").unwrap_err();
+        assert!(e.contains("not UTF-8") && e.contains("offset 11"), "{e}");
+        let e = parse_request(b"{\"cmd\":").unwrap_err();
+        assert!(e.contains("incomplete JSON object"), "{e}");
+        let e = parse_request(b"[1, 2]").unwrap_err();
+        assert!(e.starts_with("bad request: "), "{e}");
+        assert_eq!(parse_request(b" \t\r").unwrap(), None);
     }
 }
