@@ -181,12 +181,13 @@ fn plan_one(
             super::parse_duration(&s).ok_or_else(|| bad(format!("invalid timeout '{s}'")))?
         }
     };
-    if !(timeout.is_finite() && timeout > 0.0) {
+    let timeout = timeout * timeout_scale;
+    if !config::timeout_ok(timeout) {
         return Err(bad(format!(
-            "invalid timeout {timeout}: expected a positive number of seconds"
+            "invalid timeout {timeout}: expected a positive number of seconds, at most {} after --timeout-scale",
+            config::MAX_TIMEOUT_SECS
         )));
     }
-    let timeout = timeout * timeout_scale;
     let regexes = |list: &Option<Vec<String>>| -> Result<Vec<Regex>, SuiteError> {
         list.iter()
             .flatten()
@@ -375,6 +376,10 @@ kernel = "nothing-*"
         );
         assert!(err("[[test]]\nname = \"a\"\nkernel = \"k\"\ntimeout = 0\n")
             .contains("invalid timeout 0"));
+        assert!(
+            err("[[test]]\nname = \"a\"\nkernel = \"k\"\ntimeout = 1e300\n")
+                .contains("at most 4294967295")
+        );
         assert!(
             err("[[test]]\nname = \"a\"\nkernel = \"k\"\nexpect_output = [\"(\"]\n")
                 .contains("bad pattern /(/")

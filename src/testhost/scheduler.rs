@@ -303,7 +303,8 @@ fn start(idx: usize, name: &str, rs: &RunSpec, opts: &RunOptions) -> io::Result<
     let child = cmd.spawn()?;
     let hard_deadline = rs
         .timeout_secs
-        .map(|t| start + Duration::from_secs_f64(t + opts.kill_grace));
+        .and_then(|t| Duration::try_from_secs_f64(t + opts.kill_grace).ok())
+        .and_then(|d| start.checked_add(d));
     Ok(Running {
         idx,
         child,
