@@ -219,7 +219,13 @@ pub fn write(
 pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    let (_, body) = format::decode(&bytes).map_err(|source| SnapshotError::Format {
+    decode_state(&bytes, &path)
+}
+
+/// Check and decode the bytes of a state file; `path` names it in errors.
+pub fn decode_state(bytes: &[u8], path: &Path) -> Result<MachineState, SnapshotError> {
+    let path = path.to_path_buf();
+    let (_, body) = format::decode(bytes).map_err(|source| SnapshotError::Format {
         path: path.clone(),
         source,
     })?;
