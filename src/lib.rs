@@ -13,6 +13,7 @@ pub mod kvmcaps;
 pub mod memory;
 pub mod migrate;
 pub mod pit_policy;
+pub mod sandbox;
 pub mod shutdown;
 pub mod snapshot;
 pub mod term;

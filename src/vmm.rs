@@ -73,6 +73,8 @@ pub enum VmmError {
     Restore { path: PathBuf, what: String },
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("{}: {source}", path.display())]
     File {
         path: std::path::PathBuf,
@@ -568,6 +570,10 @@ fn run_machine(
             })));
         }
     }
+
+    // From here on the guest runs: only the calls the VMM thread's list
+    // allows (each vCPU thread narrows them further for itself).
+    crate::sandbox::enter(crate::sandbox::Kind::Vmm)?;
 
     // Each round runs the vCPUs until the VM ends, the guest suspends, or
     // a control request needs them stopped; a suspended guest is woken
