@@ -14,6 +14,7 @@ pub mod memory;
 pub mod migrate;
 pub mod pit_policy;
 pub mod sandbox;
+pub mod serial_out;
 pub mod shutdown;
 pub mod snapshot;
 pub mod term;

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,7 @@ use crate::cpu::{self, CpuError};
 use crate::kvmcaps::{self, CapError};
 use crate::memory::Layout;
 use crate::pit_policy::TickSwitch;
+use crate::serial_out::Output;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
     self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
@@ -149,6 +150,8 @@ struct Machine {
     kernel_data: Vec<u8>,
     /// The PIT's lost-tick policy switch, if the vCPUs did not wait for it.
     ticks: TickSwitch,
+    /// The writer of COM1's output (none with `--serial none`).
+    output: Option<Output>,
 }
 
 /// Load the image and build the VM, ready to run.
@@ -188,7 +191,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         multiboot::load(&args, &vm.mem, &layout)?
     };
     log::info!("{}: {} image", cfg.image.display(), plan.kind);
-    let (bus, devices) = attach_devices(cfg, &vm, shutdown, &plan.kernel_data, None)?;
+    let (bus, devices, output) = attach_devices(cfg, &vm, shutdown, &plan.kernel_data, None)?;
 
     let resolved = cpu::resolve(&cfg.cpu, cfg.cpu_lenient, &cpu::KvmCpuid::query(&vm.kvm)?)?;
     for w in &resolved.warnings {
@@ -221,6 +224,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         facs: acpi.facs,
         kernel_data: plan.kernel_data,
         ticks,
+        output,
     })
 }
 
@@ -240,7 +244,7 @@ fn build_restored(
     let mem = snapshot::map_memory(dir, &layout, &state.memory, verify_memory)?;
     let vm = Vm::with_memory(layout, cfg.pit_enabled(), mem)?;
     enable_caps(&vm, cfg)?;
-    let (bus, devices) =
+    let (bus, devices, output) =
         attach_devices(cfg, &vm, shutdown, &state.kernel_data, Some(&state.devices))?;
     let ctx = VcpuContext::for_vm(&vm)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -267,6 +271,7 @@ fn build_restored(
         facs: state.facs,
         kernel_data: state.kernel_data.clone(),
         ticks,
+        output,
     })
 }
 
@@ -286,6 +291,39 @@ fn enable_caps(vm: &Vm, cfg: &VmConfig) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// COM1's host side: stdout or a file behind a writer thread
+/// (`serial_out`), or nothing.
+fn serial_output(
+    cfg: &VmConfig,
+    shutdown: &Arc<Shutdown>,
+) -> Result<(Box<dyn Write + Send>, Option<Output>), VmmError> {
+    let (out, what): (Box<dyn Write + Send>, String) = match &cfg.serial {
+        SerialOutput::None => return Ok((Box::new(std::io::sink()), None)),
+        // A copy of fd 1, so the writer never waits on the lock of Rust's
+        // stdout, which kvmrun's own messages take.
+        SerialOutput::Stdio => (
+            Box::new(File::from(
+                std::io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(host("dup of stdout"))?,
+            )),
+            "stdout".into(),
+        ),
+        SerialOutput::File(p) => (
+            Box::new(File::create(p).map_err(|source| VmmError::File {
+                path: p.clone(),
+                source,
+            })?),
+            p.display().to_string(),
+        ),
+    };
+    let stop = shutdown.clone();
+    let (output, sender) = Output::start(out, &what, move || stop.must_stop())
+        .map_err(host("cannot start the serial output thread"))?;
+    Ok((Box::new(sender), Some(output)))
+}
+
 /// Make every device, fresh or (with `saved`) from a snapshot, and put it
 /// on the bus.
 fn attach_devices(
@@ -294,18 +332,11 @@ fn attach_devices(
     shutdown: &Arc<Shutdown>,
     kernel_data: &[u8],
     saved: Option<&DeviceStates>,
-) -> Result<(IoBus, Devices), VmmError> {
+) -> Result<(IoBus, Devices, Option<Output>), VmmError> {
     let mut bus = IoBus::new();
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     vm.register_irqfd(&serial_irq, serial::COM1_GSI)?;
-    let out: Box<dyn Write + Send> = match &cfg.serial {
-        SerialOutput::Stdio => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| VmmError::File {
-            path: p.clone(),
-            source,
-        })?),
-    };
+    let (out, output) = serial_output(cfg, shutdown)?;
     let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
     let layout = Layout::new(cfg.mem_bytes);
     let fw_cfg = FwCfg::for_vm(cfg.vcpus as u16, cfg.mem_bytes, kernel_data.to_vec());
@@ -390,7 +421,7 @@ fn attach_devices(
         1,
         d.i8042.clone(),
     )?;
-    Ok((bus, d))
+    Ok((bus, d, output))
 }
 
 impl Machine {
@@ -666,6 +697,9 @@ fn run_machine(
     // A failed switch has ended the VM through its `failed` callback.
     let _ = machine.ticks.join();
     drop(vcpus);
+    if let Some(output) = &machine.output {
+        output.finish();
+    }
     drop(machine);
     let _ = std::io::stdout().flush();
     Ok(shutdown

@@ -40,15 +40,18 @@ pub enum Kind {
     Supervisor,
     /// `kvmrun test`: the scheduler and its progress display.
     Scheduler,
+    /// The writer of the guest's serial output (`serial_out`).
+    SerialOut,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Vmm,
         Kind::Vcpu,
         Kind::PitPolicy,
         Kind::Supervisor,
         Kind::Scheduler,
+        Kind::SerialOut,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Kind {
             Kind::PitPolicy => "pit-policy",
             Kind::Supervisor => "migration supervisor",
             Kind::Scheduler => "test scheduler",
+            Kind::SerialOut => "serial-out",
         }
     }
 
@@ -77,6 +81,9 @@ impl Kind {
             Kind::PitPolicy => &[RUNTIME, ABORT, CLOSE, PIT_POLICY],
             Kind::Supervisor => &[RUNTIME, ABORT, NEW_THREADS, FILES, SUPERVISOR],
             Kind::Scheduler => &[RUNTIME, ABORT, NEW_THREADS, FILES, SCHEDULER],
+            // Writing to stdout or a file, waiting for bytes, closing
+            // the file at the end.
+            Kind::SerialOut => &[RUNTIME, ABORT, CLOSE],
         };
         groups.iter().flat_map(|g| g.iter().copied()).collect()
     }
