@@ -108,7 +108,7 @@ fn state_name(paused: bool) -> &'static str {
 /// Send one response line: `{"ok": true, "state": ..., more fields}` or
 /// `{"ok": false, "error": "...", "state": ...}`. A client that went away
 /// is not an error of the VM.
-pub fn reply(mut to: UnixStream, answer: Result<serde_json::Value, String>, paused: bool) {
+pub fn reply(to: UnixStream, answer: Result<serde_json::Value, String>, paused: bool) {
     let mut v = match answer {
         Ok(serde_json::Value::Object(mut m)) => {
             m.insert("ok".into(), true.into());
@@ -120,13 +120,56 @@ pub fn reply(mut to: UnixStream, answer: Result<serde_json::Value, String>, paus
     v["state"] = state_name(paused).into();
     let mut line = v.to_string();
     line.push('\n');
-    // Responses are small and go to an idle socket; a client that does
-    // not read cannot stall the VM for long.
-    let _ = to.set_nonblocking(false);
-    let _ = to.set_write_timeout(Some(std::time::Duration::from_secs(1)));
-    if let Err(e) = to.write_all(line.as_bytes()) {
+    if let Err(e) = send_bounded(&to, line.as_bytes(), REPLY_WAIT) {
         log::debug!("control socket: cannot answer: {e}");
     }
+}
+
+/// Longest a reply waits for a client that does not read.
+const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Send `bytes` on `to`, waiting at most `wait` in all for room. `to` is
+/// a copy of the connection the server reads, so its O_NONBLOCK flag,
+/// shared by every copy, is left as it is: a reply that made the
+/// connection blocking would leave the event loop stuck in its next read.
+fn send_bounded(to: &UnixStream, bytes: &[u8], wait: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        // SAFETY: `rest` is valid for its length; send() only reads it.
+        let n = unsafe {
+            libc::send(
+                to.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            at += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                let mut p = libc::pollfd {
+                    fd: to.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, valid for the call.
+                unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as libc::c_int) };
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Splits the bytes of one connection into request lines, holding at
@@ -489,6 +532,37 @@ mod tests {
         let many = b"{}\n".repeat(MAX_LINE);
         let mut r = LineReader::default();
         assert_eq!(r.feed(&many).unwrap().len(), MAX_LINE);
+    }
+
+    /// A reply went through a copy of the connection made blocking, which
+    /// made the connection itself blocking (one open file description):
+    /// the server's next read then waited for the client, freezing the
+    /// VMM's event loop while a client kept its connection open.
+    #[test]
+    fn a_reply_leaves_the_connection_non_blocking() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        reply(ours.try_clone().unwrap(), Ok(serde_json::json!({})), false);
+        // SAFETY: F_GETFL only reads the fd's flags.
+        let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0);
+        let mut buf = [0u8; 64];
+        assert!(matches!(
+            (&ours).read(&mut buf),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        ));
+        let mut line = String::new();
+        BufReader::new(&theirs).read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true,\"state\":\"running\"}\n");
+    }
+
+    /// A client that reads nothing: the reply gives up after its wait.
+    #[test]
+    fn a_reply_to_a_client_that_never_reads_gives_up() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let big = vec![b'x'; 8 << 20];
+        let e = send_bounded(&ours, &big, std::time::Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     }
 
     #[test]

@@ -301,7 +301,7 @@ const VMM: &[Rule] = &[
     any(SYS_accept4),
     any(SYS_recvfrom),
     any(SYS_sendto),
-    any(SYS_setsockopt),
+    any(SYS_poll),
     any(SYS_fcntl),
     any(SYS_tgkill),
     any(SYS_mincore),
