@@ -4,6 +4,7 @@
 //! integration tests and later front ends (snapshot, test host) share it.
 
 pub mod api;
+pub mod backing;
 pub mod boot;
 pub mod bus;
 pub mod config;

@@ -76,6 +76,8 @@ pub enum VmmError {
     Api(#[from] ApiError),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Backing(#[from] crate::backing::BackingError),
     #[error("{}: {source}", path.display())]
     File {
         path: std::path::PathBuf,
@@ -164,6 +166,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         None => None,
     };
 
+    crate::backing::check(cfg.mem_bytes)?;
     let layout = Layout::new(cfg.mem_bytes);
     let pit = cfg.pit_enabled();
     let vm = Vm::new(layout.clone(), pit)?;
@@ -240,6 +243,7 @@ fn build_restored(
     shutdown: &Arc<Shutdown>,
     verify_memory: bool,
 ) -> Result<Machine, VmmError> {
+    crate::backing::check(cfg.mem_bytes)?;
     let layout = Layout::new(cfg.mem_bytes);
     let mem = snapshot::map_memory(dir, &layout, &state.memory, verify_memory)?;
     let vm = Vm::with_memory(layout, cfg.pit_enabled(), mem)?;
