@@ -175,6 +175,27 @@ pub fn write(
     state: &mut MachineState,
     mem: &GuestMemoryMmap,
 ) -> Result<WriteStats, SnapshotError> {
+    let written = write_files(dir, state, mem);
+    if written.is_err() {
+        // A snapshot that failed half-way (a full file system) leaves no
+        // `state`, so nothing that looks valid; take away the rest too,
+        // so the space comes back: the temporary files, and a memory
+        // file without its state.
+        for name in [".memory.tmp", ".state.tmp"] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        if !dir.join(STATE_FILE).exists() {
+            let _ = std::fs::remove_file(dir.join(MEMORY_FILE));
+        }
+    }
+    written
+}
+
+fn write_files(
+    dir: &Path,
+    state: &mut MachineState,
+    mem: &GuestMemoryMmap,
+) -> Result<WriteStats, SnapshotError> {
     let started = Instant::now();
     let id = new_id()?;
 
