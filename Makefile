@@ -16,7 +16,7 @@ LINUX      := $(abspath build/linux)
 # Seconds each fuzz target runs in `make fuzz` (scripts/fuzz).
 FUZZ_TIME ?= 60
 
-.PHONY: all build guests linux run test deps bench-deps apt lint bench fuzz clean
+.PHONY: all build guests linux run test deps bench-deps apt lint bench fuzz soak clean
 
 all: build guests
 
@@ -65,6 +65,10 @@ bench: bench-deps build guests
 # only replays their seeds).
 fuzz:
 	scripts/fuzz $(FUZZ_TIME)
+
+# The long soaks of tests/soak.rs (make test runs short ones).
+soak: deps guests
+	scripts/soak
 
 clean:
 	$(CARGO) clean
