@@ -277,7 +277,15 @@ pub fn decode_state(bytes: &[u8], path: &Path) -> Result<MachineState, SnapshotE
     {
         return Err(invalid(format!("vCPU state {i} is for vCPU {}", v.id)));
     }
-    let ram = memory::ram_len(&Layout::new(state.config.mem_bytes));
+    let layout = Layout::new(state.config.mem_bytes);
+    // S3 wake-up reads the waking vector there.
+    if !layout.contains(state.facs, 64) {
+        return Err(invalid(format!(
+            "the ACPI FACS at {:#x} is outside guest RAM",
+            state.facs
+        )));
+    }
+    let ram = memory::ram_len(&layout);
     if state.memory.len != ram {
         return Err(invalid(format!(
             "memory file described as {} bytes of RAM, but the configuration has {ram}",
@@ -352,4 +360,34 @@ pub fn map_memory(
         }
     }
     memory::map(&f, layout).map_err(|reason| SnapshotError::Map { path, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state of a real VM (the hang guest), as the fuzz seeds hold it.
+    fn real_state() -> MachineState {
+        let seed = include_bytes!("../../fuzz/seeds/snapshot_state/hang-body");
+        postcard::from_bytes(&seed[1..]).expect(
+            "fuzz/seeds/snapshot_state/hang-body no longer decodes: regenerate the \
+             snapshot seeds (docs/RELIABILITY.md, \"Fuzzing\")",
+        )
+    }
+
+    fn decode(state: &MachineState) -> Result<MachineState, SnapshotError> {
+        let body = postcard::to_stdvec(state).unwrap();
+        decode_state(&format::encode(&body), Path::new("snap/state"))
+    }
+
+    #[test]
+    fn a_facs_outside_guest_ram_is_refused() {
+        let mut st = real_state();
+        assert!(decode(&st).is_ok());
+        for facs in [u64::MAX - 4, st.config.mem_bytes - 8, 0xc000_0000] {
+            st.facs = facs;
+            let e = decode(&st).unwrap_err().to_string();
+            assert!(e.contains("FACS") && e.contains("outside guest RAM"), "{e}");
+        }
+    }
 }
