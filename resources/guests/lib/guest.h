@@ -103,9 +103,11 @@ static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 
-/* Give up waiting after this many TSC cycles (a few seconds on any host). */
-#define TIMEOUT_CYCLES 10000000000ull
-static inline bool timed_out(u64 start) { return rdtsc() - start > TIMEOUT_CYCLES; }
+/* Tens of milliseconds of TSC cycles on any host. Never a limit on a
+ * wait for an event: a loaded host may starve a vCPU for any length of
+ * time, so waits for events never give up, and the host's --timeout ends
+ * a guest whose event never comes. */
+#define SHORT_SPIN_CYCLES 100000000ull
 
 /*
  * Stop the PIT's periodic ticks, as an OS that takes its ticks from the
