@@ -467,7 +467,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
-    let opts = scheduler::RunOptions {
+    let opts = scheduler::SuiteOptions {
         jobs,
         out_dir: a.output_dir.clone(),
         kvmrun: std::env::current_exe()?,
