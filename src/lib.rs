@@ -12,7 +12,7 @@ pub mod diag;
 pub mod kvmcaps;
 pub mod memory;
 pub mod migrate;
-pub mod pit_policy;
+pub mod pit;
 pub mod shutdown;
 pub mod snapshot;
 pub mod term;

@@ -30,9 +30,9 @@ use crate::bus::{BusError, IoBus};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::cpu::msrs::{self, MsrError};
 use crate::cpu::{self, CpuError};
-use crate::kvmcaps::{self, CapError};
+use crate::kvmcaps::CapError;
 use crate::memory::Layout;
-use crate::pit_policy::TickSwitch;
+use crate::pit::{PitError, TickSwitch};
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
     self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
@@ -61,6 +61,8 @@ pub enum VmmError {
     Msr(#[from] MsrError),
     #[error(transparent)]
     Bios(#[from] boot::bios::BiosError),
+    #[error(transparent)]
+    Pit(#[from] PitError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
@@ -160,18 +162,23 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     };
 
     let layout = Layout::new(cfg.mem_bytes);
-    let pit = cfg.pit_enabled();
-    let vm = Vm::new(layout.clone(), pit)?;
-    enable_caps(&vm, cfg)?;
+    let vm = Vm::new(layout.clone(), cfg.pit_enabled())?;
+    vm.enable_caps(cfg)?;
     // Firmware state first, then the image over it, as a BIOS would load it.
     let platform = boot::acpi::Platform {
         com1: kind.is_linux(),
     };
     let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus, platform)?;
     boot::bios::write_ivt(&vm.mem)?;
-    let pit_loaded = Instant::now();
-    let pit_state = boot::bios::setup_irqchip(&vm.fd, pit)?;
-    let ticks = vm.drop_lost_ticks(pit_state.as_ref(), pit_loaded, failed_switch(shutdown))?;
+    boot::bios::setup_pics(&vm)?;
+    let ticks = match vm.pit() {
+        Some(pit) => {
+            let loaded_at = Instant::now();
+            let loaded = pit.load_bios_state()?;
+            pit.drop_lost_ticks(&loaded, loaded_at, failed_switch(shutdown))?
+        }
+        None => TickSwitch::default(),
+    };
     let cmdline = cfg.kernel_cmdline(kind);
     let initrd_ref = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
     let args = boot::LoadArgs {
@@ -237,7 +244,7 @@ fn build_restored(
     let layout = Layout::new(cfg.mem_bytes);
     let mem = snapshot::map_memory(dir, &layout, &state.memory, verify_memory)?;
     let vm = Vm::with_memory(layout, cfg.pit_enabled(), mem)?;
-    enable_caps(&vm, cfg)?;
+    vm.enable_caps(cfg)?;
     let (bus, devices) =
         attach_devices(cfg, &vm, shutdown, &state.kernel_data, Some(&state.devices))?;
     let ctx = VcpuContext::for_vm(&vm)?;
@@ -253,9 +260,14 @@ fn build_restored(
         })?;
         vcpus.push(v);
     }
-    let pit_loaded = Instant::now();
-    state.vm.restore(&vm, cfg.pit_enabled())?;
-    let ticks = vm.drop_lost_ticks(state.vm.pit.as_ref(), pit_loaded, failed_switch(shutdown))?;
+    let loaded_at = Instant::now();
+    state.vm.restore(&vm)?;
+    let ticks = match (vm.pit(), &state.vm.pit) {
+        (Some(pit), Some(loaded)) => {
+            pit.drop_lost_ticks(loaded, loaded_at, failed_switch(shutdown))?
+        }
+        _ => TickSwitch::default(),
+    };
     Ok(Machine {
         cfg: cfg.clone(),
         vm,
@@ -269,19 +281,9 @@ fn build_restored(
 }
 
 /// End the VM if the PIT's lost-tick policy switch fails.
-fn failed_switch(shutdown: &Arc<Shutdown>) -> impl FnOnce(&VmError) + Send + 'static {
+fn failed_switch(shutdown: &Arc<Shutdown>) -> impl FnOnce(&PitError) + Send + 'static {
     let shutdown = shutdown.clone();
     move |e| shutdown.request(ExitReason::Error(e.to_string()))
-}
-
-/// Turn on the VM-wide KVM capabilities and the MSR filter the
-/// configuration asks for; some are refused once a vCPU exists.
-fn enable_caps(vm: &Vm, cfg: &VmConfig) -> Result<(), VmmError> {
-    kvmcaps::enable(&vm.fd, &cfg.kvm_caps)?;
-    if !cfg.msr_filter.is_empty() {
-        kvmcaps::set_msr_filter(&vm.fd, &cfg.msr_filter)?;
-    }
-    Ok(())
 }
 
 /// Make every device, fresh or (with `saved`) from a snapshot, and put it
@@ -405,7 +407,7 @@ impl Machine {
             memory: Default::default(),
             kernel_data: self.kernel_data.clone(),
             facs: self.facs,
-            vm: VmState::save(&self.vm, self.cfg.pit_enabled())?,
+            vm: VmState::save(&self.vm)?,
             vcpus: vcpu_states,
             devices: self.devices.save(),
         })
@@ -784,7 +786,7 @@ impl MutEventSubscriber for Timeout {
 }
 
 /// Stops the vCPUs when the PIT's lost-tick policy switch misses its
-/// deadline (see `pit_policy`); the run loop restarts them once it lands.
+/// deadline (see `pit`); the run loop restarts them once it lands.
 struct TickDeadline {
     timer: TimerFd,
     landed: Arc<AtomicBool>,

@@ -232,7 +232,7 @@ fn snapshots_anywhere_restore_to_the_same_result_on_1_cpu() {
     snapshot_anywhere_and_restore("1", 1, &[]);
 }
 
-/// With a PIT period just above `pit_policy`'s floor, the vCPUs start at
+/// With a PIT period just above `pit`'s floor, the vCPUs start at
 /// once and, if the policy switch is late, stop until it lands.
 #[test]
 fn snapshots_anywhere_restore_to_the_same_result_on_2_cpus() {
