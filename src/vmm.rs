@@ -295,7 +295,7 @@ fn attach_devices(
     kernel_data: &[u8],
     saved: Option<&DeviceStates>,
 ) -> Result<(IoBus, Devices), VmmError> {
-    let mut bus = IoBus::new();
+    let bus = IoBus::new();
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
     vm.register_irqfd(&serial_irq, serial::COM1_GSI)?;
     let out: Box<dyn Write + Send> = match &cfg.serial {
