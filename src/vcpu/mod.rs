@@ -1,5 +1,7 @@
-//! One vCPU: its KVM state at creation, its thread's run loop, and the
-//! dispatch of every exit to the bus or the shutdown path.
+//! One vCPU: its KVM state at creation and its thread's run loop; the
+//! dispatch of every exit to the bus or the shutdown path is `exit`.
+
+mod exit;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -8,10 +10,9 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
-    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{BootPlan, EntryMode};
@@ -23,6 +24,7 @@ use crate::diag;
 use crate::memory::BOOT_GDT_ADDR;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vm::Vm;
+use exit::Outcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -308,57 +310,12 @@ impl Vcpu {
     fn run(&mut self, bus: &IoBus, shutdown: &Shutdown, halt: &HaltWatch) {
         while !shutdown.must_stop() {
             let outcome = match self.fd.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoIn(port, data) => {
-                        bus.pio_read(port, data);
-                        None
-                    }
-                    VcpuExit::IoOut(port, data) => {
-                        bus.pio_write(port, data);
-                        None
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        bus.mmio_read(addr, data);
-                        None
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        bus.mmio_write(addr, data);
-                        None
-                    }
-                    VcpuExit::Intr => None,
-                    // Only with --kvm-cap X86_USER_SPACE_MSR: an MSR KVM
-                    // would fault or --msr-filter denies. Inject #GP, as
-                    // QEMU does for an MSR it does not know.
-                    VcpuExit::X86Rdmsr(exit) => {
-                        log::debug!("vCPU {}: RDMSR {:#x} ({:?}): #GP", self.id, exit.index, exit.reason);
-                        *exit.error = 1;
-                        None
-                    }
-                    VcpuExit::X86Wrmsr(exit) => {
-                        log::debug!("vCPU {}: WRMSR {:#x} = {:#x} ({:?}): #GP", self.id, exit.index, exit.data, exit.reason);
-                        *exit.error = 1;
-                        None
-                    }
-                    VcpuExit::Hlt => Some(Outcome::Exit(ExitReason::Halted)),
-                    VcpuExit::Shutdown => Some(Outcome::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
-                    VcpuExit::SystemEvent(kind, _) => Some(match kind {
-                        KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason::PowerOff),
-                        KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason::Reset),
-                        KVM_SYSTEM_EVENT_CRASH => Outcome::Crash("guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into()),
-                        k => Outcome::Crash(format!("unhandled KVM system event {k}")),
-                    }),
-                    VcpuExit::InternalError => Some(Outcome::InternalError),
-                    VcpuExit::FailEntry(reason, cpu) => Some(Outcome::Crash(format!(
-                        "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
-                    ))),
-                    other => Some(Outcome::Crash(format!("unhandled exit {other:?}"))),
-                },
+                Ok(exit) => exit::dispatch(exit, bus, self.id),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Cleared before `must_stop()` is read again, so a stop
                     // whose kick this clears is still seen (`Kick::kick()`).
                     // SAFETY: the field lives in this vCPU's kvm_run mapping.
-                    unsafe { AtomicU8::from_ptr(self.immediate_exit()) }
-                        .store(0, Ordering::SeqCst);
+                    unsafe { AtomicU8::from_ptr(self.immediate_exit()) }.store(0, Ordering::SeqCst);
                     halt.report(self.id, self.is_stuck());
                     None
                 }
@@ -595,12 +552,6 @@ impl Kick {
             libc::pthread_kill(self.thread, kick_signal());
         }
     }
-}
-
-enum Outcome {
-    Exit(ExitReason),
-    Crash(String),
-    InternalError,
 }
 
 /// Notices a guest that halted for good: every vCPU halted with interrupts
