@@ -4,11 +4,9 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::acpi_pm::AcpiPm;
 use devices::debug_exit::{self, DebugExit};
@@ -18,13 +16,9 @@ use devices::rtc::{Rtc, RTC_INDEX_PORT, RTC_PORT_COUNT};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
 use devices::{Persist, RestoreError};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::{self, ApiError, ApiServer, Control, Request};
+use crate::api::ApiError;
 use crate::boot::{self, linux, multiboot, BootError};
 use crate::bus::{BusError, IoBus};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
@@ -38,8 +32,11 @@ use crate::snapshot::{
     self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
     VmState, VmStateError, WriteStats,
 };
-use crate::vcpu::{self, HaltWatch, Kick, Running, Vcpu, VcpuError};
+use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
+
+mod events;
+mod run;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -139,6 +136,8 @@ impl Devices {
 /// Everything a running VM is made of.
 struct Machine {
     cfg: VmConfig,
+    /// COM1, which host stdin feeds.
+    serial: Arc<Mutex<SerialDevice>>,
     vm: Vm,
     bus: Arc<IoBus>,
     devices: Devices,
@@ -219,6 +218,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
 
     Ok(Machine {
         cfg: cfg.clone(),
+        serial: devices.serial.clone(),
         vm,
         bus: Arc::new(bus),
         devices,
@@ -270,6 +270,7 @@ fn build_restored(
     };
     Ok(Machine {
         cfg: cfg.clone(),
+        serial: devices.serial.clone(),
         vm,
         bus: Arc::new(bus),
         devices,
@@ -467,7 +468,7 @@ pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, VmmError> {
     let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
     let machine = build(cfg, &shutdown)?;
     log::debug!("VM built in {:?}", started.elapsed());
-    run_machine(machine, shutdown, opts, started)
+    run::run_machine(machine, shutdown, opts, started)
 }
 
 /// Bring back the snapshot in `dir` with this run's `serial` and
@@ -489,383 +490,5 @@ pub fn restore(
     let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
     let machine = build_restored(dir, &state, &cfg, &shutdown, verify_memory)?;
     log::debug!("VM restored in {:?}", started.elapsed());
-    run_machine(machine, shutdown, opts, started)
-}
-
-/// Run a built VM to the end: the main event loop, the vCPU rounds, and
-/// the control socket's requests between rounds.
-fn run_machine(
-    machine: Machine,
-    shutdown: Arc<Shutdown>,
-    opts: &RunOptions,
-    started: Instant,
-) -> Result<ExitReason, VmmError> {
-    let cfg = machine.cfg.clone();
-    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new()
-        .map_err(|e| VmmError::Host {
-            what: "event manager",
-            source: std::io::Error::other(format!("{e:?}")),
-        })?;
-    em.add_subscriber(Arc::new(Mutex::new(ShutdownWatch(shutdown.clone()))));
-    if let Some(t) = cfg.timeout_secs {
-        let mut timer = TimerFd::new().map_err(sys("timerfd"))?;
-        timer
-            .reset(Duration::from_secs_f64(t), None)
-            .map_err(sys("timerfd"))?;
-        em.add_subscriber(Arc::new(Mutex::new(Timeout {
-            timer,
-            shutdown: shutdown.clone(),
-        })));
-    }
-    // Keys go to the guest as typed while it runs; restored on return.
-    let _raw_terminal = if cfg.serial == SerialOutput::Stdio {
-        crate::term::RawTerminal::enter()
-    } else {
-        None
-    };
-    if cfg.serial == SerialOutput::Stdio {
-        em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
-            serial: machine.devices.serial.clone(),
-        })));
-    }
-    let control = Arc::new(Control::new());
-    if let Some(path) = &opts.api {
-        let server = ApiServer::bind(path, control.clone(), shutdown.clone())?;
-        em.add_subscriber(Arc::new(Mutex::new(server)));
-    }
-
-    vcpu::install_kick_handler();
-    let mut machine = machine;
-    let mut vcpus = std::mem::take(&mut machine.vcpus);
-    let halt = Arc::new(HaltWatch::new(cfg.vcpus));
-    let kicks = Arc::new(Mutex::new(Vec::new()));
-    let mut halt_timer = TimerFd::new().map_err(sys("timerfd"))?;
-    halt_timer
-        .reset(HALT_POLL, Some(HALT_POLL))
-        .map_err(sys("timerfd"))?;
-    em.add_subscriber(Arc::new(Mutex::new(HaltPoll {
-        timer: halt_timer,
-        watch: halt.clone(),
-        kicks: kicks.clone(),
-        shutdown: shutdown.clone(),
-    })));
-
-    // The vCPUs stop at the PIT policy switch's deadline if it is late.
-    let tick_hold = Arc::new(AtomicBool::new(false));
-    match machine.ticks.deadline() {
-        None => {}
-        Some(deadline) if deadline <= Instant::now() => tick_hold.store(true, Ordering::SeqCst),
-        Some(deadline) => {
-            let mut timer = TimerFd::new().map_err(sys("timerfd"))?;
-            // A zero duration would disarm the timer.
-            let left = deadline.saturating_duration_since(Instant::now());
-            timer
-                .reset(left.max(Duration::from_nanos(1)), None)
-                .map_err(sys("timerfd"))?;
-            em.add_subscriber(Arc::new(Mutex::new(TickDeadline {
-                timer,
-                landed: machine.ticks.landed_flag(),
-                hold: tick_hold.clone(),
-                shutdown: shutdown.clone(),
-            })));
-        }
-    }
-
-    // Each round runs the vCPUs until the VM ends, the guest suspends, or
-    // a control request needs them stopped; a suspended guest is woken
-    // through its firmware waking vector, requests are served, and the
-    // next round starts unless the VM is paused.
-    let mut paused = false;
-    let mut first_round = true;
-    loop {
-        if !paused {
-            if tick_hold.swap(false, Ordering::SeqCst) {
-                log::debug!("vCPUs wait for the PIT policy switch");
-                if let Err(e) = machine.ticks.join() {
-                    shutdown.request(ExitReason::Error(e.to_string()));
-                    break;
-                }
-                log::debug!(
-                    "PIT policy switch landed {:?} after start",
-                    started.elapsed()
-                );
-            }
-            let threads = start_vcpus(vcpus, &machine.bus, &shutdown, &halt);
-            if first_round {
-                log::debug!("vCPUs running {:?} after start", started.elapsed());
-                first_round = false;
-            }
-            *lock(&kicks) = threads.iter().map(Running::kick).collect();
-            while !shutdown.must_stop() {
-                if let Err(e) = em.run() {
-                    shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
-                }
-            }
-            lock(&kicks).clear();
-            vcpus = stop_vcpus(threads);
-            if shutdown.is_requested() || vcpus.len() != cfg.vcpus as usize {
-                break;
-            }
-            if shutdown.is_suspended() {
-                if let Err(e) = wake_from_s3(&vcpus, &machine.vm, machine.facs) {
-                    shutdown.request(ExitReason::Error(format!("cannot wake from S3: {e}")));
-                    break;
-                }
-                log::info!("guest woke from S3");
-                shutdown.resume();
-            }
-        } else {
-            while !shutdown.is_requested() && !control.has_pending() {
-                if let Err(e) = em.run() {
-                    shutdown.request(ExitReason::Error(format!("event loop: {e:?}")));
-                }
-            }
-            if shutdown.is_requested() {
-                break;
-            }
-        }
-        shutdown.clear_pause();
-        for (req, reply) in control.take() {
-            let answer = match req {
-                Request::Pause {} => {
-                    paused = true;
-                    Ok(serde_json::json!({}))
-                }
-                Request::Resume {} => {
-                    paused = false;
-                    Ok(serde_json::json!({}))
-                }
-                Request::Snapshot { dir, stop } => match machine.snapshot(&mut vcpus, &dir) {
-                    Ok(stats) => {
-                        paused |= stop;
-                        Ok(serde_json::json!({
-                            "dir": dir,
-                            "memory_bytes_written": stats.memory_bytes_written,
-                            "memory_digest": format!("{:016x}", stats.memory.digest),
-                            "state_bytes": stats.state_bytes,
-                            "save_us": stats.elapsed.as_micros() as u64,
-                        }))
-                    }
-                    Err(e) => Err(e.to_string()),
-                },
-                // Answered by the server itself.
-                Request::Status {} | Request::Quit {} => Ok(serde_json::json!({})),
-            };
-            control.set_paused(paused);
-            api::reply(reply, answer, paused);
-        }
-        control.set_paused(paused);
-    }
-    if log::log_enabled!(log::Level::Info) {
-        log::info!("guest RAM resident: {} KiB", resident_kib(&machine.vm));
-    }
-    // A failed switch has ended the VM through its `failed` callback.
-    let _ = machine.ticks.join();
-    drop(vcpus);
-    drop(machine);
-    let _ = std::io::stdout().flush();
-    Ok(shutdown
-        .reason()
-        .unwrap_or(ExitReason::Error("no exit reason".into())))
-}
-
-/// Start one thread per vCPU. A thread that cannot start ends the VM.
-fn start_vcpus(
-    vcpus: Vec<Vcpu>,
-    bus: &Arc<IoBus>,
-    shutdown: &Arc<Shutdown>,
-    halt: &Arc<HaltWatch>,
-) -> Vec<Running> {
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        match v.start(bus.clone(), shutdown.clone(), halt.clone()) {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                shutdown.request(ExitReason::Error(format!(
-                    "cannot start a vCPU thread: {e}"
-                )));
-                break;
-            }
-        }
-    }
-    threads
-}
-
-/// Take the vCPUs back from their threads; `Shutdown::must_stop()` is
-/// already true, so one kick each suffices.
-fn stop_vcpus(threads: Vec<Running>) -> Vec<Vcpu> {
-    threads.into_iter().filter_map(Running::stop).collect()
-}
-
-/// Resume from S3 the way firmware does after the wake event: the boot
-/// CPU restarts in real mode at the FACS waking vector, the others wait
-/// for INIT/SIPI. Memory is kept, as in suspend-to-RAM.
-fn wake_from_s3(vcpus: &[Vcpu], vm: &Vm, facs: u64) -> Result<(), VmmError> {
-    let vector: u32 = vm
-        .mem
-        .read_obj(GuestAddress(facs + boot::acpi::FACS_WAKING_VECTOR))
-        .map_err(|e| VmmError::Host {
-            what: "reading the FACS waking vector",
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    for v in vcpus {
-        if v.id == 0 {
-            v.enter_waking_vector(vector)?;
-        } else {
-            v.wait_for_sipi()?;
-        }
-    }
-    Ok(())
-}
-
-/// How often the main loop checks for a guest that halted for good.
-const HALT_POLL: Duration = Duration::from_millis(250);
-
-struct HaltPoll {
-    timer: TimerFd,
-    watch: Arc<HaltWatch>,
-    /// The running vCPUs; empty while they are stopped.
-    kicks: Arc<Mutex<Vec<Kick>>>,
-    shutdown: Arc<Shutdown>,
-}
-
-impl MutEventSubscriber for HaltPoll {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.timer.wait();
-        if self.watch.all_stuck_and_clear() {
-            self.shutdown.request(ExitReason::Halted);
-            return;
-        }
-        // The list is emptied before the threads are joined.
-        for k in self.kicks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            k.kick();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
-            log::warn!("warning: cannot watch for halted guests: {e:?}");
-        }
-    }
-}
-
-struct ShutdownWatch(Arc<Shutdown>);
-
-impl MutEventSubscriber for ShutdownWatch {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.event().read();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
-            self.0.request(ExitReason::Error(format!(
-                "cannot watch the exit event: {e:?}"
-            )));
-        }
-    }
-}
-
-struct Timeout {
-    timer: TimerFd,
-    shutdown: Arc<Shutdown>,
-}
-
-impl MutEventSubscriber for Timeout {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.timer.wait();
-        self.shutdown.request(ExitReason::Timeout);
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
-            self.shutdown.request(ExitReason::Error(format!(
-                "cannot watch the timeout: {e:?}"
-            )));
-        }
-    }
-}
-
-/// Stops the vCPUs when the PIT's lost-tick policy switch misses its
-/// deadline (see `pit`); the run loop restarts them once it lands.
-struct TickDeadline {
-    timer: TimerFd,
-    landed: Arc<AtomicBool>,
-    hold: Arc<AtomicBool>,
-    shutdown: Arc<Shutdown>,
-}
-
-impl MutEventSubscriber for TickDeadline {
-    fn process(&mut self, _events: Events, ops: &mut EventOps) {
-        let _ = self.timer.wait();
-        let _ = ops.remove(Events::new(&self.timer, EventSet::IN));
-        if !self.landed.load(Ordering::SeqCst) {
-            self.hold.store(true, Ordering::SeqCst);
-            self.shutdown.request_pause();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
-            self.shutdown.request(ExitReason::Error(format!(
-                "cannot watch the PIT policy deadline: {e:?}"
-            )));
-        }
-    }
-}
-
-/// Host stdin to the guest's COM1 receiver.
-struct StdinToSerial {
-    serial: Arc<Mutex<SerialDevice>>,
-}
-
-impl MutEventSubscriber for StdinToSerial {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let stdin = std::io::stdin();
-        let mut buf = [0u8; 64];
-        // SAFETY: fd 0 stays open for the life of the process.
-        let n = unsafe { libc::read(stdin.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n > 0 {
-            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-            let taken = serial.enqueue_input(&buf[..n as usize]);
-            if taken < n as usize {
-                log::debug!(
-                    "serial input FIFO full: dropped {} bytes",
-                    n as usize - taken
-                );
-            }
-        }
-        // A writer that closes right after writing raises IN and HANG_UP
-        // together: the bytes above still count. Stop watching only at the
-        // end of input or on an error, so the loop does not spin.
-        if n <= 0 || (events.event_set().contains(EventSet::HANG_UP) && n < buf.len() as isize) {
-            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        // Regular files and /dev/null cannot be watched; the guest just gets
-        // no input then.
-        if ops
-            .add(Events::new(&std::io::stdin(), EventSet::IN))
-            .is_err()
-        {
-            log::debug!("stdin cannot be polled; serial input disabled");
-        }
-    }
-}
-
-/// Guest RAM the host has backed with pages, for the benchmark's "RSS beyond
-/// guest memory touched".
-fn resident_kib(vm: &Vm) -> u64 {
-    let mut pages = 0u64;
-    for (_, len, host) in crate::memory::host_regions(&vm.mem) {
-        let n = len.div_ceil(4096) as usize;
-        let mut vec = vec![0u8; n];
-        // SAFETY: `host..host + len` is one mapping of guest RAM owned by `vm`.
-        if unsafe { libc::mincore(host as *mut libc::c_void, len as usize, vec.as_mut_ptr()) } == 0
-        {
-            pages += vec.iter().filter(|b| **b & 1 != 0).count() as u64;
-        }
-    }
-    pages * 4
+    run::run_machine(machine, shutdown, opts, started)
 }
