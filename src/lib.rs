@@ -10,6 +10,7 @@ pub mod config;
 pub mod cpu;
 pub mod diag;
 pub mod kvmcaps;
+pub mod layout;
 pub mod memory;
 pub mod migrate;
 pub mod pit;

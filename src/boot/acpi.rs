@@ -16,13 +16,12 @@ use devices::acpi_pm;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
+use crate::layout;
 use crate::memory::{ACPI_TABLES_END, ACPI_TABLES_START, RSDP_ADDR};
 
 pub const OEM_ID: [u8; 6] = *b"KVMRUN";
 pub const OEM_TABLE_ID: [u8; 8] = *b"KVMRUNVM";
 pub const OEM_REVISION: u32 = 1;
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
-pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// ISA IRQ of the ACPI SCI, as on PIIX4.
 pub const SCI_IRQ: u16 = 9;
 /// MADT flag: the platform also has dual 8259 PICs.
@@ -110,7 +109,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_ADDR),
+        LocalInterruptController::Address(layout::LAPIC_ADDR as u32),
     );
     for id in 0..vcpus {
         m.add_structure(ProcessorLocalApic::new(
@@ -119,7 +118,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
             EnabledStatus::Enabled,
         ));
     }
-    m.add_structure(IoApic::new(vcpus as u8, IOAPIC_ADDR, 0));
+    m.add_structure(IoApic::new(vcpus as u8, layout::IOAPIC_ADDR as u32, 0));
     let mut bytes = to_bytes(&m);
     // The crate leaves the MADT flags at 0; say the PICs are there too.
     bytes[40..44].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
