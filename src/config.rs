@@ -108,6 +108,12 @@ impl VmConfig {
             .join(" ")
     }
 
+    /// Whether the machine has PCI: the host bridge comes with the first
+    /// PCI device.
+    pub fn has_pci(&self) -> bool {
+        false
+    }
+
     /// Whether the in-kernel PIT is created: `pit` unless `--kvm-cap
     /// PIT2=off` says otherwise.
     pub fn pit_enabled(&self) -> bool {

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod memory;
 pub mod migrate;
 pub mod pit;
+pub mod platform;
 pub mod shutdown;
 pub mod snapshot;
 pub mod term;

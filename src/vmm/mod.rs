@@ -2,35 +2,26 @@
 //! shutdown: whatever ends the VM, `run()` returns its `ExitReason` after
 //! every vCPU thread has stopped.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use devices::acpi_pm::AcpiPm;
-use devices::debug_exit::{self, DebugExit};
-use devices::fw_cfg::{self, FwCfg};
-use devices::i8042::{self, I8042};
-use devices::rtc::{Rtc, RTC_INDEX_PORT, RTC_PORT_COUNT};
-use devices::serial::{self, SerialDevice};
-use devices::testdev::{self, PcTestDev, TestDevIomem};
-use devices::{Persist, RestoreError};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use devices::serial::SerialDevice;
 
 use crate::api::ApiError;
 use crate::boot::{self, linux, multiboot, BootError};
-use crate::bus::{BusError, IoBus};
+use crate::bus::BusError;
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::cpu::msrs::{self, MsrError};
 use crate::cpu::{self, CpuError};
 use crate::kvmcaps::CapError;
 use crate::memory::Layout;
 use crate::pit::{PitError, TickSwitch};
+use crate::platform::{machine, Platform, PlatformError, Resources};
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
-    self, DeviceStates, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError,
-    VmState, VmStateError, WriteStats,
+    self, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError, VmState,
+    VmStateError, WriteStats,
 };
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
@@ -66,8 +57,8 @@ pub enum VmmError {
     VcpuState(#[from] VcpuStateError),
     #[error(transparent)]
     VmState(#[from] VmStateError),
-    #[error("restoring a device: {0}")]
-    Device(#[from] RestoreError),
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
     #[error("{}: {what}", path.display())]
     Restore { path: PathBuf, what: String },
     #[error(transparent)]
@@ -102,35 +93,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>, BootError> {
     })
 }
 
-/// Every device, kept so a snapshot can save each one.
-struct Devices {
-    serial: Arc<Mutex<SerialDevice>>,
-    debug_exit: Arc<Mutex<DebugExit>>,
-    testdev: Arc<Mutex<PcTestDev>>,
-    testdev_iomem: Arc<Mutex<TestDevIomem>>,
-    fw_cfg: Arc<Mutex<FwCfg>>,
-    acpi_pm: Arc<Mutex<AcpiPm>>,
-    i8042: Arc<Mutex<I8042>>,
-    rtc: Arc<Mutex<Rtc>>,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Devices {
-    fn save(&self) -> DeviceStates {
-        DeviceStates {
-            serial: lock(&self.serial).save(),
-            debug_exit: lock(&self.debug_exit).save(),
-            testdev: lock(&self.testdev).save(),
-            testdev_iomem: lock(&self.testdev_iomem).save(),
-            fw_cfg: lock(&self.fw_cfg).save(),
-            acpi_pm: lock(&self.acpi_pm).save(),
-            i8042: lock(&self.i8042).save(),
-            rtc: lock(&self.rtc).save(),
-        }
-    }
 }
 
 /// Everything a running VM is made of.
@@ -139,37 +103,118 @@ struct Machine {
     /// COM1, which host stdin feeds.
     serial: Arc<Mutex<SerialDevice>>,
     vm: Vm,
-    bus: Arc<IoBus>,
-    devices: Devices,
+    /// The device registry: buses, resources and every device.
+    platform: Platform,
     vcpus: Vec<Vcpu>,
     /// Guest address of the FACS, for S3 wake-up.
     facs: u64,
-    /// fw_cfg KERNEL_DATA, saved with snapshots.
-    kernel_data: Vec<u8>,
     /// The PIT's lost-tick policy switch, if the vCPUs did not wait for it.
     ticks: TickSwitch,
 }
 
-/// Load the image and build the VM, ready to run.
-fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> {
+/// Where a VM comes from: an image, or a snapshot directory whose state
+/// was read (`verify`: check the memory file's digest first).
+enum Origin<'a> {
+    Boot,
+    Snapshot {
+        dir: &'a Path,
+        state: &'a MachineState,
+        verify: bool,
+    },
+}
+
+/// Build the VM `cfg` describes, ready to run: booted from its image, or
+/// restored from a snapshot (with `cfg` the saved configuration with this
+/// run's serial and timeout). Both take the same path through the VM and
+/// its devices; only memory, firmware and vCPU state come from different
+/// places.
+fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Machine, VmmError> {
     cfg.validate()?;
-    let image = read_file(&cfg.image)?;
-    let kind = boot::detect(&cfg.image, &image)?;
+    let image = match origin {
+        Origin::Boot => Some(read_image(cfg)?),
+        Origin::Snapshot { .. } => None,
+    };
+    let layout = Layout::new(cfg.mem_bytes).with_pci(cfg.has_pci());
+    let vm = match origin {
+        Origin::Boot => Vm::new(layout.clone(), cfg.pit_enabled())?,
+        Origin::Snapshot { dir, state, verify } => {
+            let mem = snapshot::map_memory(dir, &layout, &state.memory, verify)?;
+            Vm::with_memory(layout.clone(), cfg.pit_enabled(), mem)?
+        }
+    };
+    vm.enable_caps(cfg)?;
+    let saved = match origin {
+        Origin::Boot => None,
+        Origin::Snapshot { state, .. } => Some(state.devices.clone()),
+    };
+    let resources = Resources::new(&layout.ram, layout.pci, cfg.pit_enabled());
+    let mut platform = Platform::new(vm.interrupts().clone(), resources, saved);
+    let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
+    let handles = machine::attach(&mut platform, cfg, &vm, &requests)?;
+    platform.check_restored()?;
+    let (vcpus, facs, ticks) = match (origin, image) {
+        (Origin::Boot, Some(image)) => boot_vcpus(cfg, &vm, &platform, &handles, shutdown, image)?,
+        (Origin::Snapshot { dir, state, .. }, _) => {
+            let vcpus = restore_vcpus(dir, state, &vm)?;
+            let loaded_at = Instant::now();
+            state.vm.restore(&vm)?;
+            let ticks = match (vm.pit(), &state.vm.pit) {
+                (Some(pit), Some(loaded)) => {
+                    pit.drop_lost_ticks(loaded, loaded_at, failed_switch(shutdown))?
+                }
+                _ => TickSwitch::default(),
+            };
+            (vcpus, state.facs, ticks)
+        }
+        (Origin::Boot, None) => unreachable!("a boot reads its image"),
+    };
+    Ok(Machine {
+        cfg: cfg.clone(),
+        serial: handles.serial,
+        vm,
+        platform,
+        vcpus,
+        facs,
+        ticks,
+    })
+}
+
+/// The image, its kind and the initrd.
+struct Image {
+    data: Vec<u8>,
+    kind: boot::ImageKind,
+    initrd: Option<(PathBuf, Vec<u8>)>,
+}
+
+fn read_image(cfg: &VmConfig) -> Result<Image, VmmError> {
+    let data = read_file(&cfg.image)?;
+    let kind = boot::detect(&cfg.image, &data)?;
     let initrd = match &cfg.initrd {
-        Some(p) => Some((p.as_path(), read_file(p)?)),
+        Some(p) => Some((p.clone(), read_file(p)?)),
         None => None,
     };
+    Ok(Image { data, kind, initrd })
+}
 
-    let layout = Layout::new(cfg.mem_bytes);
-    let vm = Vm::new(layout.clone(), cfg.pit_enabled())?;
-    vm.enable_caps(cfg)?;
-    // Firmware state first, then the image over it, as a BIOS would load it.
-    let platform = boot::acpi::Platform {
-        com1: kind.is_linux(),
-    };
-    let acpi = boot::acpi::setup(&vm.mem, cfg.vcpus, platform)?;
+/// Firmware state first, then the image over it, as a BIOS would load
+/// it; then every vCPU, the boot vCPU at the image's entry. Returns the
+/// vCPUs, the FACS address and the PIT policy switch.
+fn boot_vcpus(
+    cfg: &VmConfig,
+    vm: &Vm,
+    platform: &Platform,
+    handles: &machine::Handles,
+    shutdown: &Arc<Shutdown>,
+    image: Image,
+) -> Result<(Vec<Vcpu>, u64, TickSwitch), VmmError> {
+    let kind = image.kind;
+    let acpi = boot::acpi::setup(
+        &vm.mem,
+        cfg.vcpus,
+        &platform.acpi_description(kind.is_linux()),
+    )?;
     boot::bios::write_ivt(&vm.mem)?;
-    boot::bios::setup_pics(&vm)?;
+    boot::bios::setup_pics(vm)?;
     let ticks = match vm.pit() {
         Some(pit) => {
             let loaded_at = Instant::now();
@@ -179,20 +224,22 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         None => TickSwitch::default(),
     };
     let cmdline = cfg.kernel_cmdline(kind);
-    let initrd_ref = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
     let args = boot::LoadArgs {
         image_path: &cfg.image,
-        image: &image,
+        image: &image.data,
         cmdline: &cmdline,
-        initrd: initrd_ref,
+        initrd: image
+            .initrd
+            .as_ref()
+            .map(|(p, d)| (p.as_path(), d.as_slice())),
     };
     let plan = if kind.is_linux() {
-        linux::load(&args, kind, &vm.mem, &layout)?
+        linux::load(&args, kind, &vm.mem, &vm.layout)?
     } else {
-        multiboot::load(&args, &vm.mem, &layout)?
+        multiboot::load(&args, &vm.mem, &vm.layout)?
     };
     log::info!("{}: {} image", cfg.image.display(), plan.kind);
-    let (bus, devices) = attach_devices(cfg, &vm, shutdown, &plan.kernel_data, None)?;
+    lock(&handles.fw_cfg).set_kernel_data(plan.kernel_data.clone());
 
     let resolved = cpu::resolve(&cfg.cpu, cfg.cpu_lenient, &cpu::KvmCpuid::query(&vm.kvm)?)?;
     for w in &resolved.warnings {
@@ -203,7 +250,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
     let vcpus = (0..cfg.vcpus)
         .map(|id| {
             Vcpu::new(
-                &vm,
+                vm,
                 id,
                 cfg.vcpus,
                 &resolved.entries,
@@ -215,42 +262,15 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>) -> Result<Machine, VmmError> 
         .collect::<Result<Vec<_>, _>>()?;
     vcpus[0].apply_boot_plan(&plan, &vm.mem)?;
     log::debug!("entering at {:#x}", plan.rip);
-
-    Ok(Machine {
-        cfg: cfg.clone(),
-        serial: devices.serial.clone(),
-        vm,
-        bus: Arc::new(bus),
-        devices,
-        vcpus,
-        facs: acpi.facs,
-        kernel_data: plan.kernel_data,
-        ticks,
-    })
+    Ok((vcpus, acpi.facs, ticks))
 }
 
-/// Build the VM a snapshot in `dir` describes, with `cfg` (the saved
-/// configuration with this run's serial and timeout): guest memory mapped
-/// from the memory file, every vCPU, the irqchip, PIT, clock and devices
-/// set to their saved state. `verify_memory` checks the memory file's
-/// digest first, reading all of it.
-fn build_restored(
-    dir: &Path,
-    state: &MachineState,
-    cfg: &VmConfig,
-    shutdown: &Arc<Shutdown>,
-    verify_memory: bool,
-) -> Result<Machine, VmmError> {
-    let layout = Layout::new(cfg.mem_bytes);
-    let mem = snapshot::map_memory(dir, &layout, &state.memory, verify_memory)?;
-    let vm = Vm::with_memory(layout, cfg.pit_enabled(), mem)?;
-    vm.enable_caps(cfg)?;
-    let (bus, devices) =
-        attach_devices(cfg, &vm, shutdown, &state.kernel_data, Some(&state.devices))?;
-    let ctx = VcpuContext::for_vm(&vm)?;
+/// Every vCPU with its saved state.
+fn restore_vcpus(dir: &Path, state: &MachineState, vm: &Vm) -> Result<Vec<Vcpu>, VmmError> {
+    let ctx = VcpuContext::for_vm(vm)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for s in &state.vcpus {
-        let v = Vcpu::bare(&vm, s.id)?;
+        let v = Vcpu::bare(vm, s.id)?;
         s.restore(&v, &ctx).map_err(|e| match e {
             VcpuStateError::Cpuid { .. } => VmmError::Restore {
                 path: dir.join(snapshot::STATE_FILE),
@@ -260,138 +280,13 @@ fn build_restored(
         })?;
         vcpus.push(v);
     }
-    let loaded_at = Instant::now();
-    state.vm.restore(&vm)?;
-    let ticks = match (vm.pit(), &state.vm.pit) {
-        (Some(pit), Some(loaded)) => {
-            pit.drop_lost_ticks(loaded, loaded_at, failed_switch(shutdown))?
-        }
-        _ => TickSwitch::default(),
-    };
-    Ok(Machine {
-        cfg: cfg.clone(),
-        serial: devices.serial.clone(),
-        vm,
-        bus: Arc::new(bus),
-        devices,
-        vcpus,
-        facs: state.facs,
-        kernel_data: state.kernel_data.clone(),
-        ticks,
-    })
+    Ok(vcpus)
 }
 
 /// End the VM if the PIT's lost-tick policy switch fails.
 fn failed_switch(shutdown: &Arc<Shutdown>) -> impl FnOnce(&PitError) + Send + 'static {
     let shutdown = shutdown.clone();
     move |e| shutdown.request(ExitReason::Error(e.to_string()))
-}
-
-/// Make every device, fresh or (with `saved`) from a snapshot, and put it
-/// on the bus.
-fn attach_devices(
-    cfg: &VmConfig,
-    vm: &Vm,
-    shutdown: &Arc<Shutdown>,
-    kernel_data: &[u8],
-    saved: Option<&DeviceStates>,
-) -> Result<(IoBus, Devices), VmmError> {
-    let bus = IoBus::new();
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?;
-    vm.register_irqfd(&serial_irq, serial::COM1_GSI)?;
-    let out: Box<dyn Write + Send> = match &cfg.serial {
-        SerialOutput::Stdio => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| VmmError::File {
-            path: p.clone(),
-            source,
-        })?),
-    };
-    let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
-    let layout = Layout::new(cfg.mem_bytes);
-    let fw_cfg = FwCfg::for_vm(cfg.vcpus as u16, cfg.mem_bytes, kernel_data.to_vec());
-    let d = match saved {
-        None => Devices {
-            serial: Arc::new(Mutex::new(SerialDevice::new(serial_irq, out))),
-            debug_exit: Arc::new(Mutex::new(DebugExit::new(requests.clone()))),
-            testdev: Arc::new(Mutex::new(PcTestDev::new(vm.irq_line(), vm.page_flusher()))),
-            testdev_iomem: Arc::new(Mutex::new(TestDevIomem::new())),
-            fw_cfg: Arc::new(Mutex::new(fw_cfg)),
-            acpi_pm: Arc::new(Mutex::new(AcpiPm::new(requests.clone()))),
-            i8042: Arc::new(Mutex::new(I8042::new(requests))),
-            rtc: Arc::new(Mutex::new(rtc_for(&layout, cfg.vcpus))),
-        },
-        Some(s) => Devices {
-            serial: Arc::new(Mutex::new(SerialDevice::restore(
-                (serial_irq, out),
-                &s.serial,
-            )?)),
-            debug_exit: Arc::new(Mutex::new(DebugExit::restore(
-                requests.clone(),
-                &s.debug_exit,
-            )?)),
-            testdev: Arc::new(Mutex::new(PcTestDev::restore(
-                (vm.irq_line(), vm.page_flusher()),
-                &s.testdev,
-            )?)),
-            testdev_iomem: Arc::new(Mutex::new(TestDevIomem::restore((), &s.testdev_iomem)?)),
-            fw_cfg: Arc::new(Mutex::new(FwCfg::restore(fw_cfg, &s.fw_cfg)?)),
-            acpi_pm: Arc::new(Mutex::new(AcpiPm::restore(requests.clone(), &s.acpi_pm)?)),
-            i8042: Arc::new(Mutex::new(I8042::restore(requests, &s.i8042)?)),
-            rtc: Arc::new(Mutex::new(Rtc::restore((), &s.rtc)?)),
-        },
-    };
-    bus.add_pio(
-        "serial",
-        serial::COM1_BASE,
-        serial::SERIAL_PORT_COUNT,
-        d.serial.clone(),
-    )?;
-    bus.add_pio(
-        "isa-debug-exit",
-        debug_exit::DEBUG_EXIT_BASE,
-        debug_exit::DEBUG_EXIT_SIZE,
-        d.debug_exit.clone(),
-    )?;
-    bus.add_pio(
-        "pc-testdev",
-        testdev::PC_TESTDEV_IOPORT_BASE,
-        testdev::PC_TESTDEV_IOPORT_SIZE,
-        d.testdev.clone(),
-    )?;
-    bus.add_pio(
-        "pc-testdev irq",
-        testdev::PC_TESTDEV_IRQ_BASE,
-        testdev::PC_TESTDEV_IRQ_COUNT,
-        d.testdev.clone(),
-    )?;
-    bus.add_mmio(
-        "pc-testdev iomem",
-        testdev::TESTDEV_IOMEM_BASE,
-        testdev::TESTDEV_IOMEM_SIZE,
-        d.testdev_iomem.clone(),
-    )?;
-    bus.add_pio(
-        "fw_cfg",
-        fw_cfg::FW_CFG_PORT_SEL,
-        fw_cfg::FW_CFG_PORT_COUNT,
-        d.fw_cfg.clone(),
-    )?;
-    bus.add_pio(
-        "acpi-pm",
-        devices::acpi_pm::PM_BASE,
-        devices::acpi_pm::PM_SIZE,
-        d.acpi_pm.clone(),
-    )?;
-    bus.add_pio("rtc", RTC_INDEX_PORT, RTC_PORT_COUNT, d.rtc.clone())?;
-    bus.add_pio("i8042 data", i8042::I8042_DATA_PORT, 1, d.i8042.clone())?;
-    bus.add_pio(
-        "i8042 command",
-        i8042::I8042_COMMAND_PORT,
-        1,
-        d.i8042.clone(),
-    )?;
-    Ok((bus, d))
 }
 
 impl Machine {
@@ -406,11 +301,10 @@ impl Machine {
         Ok(MachineState {
             config: self.cfg.clone(),
             memory: Default::default(),
-            kernel_data: self.kernel_data.clone(),
             facs: self.facs,
             vm: VmState::save(&self.vm)?,
             vcpus: vcpu_states,
-            devices: self.devices.save(),
+            devices: self.platform.save()?,
         })
     }
 
@@ -430,31 +324,6 @@ impl Machine {
         Ok(stats)
     }
 }
-/// The RTC with the CMOS fields PC firmware fills in (QEMU's layout):
-/// memory sizes and the CPU count, for guests that still read them.
-fn rtc_for(layout: &Layout, vcpus: u32) -> Rtc {
-    let mut rtc = Rtc::new();
-    let low = layout.low_ram_end();
-    let ext_kib = ((low.saturating_sub(1 << 20)) >> 10).min(0xffff) as u16;
-    let above_16m = ((low.saturating_sub(16 << 20)) >> 16).min(0xffff) as u16;
-    let above_4g = (layout.mem - layout.low_ram_end()) >> 16;
-    for (idx, v) in [
-        (0x17u8, ext_kib as u8),
-        (0x18, (ext_kib >> 8) as u8),
-        (0x30, ext_kib as u8),
-        (0x31, (ext_kib >> 8) as u8),
-        (0x34, above_16m as u8),
-        (0x35, (above_16m >> 8) as u8),
-        (0x5b, above_4g as u8),
-        (0x5c, (above_4g >> 8) as u8),
-        (0x5d, (above_4g >> 16) as u8),
-        (0x5f, (vcpus - 1) as u8),
-    ] {
-        rtc.set_cmos(idx, v);
-    }
-    rtc
-}
-
 /// What a run serves besides the VM itself.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -466,7 +335,7 @@ pub struct RunOptions {
 pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, VmmError> {
     let started = Instant::now();
     let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
-    let machine = build(cfg, &shutdown)?;
+    let machine = build(cfg, &shutdown, Origin::Boot)?;
     log::debug!("VM built in {:?}", started.elapsed());
     run::run_machine(machine, shutdown, opts, started)
 }
@@ -488,7 +357,12 @@ pub fn restore(
     cfg.timeout_secs = timeout_secs;
     cfg.validate()?;
     let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
-    let machine = build_restored(dir, &state, &cfg, &shutdown, verify_memory)?;
+    let origin = Origin::Snapshot {
+        dir,
+        state: &state,
+        verify: verify_memory,
+    };
+    let machine = build(&cfg, &shutdown, origin)?;
     log::debug!("VM restored in {:?}", started.elapsed());
     run::run_machine(machine, shutdown, opts, started)
 }

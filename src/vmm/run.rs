@@ -196,7 +196,12 @@ impl Runner {
             );
         }
         let vcpus = std::mem::take(&mut self.vcpus);
-        let threads = start_vcpus(vcpus, &self.machine.bus, &self.shutdown, &self.halt);
+        let threads = start_vcpus(
+            vcpus,
+            self.machine.platform.bus(),
+            &self.shutdown,
+            &self.halt,
+        );
         if std::mem::take(first_round) {
             log::debug!("vCPUs running {:?} after start", self.started.elapsed());
         }

@@ -3,11 +3,14 @@
 
 use std::sync::Arc;
 
+mod irq;
+
+pub use irq::{Interrupts, IoEvent, KvmMsiVectors};
+
 use devices::{IrqLine, PageFlusher};
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::kvmcaps::{self, CapError};
@@ -32,6 +35,10 @@ pub enum VmError {
     },
     #[error(transparent)]
     Pit(#[from] PitError),
+    #[error("cannot create an event fd: {0}")]
+    EventFd(std::io::Error),
+    #[error("KVM_SET_GSI_ROUTING: cannot build a table of {0} routes")]
+    Routing(usize),
     #[error("{what} failed: {source}")]
     Setup {
         what: &'static str,
@@ -52,6 +59,7 @@ pub struct Vm {
     pub layout: Layout,
     /// The in-kernel PIT, when the VM has one.
     pit: Option<Pit>,
+    irq: Arc<Interrupts>,
 }
 
 impl Vm {
@@ -103,6 +111,7 @@ impl Vm {
         };
         Ok(Vm {
             kvm,
+            irq: Arc::new(Interrupts::new(fd.clone())),
             fd,
             mem,
             layout,
@@ -156,28 +165,19 @@ impl Vm {
         self.fd.set_clock(clock)
     }
 
-    /// Route writes to `evt` into GSI `gsi` (an edge).
-    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd.register_irqfd(evt, gsi).map_err(setup("KVM_IRQFD"))
+    /// Interrupt lines, irqfds, MSI routes and ioeventfds.
+    pub fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.irq
     }
 
+    /// A level-triggered line any GSI can be driven through (pc-testdev's
+    /// interrupt ports), as interrupt source 0.
     pub fn irq_line(&self) -> Arc<dyn IrqLine> {
-        Arc::new(KvmIrqLine(self.fd.clone()))
+        self.irq.line(0)
     }
 
     pub fn page_flusher(&self) -> Arc<dyn PageFlusher> {
         Arc::new(HostPageFlusher(self.mem.clone()))
-    }
-}
-
-/// Interrupt lines through KVM_IRQ_LINE.
-struct KvmIrqLine(Arc<VmFd>);
-
-impl IrqLine for KvmIrqLine {
-    fn set_level(&self, gsi: u32, level: bool) {
-        if let Err(e) = self.0.set_irq_line(gsi, level) {
-            log::warn!("warning: KVM_IRQ_LINE gsi {gsi} level {level}: {e}");
-        }
     }
 }
 
