@@ -13,9 +13,11 @@ pub mod acpi_pm;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
 pub mod testdev;
+pub mod virtio;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -225,5 +227,11 @@ mod send_tests {
         assert_send::<crate::fw_cfg::FwCfg>();
         assert_send::<crate::acpi_pm::AcpiPm>();
         assert_send::<crate::i8042::I8042>();
+        assert_send::<crate::rtc::Rtc>();
+        assert_send::<crate::pci::HostBridge>();
+        assert_send::<crate::pci::PciConfigIo>();
+        assert_send::<crate::pci::PciConfigMmio>();
+        assert_send::<crate::virtio::mmio::VirtioMmio<crate::virtio::rng::Rng>>();
+        assert_send::<crate::virtio::pci::VirtioPci<crate::virtio::rng::Rng>>();
     }
 }
