@@ -12,10 +12,11 @@ use devices::i8042::{self, I8042};
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
+use devices::virtio::rng::Rng;
 use devices::VmRequests;
 
 use super::{Attach, Platform, PlatformError};
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{DeviceConfig, SerialOutput, VmConfig};
 use crate::memory::Layout;
 use crate::vm::Vm;
 
@@ -86,6 +87,15 @@ pub fn attach(
         Attach::new("rtc", (), move |()| rtc_for(&layout, vcpus))
             .pio(rtc::RTC_INDEX_PORT, rtc::RTC_PORT_COUNT),
     )?;
+    let mut rngs = 0;
+    for d in &cfg.devices {
+        match *d {
+            DeviceConfig::Rng(transport) => {
+                p.attach_virtio(&format!("rng{rngs}"), transport, Rng::new)?;
+                rngs += 1;
+            }
+        }
+    }
     Ok(Handles { serial, fw_cfg })
 }
 

@@ -15,20 +15,29 @@
 //! name.
 
 pub mod machine;
+pub mod pci;
 pub mod resources;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use devices::pci::{
+    BarKind, HostBridge, PciConfigIo, PciConfigMmio, PciDevice, PciRoot, SharedPciDevice,
+};
 use devices::Persist;
 use serde::{Deserialize, Serialize};
 use vm_device::{MutDeviceMmio, MutDevicePio};
+use vm_memory::GuestMemoryMmap;
 
+use crate::boot::acpi::PciWindows;
 use crate::boot::acpi::{Description, MmioDevice};
 use crate::bus::{BusError, IoBus, MmioDevice as MmioBusDevice, PioDevice};
-use crate::layout::Space;
-use crate::vm::{Interrupts, VmError};
+use crate::layout::{self, Space};
+use crate::vm::{Interrupts, Vm, VmError};
+use pci::{BarIoEvent, BarPlacer, PciHost, SlotGuard};
 pub use resources::{Pool, ResourceError, Resources};
+use virtio::QueueEvent;
 
 /// One device's saved state: `Persist::STATE_VERSION` and the
 /// postcard-encoded `Persist::State`.
@@ -73,13 +82,10 @@ type ToMmio<D> = fn(&Arc<Mutex<D>>) -> Arc<MmioBusDevice>;
 enum Held {
     Pio(u64),
     Mmio(u64),
-    #[allow(dead_code)] // Until the first allocated window.
     Window(Pool, u64, u64),
-    #[allow(dead_code)]
     Gsi(Pool, u32),
     /// Torn down by its own drop (irqfds, ioeventfds, MSI routes, a PCI
     /// slot).
-    #[allow(dead_code)]
     Other(Box<dyn Send>),
 }
 
@@ -148,19 +154,40 @@ pub struct Platform {
     saved: DeviceStates,
     /// Platform MMIO devices the DSDT lists.
     acpi_mmio: Vec<MmioDevice>,
+    /// Guest memory, for devices that reach it (virtio).
+    mem: GuestMemoryMmap,
+    /// The PCI root, from the first PCI device on.
+    pci: Option<PciHost>,
+    pci_windows: Option<PciWindows>,
+    /// Queue notifications for the main loop.
+    queue_events: Vec<QueueEvent>,
+    /// The last interrupt source handed out (0 is pc-testdev's).
+    next_source: u8,
 }
 
 impl Platform {
-    /// An empty machine; `saved` holds the devices' states when it is a
-    /// restored VM.
-    pub fn new(irq: Arc<Interrupts>, resources: Resources, saved: Option<DeviceStates>) -> Self {
+    /// An empty machine for `vm`; `saved` holds the devices' states when
+    /// it is a restored VM.
+    pub fn new(vm: &Vm, pit: bool, saved: Option<DeviceStates>) -> Self {
+        let l = &vm.layout;
+        let pci_windows = l.pci.then(|| PciWindows {
+            ecam: layout::PCI_ECAM,
+            io: layout::PCI_IO_WINDOW,
+            mmio32: layout::PCI_MMIO32_WINDOW,
+            mmio64: (layout::pci_mmio64_start(&l.ram), layout::PCI_MMIO64_SIZE),
+        });
         Platform {
             bus: Arc::new(IoBus::new()),
-            irq,
-            resources: Arc::new(Mutex::new(resources)),
+            irq: vm.interrupts().clone(),
+            resources: Arc::new(Mutex::new(Resources::new(&l.ram, l.pci, pit))),
             entries: Vec::new(),
             saved: saved.unwrap_or_default(),
             acpi_mmio: Vec::new(),
+            mem: vm.mem.clone(),
+            pci: None,
+            pci_windows,
+            queue_events: Vec::new(),
+            next_source: 0,
         }
     }
 
@@ -180,11 +207,21 @@ impl Platform {
         args: D::Args,
         new: impl FnOnce(D::Args) -> D,
     ) -> Result<D, PlatformError> {
+        self.make_saved(name, args, new).map(|(d, _)| d)
+    }
+
+    /// `make()`, and whether the device came from saved state.
+    fn make_saved<D: Persist>(
+        &mut self,
+        name: &str,
+        args: D::Args,
+        new: impl FnOnce(D::Args) -> D,
+    ) -> Result<(D, bool), PlatformError> {
         if self.entries.iter().any(|e| e.name == name) {
             return Err(PlatformError::Duplicate(name.into()));
         }
         let Some(saved) = self.saved.remove(name) else {
-            return Ok(new(args));
+            return Ok((new(args), false));
         };
         if saved.version != D::STATE_VERSION {
             return Err(PlatformError::Version {
@@ -199,7 +236,9 @@ impl Platform {
         };
         let state: D::State =
             postcard::from_bytes(&saved.data).map_err(|e| bad(format!("cannot decode: {e}")))?;
-        D::restore(args, &state).map_err(|e| bad(e.to_string()))
+        D::restore(args, &state)
+            .map(|d| (d, true))
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// Keep `dev` as device `name`, to be saved and torn down with what
@@ -315,12 +354,153 @@ impl Platform {
         }
     }
 
+    /// The PCI root, made with the first PCI device: the host bridge at
+    /// 00:00.0 and configuration access through 0xCF8 and ECAM.
+    fn pci_root(&mut self) -> Result<Arc<PciRoot>, PlatformError> {
+        if let Some(p) = &self.pci {
+            return Ok(p.root.clone());
+        }
+        let Some(windows) = self.pci_windows else {
+            return Err(PlatformError::Device {
+                name: "pci".into(),
+                reason: "the machine was built without PCI".into(),
+            });
+        };
+        let placer = Arc::new(BarPlacer::new(self.bus.clone(), self.irq.clone()));
+        let root = Arc::new(PciRoot::new(placer.clone()));
+        let bridge = Arc::new(Mutex::new(
+            self.make("pci-host-bridge", (), |()| HostBridge::new())?,
+        ));
+        root.add(0, bridge.clone());
+        self.keep("pci-host-bridge", &bridge, Vec::new());
+        self.attach(
+            Attach::new("pci-config-io", root.clone(), PciConfigIo::new).pio(
+                layout::PCI_CONFIG_PORTS.0 as u16,
+                layout::PCI_CONFIG_PORTS.1 as u16,
+            ),
+        )?;
+        self.attach(
+            Attach::new("pci-ecam", root.clone(), PciConfigMmio::new)
+                .mmio(windows.ecam.0, windows.ecam.1),
+        )?;
+        self.pci = Some(PciHost {
+            root: root.clone(),
+            placer,
+            windows,
+        });
+        Ok(root)
+    }
+
+    /// The slot the next PCI device goes to.
+    fn pci_slot(&mut self) -> Result<u8, PlatformError> {
+        self.pci_root()?
+            .free_slot()
+            .ok_or_else(|| PlatformError::Device {
+                name: "pci".into(),
+                reason: "all 32 slots of bus 0 are taken".into(),
+            })
+    }
+
+    /// Make PCI device `name` for `slot` and put it on the root bus; at
+    /// boot, program its BARs from the windows and enable decoding, as
+    /// firmware does (a restored device keeps what the guest programmed).
+    /// Returns the device and what it holds with `held`, for
+    /// `place_pci()`.
+    fn attach_pci<D: PciDevice + Persist + 'static>(
+        &mut self,
+        name: &str,
+        slot: u8,
+        args: D::Args,
+        mut held: Vec<Held>,
+        new: impl FnOnce(D::Args) -> D,
+    ) -> Result<(Arc<Mutex<D>>, Vec<Held>), PlatformError> {
+        let (mut dev, restored) = match self.make_saved(name, args, new) {
+            Ok(d) => d,
+            Err(e) => {
+                self.release(name, held);
+                return Err(e);
+            }
+        };
+        let mut command = 0;
+        for i in 0..devices::pci::config::NUM_BARS {
+            let Some(spec) = dev.config().bar(i) else {
+                continue;
+            };
+            let placed = {
+                let mut res = lock(&self.resources);
+                match spec.kind {
+                    BarKind::Io => res
+                        .allocate(name, Pool::PciIo, spec.size, spec.size)
+                        .map(|a| (Pool::PciIo, a)),
+                    BarKind::Mem32 => res
+                        .allocate(name, Pool::PciMmio32, spec.size, spec.size)
+                        .map(|a| (Pool::PciMmio32, a)),
+                    BarKind::Mem64 => res
+                        .allocate(name, Pool::PciMmio32, spec.size, spec.size)
+                        .map(|a| (Pool::PciMmio32, a))
+                        .or_else(|_| {
+                            res.allocate(name, Pool::PciMmio64, spec.size, spec.size)
+                                .map(|a| (Pool::PciMmio64, a))
+                        }),
+                }
+            };
+            let (pool, addr) = match placed {
+                Ok(p) => p,
+                Err(e) => {
+                    self.release(name, held);
+                    return Err(e.into());
+                }
+            };
+            held.push(Held::Window(pool, addr, spec.size));
+            if !restored {
+                dev.config_mut().set_bar_address(i, addr);
+            }
+            command |= match spec.kind {
+                BarKind::Io => devices::pci::config::COMMAND_IO,
+                _ => devices::pci::config::COMMAND_MEMORY,
+            };
+        }
+        if !restored {
+            let c = dev.config_mut();
+            c.set_command(command);
+            c.set_interrupt_line((layout::PCI_INTX_GSI_BASE + u32::from(slot) % 4) as u8);
+        }
+        let dev = Arc::new(Mutex::new(dev));
+        Ok((dev, held))
+    }
+
+    /// Put PCI device `dev` in `slot`, its BARs on the buses where its
+    /// configuration says (with `ioevents` inside them), and keep it.
+    fn place_pci<D: PciDevice + Persist + 'static>(
+        &mut self,
+        name: &str,
+        slot: u8,
+        dev: Arc<Mutex<D>>,
+        mut held: Vec<Held>,
+        ioevents: Vec<BarIoEvent>,
+    ) {
+        let Some(host) = &self.pci else {
+            return;
+        };
+        let shared: SharedPciDevice = dev.clone();
+        host.root.add(slot, shared.clone());
+        let fds = ioevents.iter().map(|e| e.fd.clone()).collect();
+        host.placer.add(slot, shared, ioevents);
+        held.push(Held::Other(Box::new(SlotGuard {
+            root: host.root.clone(),
+            placer: host.placer.clone(),
+            slot,
+            fds,
+        })));
+        self.keep(name, &dev, held);
+    }
+
     /// What the ACPI tables describe of this machine's devices; `com1`
     /// lists COM1 too (for Linux).
     pub fn acpi_description(&self, com1: bool) -> Description {
         Description {
             com1,
-            pci: None,
+            pci: self.pci.as_ref().map(PciHost::windows),
             virtio_mmio: self.acpi_mmio.clone(),
         }
     }

@@ -3,7 +3,8 @@
 //! `AddressAllocator` for address windows, `IdAllocator` for GSIs).
 //!
 //! A device at a fixed place (a legacy port, pc-testdev's iomem, an ISA
-//! interrupt) may only claim a range inside a fixed row of the table, and
+//! interrupt, ECAM) may only claim a range inside a fixed or reserved
+//! row of the table, and
 //! only once: the table stays the complete list of who owns what. Every
 //! other device gets its ranges from a window. Allocation is
 //! deterministic, so a restore that registers the same devices in the
@@ -106,7 +107,10 @@ impl Resources {
     ) -> Result<(), ResourceError> {
         let end = start.saturating_add(len);
         let in_layout = self.table.iter().any(|r| {
-            r.space == space && r.usage == Use::Fixed && r.start <= start && end <= r.end()
+            r.space == space
+                && matches!(r.usage, Use::Fixed | Use::Reserved)
+                && r.start <= start
+                && end <= r.end()
         });
         if !in_layout || len == 0 {
             return Err(ResourceError::NotInLayout {

@@ -17,7 +17,7 @@ use crate::cpu::{self, CpuError};
 use crate::kvmcaps::CapError;
 use crate::memory::Layout;
 use crate::pit::{PitError, TickSwitch};
-use crate::platform::{machine, Platform, PlatformError, Resources};
+use crate::platform::{machine, Platform, PlatformError};
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
     self, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError, VmState,
@@ -147,8 +147,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
         Origin::Boot => None,
         Origin::Snapshot { state, .. } => Some(state.devices.clone()),
     };
-    let resources = Resources::new(&layout.ram, layout.pci, cfg.pit_enabled());
-    let mut platform = Platform::new(vm.interrupts().clone(), resources, saved);
+    let mut platform = Platform::new(&vm, cfg.pit_enabled(), saved);
     let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
     let handles = machine::attach(&mut platform, cfg, &vm, &requests)?;
     platform.check_restored()?;

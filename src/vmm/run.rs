@@ -21,6 +21,7 @@ use crate::api::{self, ApiServer, Control, Request};
 use crate::boot;
 use crate::bus::IoBus;
 use crate::config::SerialOutput;
+use crate::platform::virtio::QueueNotifier;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::term::RawTerminal;
 use crate::vcpu::{self, HaltWatch, Kick, Running, Vcpu};
@@ -69,6 +70,10 @@ pub(super) fn run_machine(
     let kicks = Arc::new(Mutex::new(Vec::new()));
     add_halt_poll(&mut em, &halt, &kicks, &shutdown)?;
     let tick_hold = watch_tick_deadline(&mut em, &machine, &shutdown)?;
+    let queue_events = machine.platform.take_queue_events();
+    if !queue_events.is_empty() {
+        em.add_subscriber(Arc::new(Mutex::new(QueueNotifier::new(queue_events))));
+    }
     let vcpus = std::mem::take(&mut machine.vcpus);
     let mut r = Runner {
         machine,

@@ -23,6 +23,8 @@ pub const SLOTS: usize = 32;
 /// A function on the root bus (function 0 of its slot).
 pub trait PciDevice: Send {
     fn config(&self) -> &PciConfig;
+    /// For what firmware programs: BAR addresses, command, interrupt line.
+    fn config_mut(&mut self) -> &mut PciConfig;
     /// A guest's configuration write; the default takes the writable bits.
     /// Devices with capabilities that act (MSI-X) look at them after.
     fn write_config(&mut self, offset: usize, data: &[u8]);
@@ -150,6 +152,9 @@ impl Default for HostBridge {
 impl PciDevice for HostBridge {
     fn config(&self) -> &PciConfig {
         &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
     }
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
@@ -349,6 +354,9 @@ mod tests {
     impl PciDevice for BarDev {
         fn config(&self) -> &PciConfig {
             &self.0
+        }
+        fn config_mut(&mut self) -> &mut PciConfig {
+            &mut self.0
         }
         fn write_config(&mut self, offset: usize, data: &[u8]) {
             self.0.write(offset, data);

@@ -57,7 +57,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
 
     /// The driver notified queue `q` (by a write the VMM's ioeventfd took,
     /// or one that reached the window).
-    pub fn notify(&mut self, q: u16) {
+    fn notify_queue(&mut self, q: u16) {
         if self.core.notify(q) {
             self.interrupt_status |= INT_USED_BUFFER;
             self.irq.set_level(self.gsi, true);
@@ -97,7 +97,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 }
             }
             0x44 => c.set_queue_ready(v == 1),
-            QUEUE_NOTIFY => self.notify(v as u16),
+            QUEUE_NOTIFY => self.notify_queue(v as u16),
             0x64 => {
                 self.interrupt_status &= !v;
                 if self.interrupt_status == 0 {
@@ -206,6 +206,12 @@ impl<D: VirtioDevice + Persist<Args = ()>> Persist for VirtioMmio<D> {
     }
 }
 
+impl<D: VirtioDevice> super::QueueNotify for VirtioMmio<D> {
+    fn notify(&mut self, queue: u16) {
+        self.notify_queue(queue);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -296,7 +302,7 @@ mod tests {
         let mut t2 = VirtioMmio::<Rng>::restore((mem.clone(), irq2, 20), &s).unwrap();
         assert_eq!(t2.save(), s);
         mock.add_desc_chains(&[RawDescriptor::from(d)], 1).unwrap();
-        t2.notify(0);
+        t2.notify_queue(0);
         assert_eq!(mock.used().idx().load(), 2);
         let mut buf = [0u8; 16];
         mem.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
@@ -321,11 +327,11 @@ mod tests {
         wr(&mut t, 0x30, 7);
         assert_eq!(rd(&mut t, 0x34), 0);
         wr(&mut t, 0x38, 16);
-        t.notify(7);
+        t.notify_queue(7);
         wr(&mut t, 0x30, 0);
         wr(&mut t, 0x38, 15);
         // Notified before DRIVER_OK: nothing happens.
-        t.notify(0);
+        t.notify_queue(0);
         // A state with another queue count is refused.
         let mut s = t.save();
         s.core.queues.push(QueueState::default());

@@ -49,6 +49,12 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {}
 }
 
+/// A transport the driver notifies of new buffers in a queue, through the
+/// VMM's ioeventfd (or a write that reached the device).
+pub trait QueueNotify: Send {
+    fn notify(&mut self, queue: u16);
+}
+
 /// A queue's state as a snapshot keeps it (virtio-queue's `QueueState`,
 /// which is not serializable).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -142,14 +142,6 @@ impl<D: VirtioDevice> VirtioPci<D> {
         &self.core
     }
 
-    /// Program BAR 0, the interrupt line and the command register, as
-    /// firmware does before the OS starts.
-    pub fn firmware_setup(&mut self, bar0: u64, command: u16, line: u8) {
-        self.config.set_bar_address(usize::from(BAR), bar0);
-        self.config.set_command(command);
-        self.config.set_interrupt_line(line);
-    }
-
     /// Queue notifications as offsets in BAR 0 (any width, any value),
     /// for the VMM's ioeventfds.
     pub fn notifications(&self) -> Vec<u64> {
@@ -159,7 +151,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     /// The driver notified queue `q`.
-    pub fn notify(&mut self, q: u16) {
+    fn notify_queue(&mut self, q: u16) {
         // Without bus mastering the device may not touch guest memory.
         if self.config.command() & COMMAND_BUS_MASTER == 0 {
             log::debug!("virtio-pci: queue {q} notified without bus mastering");
@@ -326,6 +318,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         &self.config
     }
 
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
         self.msix.config_written(&self.config);
@@ -395,7 +391,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             }
             o if (NOTIFY..NOTIFY + REGION).contains(&o) => {
                 let q = (o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER);
-                self.notify(q as u16);
+                self.notify_queue(q as u16);
             }
             o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_len()).contains(&o) => {
                 self.msix.write_table(o - MSIX_TABLE, data)
@@ -461,6 +457,12 @@ impl<D: VirtioDevice + Persist<Args = ()>> Persist for VirtioPci<D> {
     }
 }
 
+impl<D: VirtioDevice> super::QueueNotify for VirtioPci<D> {
+    fn notify(&mut self, queue: u16) {
+        self.notify_queue(queue);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -480,7 +482,9 @@ mod tests {
         let msi = Arc::new(MsiRecorder::default());
         let irq = Arc::new(IrqRecorder::default());
         let mut d = VirtioPci::new(Rng::new(), mem.clone(), msi.clone(), irq.clone(), 17);
-        d.firmware_setup(0xc000_0000, COMMAND_MEMORY | COMMAND_BUS_MASTER, 17);
+        let c = d.config_mut();
+        c.set_bar_address(0, 0xc000_0000);
+        c.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
         (d, msi, irq)
     }
 
@@ -626,7 +630,7 @@ mod tests {
         d.config.set_command(COMMAND_MEMORY);
         mock.add_desc_chains(&[RawDescriptor::from(Descriptor::new(0x8000, 8, 2, 0))], 0)
             .unwrap();
-        d.notify(0);
+        d.notify_queue(0);
         assert_eq!(mock.used().idx().load(), 0);
         assert!(irq.take().is_empty());
     }
