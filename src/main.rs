@@ -556,6 +556,7 @@ fn client(socket: &std::path::Path, req: &Request) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
+    vmm::note_process_start();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli.cmd) {

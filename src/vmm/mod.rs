@@ -323,6 +323,19 @@ impl Machine {
         Ok(stats)
     }
 }
+/// When the process started, if main() said so (`note_process_start()`);
+/// start-up times are counted from it.
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Record the process's start, first thing in main().
+pub fn note_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
+}
+
+fn start_time() -> Instant {
+    PROCESS_START.get().copied().unwrap_or_else(Instant::now)
+}
+
 /// What a run serves besides the VM itself.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -332,7 +345,7 @@ pub struct RunOptions {
 
 /// Build the VM described by `cfg`, run it to the end, and say why it ended.
 pub fn run(cfg: &VmConfig, opts: &RunOptions) -> Result<ExitReason, VmmError> {
-    let started = Instant::now();
+    let started = start_time();
     let shutdown = Arc::new(Shutdown::new().map_err(host("eventfd"))?);
     let machine = build(cfg, &shutdown, Origin::Boot)?;
     log::debug!("VM built in {:?}", started.elapsed());
@@ -349,7 +362,7 @@ pub fn restore(
     verify_memory: bool,
     opts: &RunOptions,
 ) -> Result<ExitReason, VmmError> {
-    let started = Instant::now();
+    let started = start_time();
     let state = snapshot::read_state(dir)?;
     let mut cfg = state.config.clone();
     cfg.serial = serial;

@@ -196,7 +196,7 @@ impl Runner {
                 return false;
             }
             log::debug!(
-                "PIT policy switch landed {:?} after start",
+                "PIT policy switch landed {:?} after process start",
                 self.started.elapsed()
             );
         }
@@ -208,7 +208,10 @@ impl Runner {
             &self.halt,
         );
         if std::mem::take(first_round) {
-            log::debug!("vCPUs running {:?} after start", self.started.elapsed());
+            log::debug!(
+                "vCPUs running {:?} after process start",
+                self.started.elapsed()
+            );
         }
         *lock(&self.kicks) = threads.iter().map(Running::kick).collect();
         while !self.shutdown.must_stop() {
