@@ -234,7 +234,14 @@ pub struct QueueNotifier {
 }
 
 impl QueueNotifier {
+    /// Watch `events`. Every queue is first looked at once: a
+    /// notification KVM took but the main loop had not handed on when a
+    /// snapshot stopped the VM is not in the snapshot, and looking at a
+    /// queue without new buffers does nothing.
     pub fn new(events: Vec<QueueEvent>) -> Self {
+        for e in &events {
+            lock(&e.dev).notify(e.queue);
+        }
         QueueNotifier { events }
     }
 }
