@@ -131,7 +131,7 @@ enum Origin<'a> {
 fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Machine, VmmError> {
     cfg.validate()?;
     let image = match origin {
-        Origin::Boot => Some(read_image(cfg)?),
+        Origin::Boot => Some((read_image(cfg)?, resolve_cpuid(cfg)?)),
         Origin::Snapshot { .. } => None,
     };
     let layout = Layout::new(cfg.mem_bytes).with_pci(cfg.has_pci());
@@ -152,7 +152,13 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
     let handles = machine::attach(&mut platform, cfg, &vm, &requests)?;
     platform.check_restored()?;
     let (vcpus, facs, ticks) = match (origin, image) {
-        (Origin::Boot, Some(image)) => boot_vcpus(cfg, &vm, &platform, &handles, shutdown, image)?,
+        (Origin::Boot, Some((image, cpuid))) => {
+            let cpuid = cpuid.join().map_err(|_| VmmError::Host {
+                what: "the cpuid thread",
+                source: std::io::Error::other("panicked"),
+            })??;
+            boot_vcpus(cfg, &vm, &platform, &handles, shutdown, image, cpuid)?
+        }
         (Origin::Snapshot { dir, state, .. }, _) => {
             let vcpus = restore_vcpus(dir, state, &vm)?;
             let loaded_at = Instant::now();
@@ -195,9 +201,26 @@ fn read_image(cfg: &VmConfig) -> Result<Image, VmmError> {
     Ok(Image { data, kind, initrd })
 }
 
+/// The CPUID table `cfg` asks for, resolved against KVM on a thread of
+/// its own: KVM_GET_SUPPORTED_CPUID needs no VM, so it overlaps the VM's
+/// creation instead of following it.
+fn resolve_cpuid(
+    cfg: &VmConfig,
+) -> Result<std::thread::JoinHandle<Result<cpu::Resolved, VmmError>>, VmmError> {
+    let (spec, lenient) = (cfg.cpu.clone(), cfg.cpu_lenient);
+    std::thread::Builder::new()
+        .name("cpuid".into())
+        .spawn(move || {
+            let kvm = kvm_ioctls::Kvm::new().map_err(VmError::OpenKvm)?;
+            Ok(cpu::resolve(&spec, lenient, &cpu::KvmCpuid::query(&kvm)?)?)
+        })
+        .map_err(host("cannot start the cpuid thread"))
+}
+
 /// Firmware state first, then the image over it, as a BIOS would load
-/// it; then every vCPU, the boot vCPU at the image's entry. Returns the
-/// vCPUs, the FACS address and the PIT policy switch.
+/// it; then every vCPU with the `resolved` CPUID, the boot vCPU at the
+/// image's entry. Returns the vCPUs, the FACS address and the PIT policy
+/// switch.
 fn boot_vcpus(
     cfg: &VmConfig,
     vm: &Vm,
@@ -205,6 +228,7 @@ fn boot_vcpus(
     handles: &machine::Handles,
     shutdown: &Arc<Shutdown>,
     image: Image,
+    resolved: cpu::Resolved,
 ) -> Result<(Vec<Vcpu>, u64, TickSwitch), VmmError> {
     let kind = image.kind;
     let acpi = boot::acpi::setup(
@@ -240,7 +264,6 @@ fn boot_vcpus(
     log::info!("{}: {} image", cfg.image.display(), plan.kind);
     lock(&handles.fw_cfg).set_kernel_data(plan.kernel_data.clone());
 
-    let resolved = cpu::resolve(&cfg.cpu, cfg.cpu_lenient, &cpu::KvmCpuid::query(&vm.kvm)?)?;
     for w in &resolved.warnings {
         // The log prefix says "warning", which kvm-unit-tests' runner needs.
         log::warn!("{w}");
