@@ -206,7 +206,7 @@ bool virtio_mmio_init(struct virtio_dev *d, u64 base, u32 type);
 /* The first virtio-mmio window the DSDT announces (LNRO0005), or 0. */
 u64 virtio_mmio_from_dsdt(void);
 /* Offer `buf` (device-writable) on queue 0, notify, and poll for it;
- * the bytes the device wrote, or -1 on timeout. */
+ * the bytes the device wrote. */
 int virtio_request(struct virtio_dev *d, void *buf, u32 len);
 
 /* LAPIC registers */
