@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
-use kvmrun::config::{self, SerialOutput, VmConfig};
+use kvmrun::config::{self, DeviceConfig, SerialOutput, Transport, VmConfig};
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
 use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
@@ -277,6 +277,17 @@ struct RunArgs {
     /// Initial MSR value on every vCPU (repeatable), e.g. --msr 0x1a0=0x1.
     #[arg(long = "msr", value_name = "INDEX=VALUE")]
     msr: Vec<MsrValue>,
+    /// Add a virtio-rng device (random bytes from the host's getrandom)
+    /// on virtio-pci (the default; brings the PCI host bridge) or
+    /// virtio-mmio (announced in the DSDT); repeatable, up to 4.
+    #[arg(
+        long = "rng",
+        value_name = "TRANSPORT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "pci"
+    )]
+    rng: Vec<Transport>,
     /// Guest arguments, appended to the command line.
     #[arg(last = true)]
     args: Vec<String>,
@@ -305,6 +316,7 @@ impl RunArgs {
             kvm_caps: self.kvm_cap,
             msr_filter: self.msr_filter.into_iter().flat_map(|r| r.0).collect(),
             msrs: self.msr,
+            devices: self.rng.into_iter().map(DeviceConfig::Rng).collect(),
         };
         (cfg, opts)
     }
@@ -475,7 +487,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
     // The suite is read; from here on the scheduler only starts, watches
     // and reports tests (started by the launcher thread, unfiltered).
     kvmrun::sandbox::enter(kvmrun::sandbox::Kind::Scheduler)?;
-    let opts = scheduler::RunOptions {
+    let opts = scheduler::SuiteOptions {
         jobs,
         out_dir: a.output_dir.clone(),
         kvmrun: std::env::current_exe()?,
@@ -552,6 +564,7 @@ fn client(socket: &std::path::Path, req: &Request) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
+    vmm::note_process_start();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     kvmrun::sandbox::set_mode(cli.seccomp);

@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use devices::{IrqLine, PageFlusher, VmRequest, VmRequests};
+use devices::pci::{BarHost, BarMapping};
+use devices::{IrqLine, MsiMessage, MsiVectors, PageFlusher, VmRequest, VmRequests};
 
 #[derive(Default)]
 pub struct Sink {
@@ -44,5 +45,28 @@ pub fn irq() -> Arc<dyn IrqLine> {
 }
 
 pub fn flusher() -> Arc<dyn PageFlusher> {
+    Arc::new(Sink::default())
+}
+
+impl MsiVectors for Sink {
+    fn route(&self, _index: u16, _msg: Option<MsiMessage>) {
+        self.note();
+    }
+    fn trigger(&self, _index: u16) {
+        self.note();
+    }
+}
+
+impl BarHost for Sink {
+    fn bar_moved(&self, _slot: u8, _from: Option<BarMapping>, _to: Option<BarMapping>) {
+        self.note();
+    }
+}
+
+pub fn msi() -> Arc<dyn MsiVectors> {
+    Arc::new(Sink::default())
+}
+
+pub fn bar_host() -> Arc<dyn BarHost> {
     Arc::new(Sink::default())
 }

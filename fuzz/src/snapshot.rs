@@ -8,46 +8,100 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use devices::acpi_pm::AcpiPm;
 use devices::debug_exit::DebugExit;
 use devices::fw_cfg::FwCfg;
 use devices::i8042::I8042;
+use devices::pci::{HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
 use devices::rtc::Rtc;
 use devices::serial::SerialDevice;
 use devices::testdev::{PcTestDev, TestDevIomem};
+use devices::virtio::mmio::VirtioMmio;
+use devices::virtio::pci::VirtioPci;
+use devices::virtio::rng::Rng;
 use devices::Persist;
 use kvmrun::memory::Layout;
-use kvmrun::pit_policy;
-use kvmrun::snapshot::{self, format, memory, vcpu, MachineState, MemoryInfo};
-use vm_memory::{Bytes, GuestAddress};
+use kvmrun::pit;
+use kvmrun::snapshot::{self, format, memory, vcpu, DeviceState, MachineState, MemoryInfo};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{fakes, Input};
 
-/// Restore every device of `state` as `vmm::attach_devices()` does.
+/// Restore `saved` as device `D`, as `Platform::make_saved()` does: the
+/// version must match and the data decode.
+fn restore_one<D: Persist>(saved: &DeviceState, args: D::Args) -> Option<D> {
+    if saved.version != D::STATE_VERSION {
+        return None;
+    }
+    let state: D::State = postcard::from_bytes(&saved.data).ok()?;
+    D::restore(args, &state).ok()
+}
+
+/// Restore every device of `state` by its name, as the device registry
+/// does, with fakes for what the devices ask of the VM.
 fn restore_devices(state: &MachineState) {
-    let d = &state.devices;
-    let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let _ = SerialDevice::restore((irq, Box::new(std::io::sink())), &d.serial);
-    let _ = DebugExit::restore(fakes::requests(), &d.debug_exit);
-    let _ = PcTestDev::restore((fakes::irq(), fakes::flusher()), &d.testdev);
-    let _ = TestDevIomem::restore((), &d.testdev_iomem);
-    let items = FwCfg::for_vm(
-        state.config.vcpus as u16,
-        state.config.mem_bytes,
-        state.kernel_data.clone(),
-    );
-    let _ = FwCfg::restore(items, &d.fw_cfg);
-    let _ = AcpiPm::restore(fakes::requests(), &d.acpi_pm);
-    let _ = I8042::restore(fakes::requests(), &d.i8042);
-    if let Ok(mut rtc) = Rtc::restore((), &d.rtc) {
-        // A guest reads the clock right after a restore.
-        use vm_device::MutDevicePio;
-        let mut b = [0u8; 1];
-        for reg in [0u8, 4, 7, 9, 0x32] {
-            rtc.pio_write(vm_device::bus::PioAddress(0x70), 0, &[reg]);
-            rtc.pio_read(vm_device::bus::PioAddress(0x70), 1, &mut b);
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory");
+    let root = Arc::new(PciRoot::new(fakes::bar_host()));
+    for (name, saved) in &state.devices {
+        match name.as_str() {
+            "serial" => {
+                let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+                let out: Box<dyn std::io::Write + Send> = Box::new(std::io::sink());
+                restore_one::<SerialDevice>(saved, (irq, out));
+            }
+            "isa-debug-exit" => {
+                restore_one::<DebugExit>(saved, fakes::requests());
+            }
+            "pc-testdev" => {
+                restore_one::<PcTestDev>(saved, (fakes::irq(), fakes::flusher()));
+            }
+            "pc-testdev-iomem" => {
+                restore_one::<TestDevIomem>(saved, ());
+            }
+            "fw_cfg" => {
+                restore_one::<FwCfg>(saved, ());
+            }
+            "acpi-pm" => {
+                restore_one::<AcpiPm>(saved, fakes::requests());
+            }
+            "i8042" => {
+                restore_one::<I8042>(saved, fakes::requests());
+            }
+            "rtc" => {
+                if let Some(rtc) = restore_one::<Rtc>(saved, ()) {
+                    read_clock(rtc);
+                }
+            }
+            "pci-host-bridge" => {
+                restore_one::<HostBridge>(saved, ());
+            }
+            "pci-config-io" => {
+                restore_one::<PciConfigIo>(saved, root.clone());
+            }
+            "pci-ecam" => {
+                restore_one::<PciConfigMmio>(saved, root.clone());
+            }
+            // A virtio device: its transport is in its state.
+            _ => {
+                restore_one::<VirtioMmio<Rng>>(saved, (mem.clone(), fakes::irq(), 20));
+                let args = (mem.clone(), fakes::msi(), fakes::irq(), 16);
+                restore_one::<VirtioPci<Rng>>(saved, args);
+            }
         }
+    }
+}
+
+/// A guest reads the clock right after a restore.
+fn read_clock(mut rtc: Rtc) {
+    use vm_device::MutDevicePio;
+    let mut b = [0u8; 1];
+    for reg in [0u8, 4, 7, 9, 0x32] {
+        rtc.pio_write(vm_device::bus::PioAddress(0x70), 0, &[reg]);
+        rtc.pio_read(vm_device::bus::PioAddress(0x70), 1, &mut b);
     }
 }
 
@@ -75,7 +129,7 @@ pub fn state(data: &[u8]) {
         let _ = vcpu::ordered_msrs(&v.msrs);
     }
     if let Some(pit) = &state.vm.pit {
-        if let Some(period) = pit_policy::period(pit) {
+        if let Some(period) = pit::period(pit) {
             // What TickSwitch::start() makes of it.
             let _ = Instant::now() + period;
         }

@@ -178,7 +178,7 @@ static int case_firmware(void)
 
 static void icr(u32 dest, u32 lo)
 {
-	for (u64 t = rdtsc(); (lapic_read(APIC_ICR_LO) & ICR_BUSY) && !timed_out(t);)
+	while (lapic_read(APIC_ICR_LO) & ICR_BUSY)
 		;
 	lapic_write(APIC_ICR_HI, dest << 24);
 	lapic_write(APIC_ICR_LO, lo);
@@ -212,7 +212,7 @@ static int case_sipi(void)
 	/* The real APs still come up as usual. */
 	if (nb > 1) {
 		start_aps();
-		for (u64 t = rdtsc(); aps_up < nb - 1 && !timed_out(t);)
+		while (aps_up < nb - 1)
 			;
 	}
 	report(aps_up == nb - 1, "aps-online-after-storm");
@@ -313,7 +313,7 @@ static int case_halt(void)
 	if (nb > 1) {
 		lapic_enable();
 		start_aps();
-		for (u64 t = rdtsc(); aps_up < nb - 1 && !timed_out(t);)
+		while (aps_up < nb - 1)
 			;
 	}
 	/* The APs halt with interrupts off once ap_main() returns. */
