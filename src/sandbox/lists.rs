@@ -12,17 +12,16 @@
 //! memory a filter cannot read, and glibc then falls back to `clone`,
 //! whose flags it can (only new threads, `CLONE_THREAD`, are allowed).
 //!
-//! When a device needs a new call (a disk file's `pread64`, a virtio
-//! queue's `eventfd` reads, an MSI routing ioctl), it goes into the list
-//! of the thread that runs the device code: `VCPU` for register
-//! accesses, `VMM` for the event loop.
+//! When a device needs a new call (a disk file's `pread64`, say), it
+//! goes into the list of the thread that runs the device code: `VCPU`
+//! for register accesses, `VMM` for the event loop.
 
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_irq_level, kvm_irqchip,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
-    kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_level,
+    kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use libc::*;
 
@@ -34,7 +33,7 @@ pub enum Kind {
     Vmm,
     /// A vCPU thread: KVM_RUN and the device register accesses it exits for.
     Vcpu,
-    /// The helper that switches the PIT's lost-tick policy (`pit_policy`).
+    /// The helper that switches the PIT's lost-tick policy (`pit`).
     PitPolicy,
     /// `run --migrate`: the supervisor and its output readers.
     Supervisor,
@@ -166,7 +165,10 @@ pub const KVM_GET_CLOCK: u64 = ior(0x7c, size_of::<kvm_clock_data>());
 pub const KVM_GET_PIT2: u64 = ior(0x9f, size_of::<kvm_pit_state2>());
 pub const KVM_GET_MSR_INDEX_LIST: u64 = iowr(0x02, size_of::<kvm_msr_list>());
 pub const KVM_CHECK_EXTENSION: u64 = io(0x03);
-/// `_IO(KVMIO, 0x71)`, though it takes a pointer (see `pit_policy`).
+pub const KVM_SET_GSI_ROUTING: u64 = iow(0x6a, size_of::<kvm_irq_routing>());
+pub const KVM_IRQFD: u64 = iow(0x76, size_of::<kvm_irqfd>());
+pub const KVM_IOEVENTFD: u64 = iow(0x79, size_of::<kvm_ioeventfd>());
+/// `_IO(KVMIO, 0x71)`, though it takes a pointer (see `pit`).
 pub const KVM_REINJECT_CONTROL: u64 = io(0x71);
 
 /// What Rust's runtime and the C library do in any thread: locks,
@@ -240,22 +242,33 @@ const INSTALL: &[Rule] = &[
 ];
 
 /// A vCPU thread: KVM_RUN, the halt check, the crash report's registers
-/// and address translation, interrupt lines (pc-testdev), and the page
-/// flush (mprotect, in RUNTIME). Device output and interrupts are writes
-/// (stdout, an output file, an irqfd), in RUNTIME.
-const VCPU: &[Rule] = &[one_of(
-    SYS_ioctl,
-    1,
-    &[
-        KVM_RUN,
-        KVM_GET_MP_STATE,
-        KVM_GET_REGS,
-        KVM_GET_SREGS,
-        KVM_GET_VCPU_EVENTS,
-        KVM_TRANSLATE,
-        KVM_IRQ_LINE,
-    ],
-)];
+/// and address translation, interrupt lines (pc-testdev, PCI INTx,
+/// virtio-mmio), and the page flush (mprotect, in RUNTIME). Device output
+/// and interrupts are writes (the serial queue, an irqfd, MSI-X vectors),
+/// in RUNTIME. The PCI register accesses a guest makes from here: MSI-X
+/// vectors routed and unrouted as the guest unmasks, masks and
+/// reprograms them (KVM_SET_GSI_ROUTING), BARs moved with the queue
+/// notifications inside them (KVM_IOEVENTFD). A virtio queue notified
+/// through its register rather than an ioeventfd is served here:
+/// virtio-rng's getrandom.
+const VCPU: &[Rule] = &[
+    one_of(
+        SYS_ioctl,
+        1,
+        &[
+            KVM_RUN,
+            KVM_GET_MP_STATE,
+            KVM_GET_REGS,
+            KVM_GET_SREGS,
+            KVM_GET_VCPU_EVENTS,
+            KVM_TRANSLATE,
+            KVM_IRQ_LINE,
+            KVM_SET_GSI_ROUTING,
+            KVM_IOEVENTFD,
+        ],
+    ),
+    any(SYS_getrandom),
+];
 
 /// Reading and writing files: suites, logs, reports, work directories.
 const FILES: &[Rule] = &[
@@ -288,9 +301,11 @@ const FILES: &[Rule] = &[
 ];
 
 /// The VMM thread once the guest runs: the event loop (timers, eventfds,
-/// stdin), the control socket, kicking and joining vCPU threads, S3
-/// wake-up, the terminal restored at the end, and writing snapshots
-/// (`KVM_SNAPSHOT` for the KVM side).
+/// stdin, virtio queue notifications: ioeventfd reads, virtio-rng's
+/// getrandom, interrupts as irqfd writes), the control socket, kicking
+/// and joining vCPU threads, S3 wake-up, the terminal restored at the
+/// end, writing snapshots (`KVM_SNAPSHOT` for the KVM side), and tearing
+/// the devices down (their irqfds, MSI routes and ioeventfds).
 const VMM: &[Rule] = &[
     any(SYS_read),
     any(SYS_close),
@@ -335,6 +350,7 @@ const VMM: &[Rule] = &[
             KVM_SET_REGS,
             KVM_SET_SREGS,
             KVM_SET_MP_STATE,
+            KVM_IRQFD,
         ],
     ),
 ];
@@ -404,6 +420,9 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
+        assert_eq!(KVM_IRQFD, 0x4020_ae76);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
     }
 
     /// What `b` allows of `a`'s rule for the same call.
