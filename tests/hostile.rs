@@ -261,3 +261,47 @@ fn a_stalled_reader_cannot_hold_kvmrun() {
     );
     drop(out);
 }
+
+#[test]
+fn pci_configuration_space_swept_and_bars_moved() {
+    if !kvm_available() {
+        return;
+    }
+    // virtio-rng on both transports, so the sweep meets a PCI device
+    // with MSI-X and a machine with virtio-mmio beside it.
+    hostile(&["--rng", "--rng=mmio", "--", "case=pci"])
+        .expect(PASS)
+        .has("pci: ECAM at 0xe0000000, virtio-rng at 8")
+        .has("pci: 131072 configuration writes; 00:00.0 reads 0x81b36");
+    // Without PCI the ports float and there is no ECAM.
+    hostile(&["--", "case=pci"])
+        .expect(PASS)
+        .has("pci: ECAM at 0x0, virtio-rng at -1")
+        .has("pci: 98304 configuration writes; 00:00.0 reads 0xffffffff");
+}
+
+#[test]
+fn virtio_chains_a_driver_must_not_offer() {
+    if !kvm_available() {
+        return;
+    }
+    for t in ["pci", "mmio"] {
+        let r = hostile(&[
+            &format!("--rng={t}"),
+            "--",
+            "case=virtio",
+            &format!("transport={t}"),
+        ]);
+        r.expect(PASS)
+            .has("virtio: longer-than-queue answered, 0 bytes")
+            .has("PASS: good-request-after-bad-ones")
+            .has("virtio: head beyond the queue and index 1000 ahead offered");
+        // A malformed request is logged once, however many come.
+        assert_eq!(
+            r.stderr.matches("malformed request").count(),
+            1,
+            "{}",
+            r.stderr
+        );
+    }
+}

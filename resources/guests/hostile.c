@@ -24,6 +24,18 @@
  *   flood           write numbered lines to COM1 as fast as possible, for
  *                   ever or lines=N of them (then exit 0)
  *   spin            loop for ever with interrupts off (only a timeout ends it)
+ *   pci             (with --rng) fill virtio-rng's MSI-X table and PBA with
+ *                   garbage and enable MSI-X; move its BAR onto RAM, ECAM, the
+ *                   LAPIC and IOAPIC, 0 and the top of the address space; then
+ *                   write 0xffffffff and 0 to every configuration register of
+ *                   every function of buses 0, 1 and 255 through 0xCF8/0xCFC
+ *                   and of bus 0 through ECAM; exits 0
+ *   virtio          (transport=pci|mmio, with the device there) offer
+ *                   virtio-rng chains that loop, leave RAM, run past its end,
+ *                   are device-readable, are indirect and loop, or are longer
+ *                   than the queue, each answered; then a good request; then
+ *                   a head beyond the queue and an available index 1000
+ *                   ahead, which may stop the queue; exits 0
  */
 #include "guest.h"
 
@@ -347,6 +359,120 @@ static int case_flood(void)
 	return 0;
 }
 
+static u32 config_sweep_cf8(u16 bus)
+{
+	u32 writes = 0;
+	for (u16 df = 0; df < 256; df++) {
+		u16 bdf = (u16)(bus << 8) | df;
+		for (u16 reg = 0; reg < 256; reg += 4) {
+			pci_write32(bdf, reg, 0xffffffff);
+			pci_write32(bdf, reg, 0);
+			writes += 2;
+		}
+	}
+	return writes;
+}
+
+static int case_pci(void)
+{
+	u64 ecam = pci_ecam_base();
+	int rng = pci_find(0x1af4, 0x1044);
+	printf("pci: ECAM at 0x%lx, virtio-rng at %d\n", ecam, rng);
+	if (rng >= 0) {
+		u16 bdf = (u16)rng;
+		u64 bar = pci_bar64(bdf, 0);
+		pci_write16(bdf, PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+		/* Garbage in the MSI-X table (0x4000) and PBA (0x5000), then MSI-X on. */
+		for (u32 i = 0; i < 0x100; i += 4)
+			mmio_write32(bar + 0x4000 + i, 0xdeadbeef ^ (i * 0x01010101u));
+		mmio_write32(bar + 0x5000, 0xffffffff);
+		u8 cap = pci_find_cap(bdf, PCI_CAP_MSIX, 0);
+		if (cap)
+			pci_write16(bdf, cap + 2, 0x8000);
+		/* A configuration change: every vector fires at garbage. */
+		mmio_write8(bar + 0x14, 0);
+		static const u64 places[] = {0x100000, 0xe0000000, 0xfee00000, 0xfec00000,
+					     0, 0xfffffffffff00000ull};
+		for (u32 i = 0; i < sizeof(places) / sizeof(places[0]); i++) {
+			pci_write32(bdf, PCI_BAR0, (u32)places[i]);
+			pci_write32(bdf, PCI_BAR0 + 4, (u32)(places[i] >> 32));
+			/* Read only: at 0x100000 the BAR would be over this guest. */
+			if (places[i] && places[i] < (1ull << 32))
+				mmio_read32(places[i] + 0x4000);
+		}
+		/* Back to the firmware's place, decoding on, for the sweep. */
+		pci_write32(bdf, PCI_BAR0, (u32)bar);
+		pci_write32(bdf, PCI_BAR0 + 4, (u32)(bar >> 32));
+	}
+	u32 writes = config_sweep_cf8(0) + config_sweep_cf8(1) + config_sweep_cf8(255);
+	if (ecam) {
+		for (u64 f = 0; f < 256; f++)
+			for (u64 reg = 0; reg < 256; reg += 4) {
+				mmio_write32(ecam + (f << 12) + reg, 0xffffffff);
+				mmio_write32(ecam + (f << 12) + reg, 0);
+				writes += 2;
+			}
+	}
+	u32 id = pci_read32(0, 0);
+	printf("pci: %u configuration writes; 00:00.0 reads 0x%x\n", writes, id);
+	return 0;
+}
+
+static struct virtio_desc indirect[4] __attribute__((aligned(16)));
+static u8 buf[64];
+
+static int case_virtio(void)
+{
+	struct virtio_dev d;
+	const char *t = arg_str("transport=");
+	bool ok;
+	if (t && !strncmp(t, "mmio", 4)) {
+		u64 base = virtio_mmio_from_dsdt();
+		ok = base && virtio_mmio_init(&d, base, 4);
+	} else {
+		int bdf = pci_find(0x1af4, 0x1044);
+		ok = bdf >= 0 && virtio_pci_init(&d, (u16)bdf, 4, 0xffff);
+	}
+	if (!ok) {
+		printf("virtio: no virtio-rng\n");
+		return EXIT_FAIL;
+	}
+	u64 b = (u64)buf;
+	const u16 W = VIRTQ_DESC_F_WRITE, N = VIRTQ_DESC_F_NEXT;
+	struct virtio_desc self_loop[] = {{b, 8, W | N, 0}};
+	struct virtio_desc outside[] = {{0xfff0000000ull, 16, W, 0}};
+	struct virtio_desc past_end[] = {{0x8000000 - 8, 0x100000, W, 0}};
+	struct virtio_desc readable[] = {{b, 16, 0, 0}};
+	struct virtio_desc ind[] = {{(u64)indirect, sizeof(indirect), VIRTQ_DESC_F_INDIRECT, 0}};
+	struct virtio_desc ring[VIRTIO_QSIZE];
+	for (u16 i = 0; i < VIRTIO_QSIZE; i++)
+		ring[i] = (struct virtio_desc){b, 1, W | N, (u16)((i + 1) % VIRTIO_QSIZE)};
+	for (u16 i = 0; i < 4; i++)
+		indirect[i] = (struct virtio_desc){b, 4, W | N, (u16)((i + 1) % 4)};
+	struct {
+		const char *what;
+		struct virtio_desc *ds;
+		u16 n;
+	} chains[] = {
+		{"loop", self_loop, 1},	       {"outside-ram", outside, 1},
+		{"past-the-end", past_end, 1}, {"device-readable", readable, 1},
+		{"indirect-loop", ind, 1},     {"longer-than-queue", ring, VIRTIO_QSIZE},
+	};
+	for (u32 i = 0; i < sizeof(chains) / sizeof(chains[0]); i++) {
+		virtio_offer_raw(&d, chains[i].ds, chains[i].n, 0, 1);
+		u32 len = virtio_wait_used(&d);
+		printf("virtio: %s answered, %u bytes\n", chains[i].what, len);
+	}
+	int got = virtio_request(&d, buf, 16);
+	report(got == 16, "good-request-after-bad-ones");
+	/* These may stop the queue for good: nothing waits for them. */
+	struct virtio_desc good[] = {{b, 16, W, 0}};
+	virtio_offer_raw(&d, good, 1, 200, 1);
+	virtio_offer_raw(&d, good, 1, 0, 1000);
+	printf("virtio: head beyond the queue and index 1000 ahead offered\n");
+	return report_summary();
+}
+
 int main(void)
 {
 	const char *c = arg_str("case=");
@@ -372,6 +498,10 @@ int main(void)
 		return case_halt();
 	if (!strncmp(c, "flood", 6))
 		return case_flood();
+	if (!strncmp(c, "pci", 4))
+		return case_pci();
+	if (!strncmp(c, "virtio", 7))
+		return case_virtio();
 	if (!strncmp(c, "spin", 5))
 		for (;;)
 			__asm__ volatile("cli");
