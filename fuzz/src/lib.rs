@@ -21,6 +21,7 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod fakes;
+pub mod platform;
 pub mod snapshot;
 pub mod suite;
 
@@ -96,6 +97,14 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "dev_testdev",
         run: devices::testdev,
+    },
+    Target {
+        name: "pci_config",
+        run: platform::pci_config,
+    },
+    Target {
+        name: "virtio_chain",
+        run: platform::virtio_chain,
     },
 ];
 
