@@ -27,6 +27,12 @@ use std::time::{Duration, Instant};
 pub const CAPACITY: usize = 64 << 10;
 /// How long `finish()` waits for a consumer that takes nothing.
 pub const STALL: Duration = Duration::from_secs(1);
+/// Most bytes the writer hands the host in one write(). A blocking write
+/// to a pipe returns only once all of it is in the pipe, so a large one
+/// into a slow reader would show no progress to `finish()` for seconds
+/// while the reader takes bytes all along; up to PIPE_BUF, a write waits
+/// only for that much room.
+const CHUNK: usize = 4096;
 /// Longest wait of a vCPU for room before it looks at its stop flag again
 /// (a kick usually wakes it sooner).
 const RECHECK: Duration = Duration::from_millis(20);
@@ -214,7 +220,8 @@ fn drain(s: &Shared, mut out: Box<dyn Write + Send>, what: &str) {
         s.drained.notify_all();
         let mut at = 0;
         while at < batch.len() {
-            match out.write(&batch[at..]) {
+            let end = batch.len().min(at + CHUNK);
+            match out.write(&batch[at..end]) {
                 Ok(n) if n > 0 => {
                     at += n;
                     s.written.fetch_add(n as u64, Ordering::Relaxed);
@@ -297,6 +304,32 @@ mod tests {
             }
         );
         assert_eq!(*gate.got.lock().unwrap(), data);
+    }
+
+    /// An output that records the size of every write.
+    #[derive(Clone, Default)]
+    struct Sizes(Arc<Mutex<Vec<usize>>>);
+
+    impl Write for Sizes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().push(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A slow pipe reader takes bytes all along, and `finish()` must see
+    /// that: no single write may wait for more than PIPE_BUF of room.
+    #[test]
+    fn writes_are_at_most_a_pipe_buffer() {
+        let sizes = Sizes::default();
+        let (out, mut tx) = Output::start(Box::new(sizes.clone()), "test", || false).unwrap();
+        tx.write_all(&vec![b'x'; 3 * CAPACITY / 2]).unwrap();
+        assert_eq!(out.finish().written, 3 * CAPACITY as u64 / 2);
+        let sizes = sizes.0.lock().unwrap();
+        assert!(sizes.iter().all(|&n| n <= CHUNK), "{sizes:?}");
     }
 
     /// A consumer that never reads: the queue fills to CAPACITY, a vCPU
