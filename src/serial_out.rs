@@ -18,7 +18,9 @@
 //! and counted and reported the same way.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,12 +29,6 @@ use std::time::{Duration, Instant};
 pub const CAPACITY: usize = 64 << 10;
 /// How long `finish()` waits for a consumer that takes nothing.
 pub const STALL: Duration = Duration::from_secs(1);
-/// Most bytes the writer hands the host in one write(). A blocking write
-/// to a pipe returns only once all of it is in the pipe, so a large one
-/// into a slow reader would show no progress to `finish()` for seconds
-/// while the reader takes bytes all along; up to PIPE_BUF, a write waits
-/// only for that much room.
-const CHUNK: usize = 4096;
 /// Longest wait of a vCPU for room before it looks at its stop flag again
 /// (a kick usually wakes it sooner).
 const RECHECK: Duration = Duration::from_millis(20);
@@ -198,6 +194,71 @@ impl Output {
     }
 }
 
+/// Where COM1's output goes with `--serial stdio`: a copy of fd 1, so
+/// the writer never waits on the lock of Rust's stdout, which kvmrun's
+/// own messages take. A pipe gets an open file of its own (through
+/// /proc/self/fd/1), non-blocking: a blocking write to a pipe returns
+/// only once all of it is in, so a large one into a slow reader would
+/// show no progress to `Output::finish()` for seconds while the reader
+/// takes bytes all along. O_NONBLOCK on a mere copy of fd 1 would change
+/// the file kvmrun's parent shares.
+pub fn stdout_writer() -> io::Result<Box<dyn Write + Send>> {
+    let stdout = io::stdout();
+    let fd = stdout.as_fd();
+    // SAFETY: fstat writes one struct stat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let fifo = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0
+        && st.st_mode & libc::S_IFMT == libc::S_IFIFO;
+    if fifo {
+        let own = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/self/fd/1")
+            .and_then(|f| set_nonblocking(&f).map(|()| f));
+        match own {
+            Ok(f) => return Ok(Box::new(PipeWriter(f))),
+            Err(e) => log::debug!("stdout is a pipe, but /proc/self/fd/1: {e}"),
+        }
+    }
+    Ok(Box::new(File::from(fd.try_clone_to_owned()?)))
+}
+
+fn set_nonblocking(f: &File) -> io::Result<()> {
+    let fd = f.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL only read and set this file's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A non-blocking pipe that writes like a blocking one, but returns as
+/// soon as any of the bytes went in.
+struct PipeWriter(File);
+
+impl Write for PipeWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut p = libc::pollfd {
+                        fd: self.0.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: poll reads and writes the one pollfd given.
+                    unsafe { libc::poll(&mut p, 1, -1) };
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The writer thread: write whatever is queued, until `finish()` and an
 /// empty queue, or until the output fails.
 fn drain(s: &Shared, mut out: Box<dyn Write + Send>, what: &str) {
@@ -220,8 +281,7 @@ fn drain(s: &Shared, mut out: Box<dyn Write + Send>, what: &str) {
         s.drained.notify_all();
         let mut at = 0;
         while at < batch.len() {
-            let end = batch.len().min(at + CHUNK);
-            match out.write(&batch[at..end]) {
+            match out.write(&batch[at..]) {
                 Ok(n) if n > 0 => {
                     at += n;
                     s.written.fetch_add(n as u64, Ordering::Relaxed);
@@ -252,6 +312,8 @@ fn drain(s: &Shared, mut out: Box<dyn Write + Send>, what: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
     use std::sync::atomic::AtomicBool;
 
     /// An output that takes bytes only while `open`, into `got`.
@@ -306,30 +368,28 @@ mod tests {
         assert_eq!(*gate.got.lock().unwrap(), data);
     }
 
-    /// An output that records the size of every write.
-    #[derive(Clone, Default)]
-    struct Sizes(Arc<Mutex<Vec<usize>>>);
-
-    impl Write for Sizes {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().push(buf.len());
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// A slow pipe reader takes bytes all along, and `finish()` must see
-    /// that: no single write may wait for more than PIPE_BUF of room.
+    /// A reader that takes nothing: a pipe writer returns what fitted,
+    /// at once, and the next write waits for room.
     #[test]
-    fn writes_are_at_most_a_pipe_buffer() {
-        let sizes = Sizes::default();
-        let (out, mut tx) = Output::start(Box::new(sizes.clone()), "test", || false).unwrap();
-        tx.write_all(&vec![b'x'; 3 * CAPACITY / 2]).unwrap();
-        assert_eq!(out.finish().written, 3 * CAPACITY as u64 / 2);
-        let sizes = sizes.0.lock().unwrap();
-        assert!(sizes.iter().all(|&n| n <= CHUNK), "{sizes:?}");
+    fn a_pipe_takes_what_fits_and_says_so() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two fds it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned here.
+        let (rx, tx) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ only resizes this pipe.
+        assert!(unsafe { libc::fcntl(tx.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } > 0);
+        set_nonblocking(&tx).unwrap();
+        let mut w = PipeWriter(tx);
+        assert_eq!(w.write(&[b'x'; 10_000]).unwrap(), 4096);
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut buf = [0u8; 8192];
+            let n = (&rx).read(&mut buf).unwrap();
+            (n, rx)
+        });
+        assert_eq!(w.write(&[b'y'; 100]).unwrap(), 100);
+        assert_eq!(reader.join().unwrap().0, 4096);
     }
 
     /// A consumer that never reads: the queue fills to CAPACITY, a vCPU

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_pm::{self, AcpiPm};
@@ -116,15 +115,11 @@ fn serial_output(
 ) -> Result<(Box<dyn Write + Send>, Option<Output>), PlatformError> {
     let (out, what): (Box<dyn Write + Send>, String) = match s {
         SerialOutput::None => return Ok((Box::new(std::io::sink()), None)),
-        // A copy of fd 1, so the writer never waits on the lock of Rust's
-        // stdout, which kvmrun's own messages take.
-        SerialOutput::Stdio => {
-            let fd = std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| PlatformError::Io(format!("dup of stdout: {e}")))?;
-            (Box::new(File::from(fd)), "stdout".into())
-        }
+        SerialOutput::Stdio => (
+            crate::serial_out::stdout_writer()
+                .map_err(|e| PlatformError::Io(format!("stdout: {e}")))?,
+            "stdout".into(),
+        ),
         SerialOutput::File(p) => (
             Box::new(
                 File::create(p).map_err(|e| PlatformError::Io(format!("{}: {e}", p.display())))?,

@@ -80,9 +80,9 @@ impl Kind {
             Kind::PitPolicy => &[RUNTIME, ABORT, CLOSE, PIT_POLICY],
             Kind::Supervisor => &[RUNTIME, ABORT, NEW_THREADS, FILES, SUPERVISOR],
             Kind::Scheduler => &[RUNTIME, ABORT, NEW_THREADS, FILES, SCHEDULER],
-            // Writing to stdout or a file, waiting for bytes, closing
-            // the file at the end.
-            Kind::SerialOut => &[RUNTIME, ABORT, CLOSE],
+            // Writing to stdout or a file, waiting for bytes and for
+            // room in a pipe, closing the file at the end.
+            Kind::SerialOut => &[RUNTIME, ABORT, CLOSE, SERIAL_OUT],
         };
         groups.iter().flat_map(|g| g.iter().copied()).collect()
     }
@@ -376,6 +376,9 @@ const KVM_SNAPSHOT: &[Rule] = &[one_of(
         KVM_GET_CLOCK,
     ],
 )];
+
+/// Waiting for room in a non-blocking pipe (`serial_out::PipeWriter`).
+const SERIAL_OUT: &[Rule] = &[any(SYS_poll), any(SYS_ppoll)];
 
 const PIT_POLICY: &[Rule] = &[one_of(SYS_ioctl, 1, &[KVM_REINJECT_CONTROL])];
 
