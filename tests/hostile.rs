@@ -184,6 +184,33 @@ fn wait_full(fd: i32) {
     }
 }
 
+/// Wait until kvmrun's output queue is full behind the full pipe: vCPU 0
+/// waits for room in `futex` instead of running the guest in `ioctl`
+/// (KVM_RUN). The flood guest never halts, so nothing else parks it.
+fn wait_queue_full(child: &Child) {
+    let started = Instant::now();
+    loop {
+        if vcpu_syscall(child.id(), "vcpu0") == Some(libc::SYS_futex) {
+            return;
+        }
+        assert!(started.elapsed() < SAFETY, "kvmrun's queue never filled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The system call the thread `name` of process `pid` waits in, if any.
+fn vcpu_syscall(pid: u32, name: &str) -> Option<i64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim_end() == name {
+            let call = std::fs::read_to_string(dir.join("syscall")).ok()?;
+            return call.split_whitespace().next()?.parse().ok();
+        }
+    }
+    None
+}
+
 fn wait(child: &mut Child) -> (i32, String) {
     let started = Instant::now();
     let status = loop {
@@ -213,8 +240,7 @@ fn a_slow_reader_gets_every_byte() {
     let mut child = flood(&["--", "case=flood", "lines=4000"]);
     let mut out = child.stdout.take().unwrap();
     wait_full(out.as_raw_fd());
-    // Let kvmrun's queue fill behind the full pipe for a while.
-    std::thread::sleep(Duration::from_secs(1));
+    wait_queue_full(&child);
     let reader = std::thread::spawn(move || {
         let mut all = Vec::new();
         let mut buf = [0u8; 4096];
@@ -254,9 +280,9 @@ fn a_stalled_reader_cannot_hold_kvmrun() {
     let mut child = flood(&["--api", s, "--", "case=flood"]);
     let out = child.stdout.take().unwrap();
     wait_full(out.as_raw_fd());
-    // Let kvmrun's queue fill behind the full pipe, so there is more
-    // than the last free bytes of the pipe's page to write at the end.
-    std::thread::sleep(Duration::from_secs(1));
+    // A full queue holds far more than the last free bytes of the pipe's
+    // page, so some output must be dropped at the end.
+    wait_queue_full(&child);
     Run::from(kvmrun().args(["quit", s]).output().unwrap()).expect(0);
     let (status, err) = wait(&mut child);
     assert_eq!(status, 0, "{err}");
