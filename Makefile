@@ -13,7 +13,10 @@ BENCH_PKGS := qemu-system-x86 hyperfine time
 LINUX_PKGS := linux-image-cloud-amd64 busybox-static cpio zstd
 LINUX      := $(abspath build/linux)
 
-.PHONY: all build guests linux run test deps bench-deps apt lint bench clean
+# Seconds each fuzz target runs in `make fuzz` (scripts/fuzz).
+FUZZ_TIME ?= 60
+
+.PHONY: all build guests linux run test deps bench-deps apt lint bench fuzz soak clean
 
 all: build guests
 
@@ -57,6 +60,15 @@ test: deps guests linux build lint
 
 bench: bench-deps build guests
 	scripts/bench
+
+# Every fuzz target for FUZZ_TIME seconds, one after the other (make test
+# only replays their seeds).
+fuzz:
+	scripts/fuzz $(FUZZ_TIME)
+
+# The long soaks of tests/soak.rs (make test runs short ones).
+soak: deps guests
+	scripts/soak
 
 clean:
 	$(CARGO) clean

@@ -7,7 +7,7 @@
 //! the vCPUs stopped, so they are queued in [`Control`], the vCPUs are
 //! asked to stop, and the main loop answers them between rounds.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -24,7 +24,7 @@ use crate::shutdown::{ExitReason, Shutdown};
 
 /// Longest request line accepted; a longer one is an error, not a buffer
 /// that grows without bound.
-const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 64 * 1024;
 
 /// One request. On the wire: `{"cmd": "snapshot", "dir": "/x", "stop": false}`.
 /// Variants without arguments are empty structs so that unknown fields
@@ -108,7 +108,7 @@ fn state_name(paused: bool) -> &'static str {
 /// Send one response line: `{"ok": true, "state": ..., more fields}` or
 /// `{"ok": false, "error": "...", "state": ...}`. A client that went away
 /// is not an error of the VM.
-pub fn reply(mut to: UnixStream, answer: Result<serde_json::Value, String>, paused: bool) {
+pub fn reply(to: UnixStream, answer: Result<serde_json::Value, String>, paused: bool) {
     let mut v = match answer {
         Ok(serde_json::Value::Object(mut m)) => {
             m.insert("ok".into(), true.into());
@@ -120,25 +120,131 @@ pub fn reply(mut to: UnixStream, answer: Result<serde_json::Value, String>, paus
     v["state"] = state_name(paused).into();
     let mut line = v.to_string();
     line.push('\n');
-    // Responses are small and go to an idle socket; a client that does
-    // not read cannot stall the VM for long.
-    let _ = to.set_nonblocking(false);
-    let _ = to.set_write_timeout(Some(std::time::Duration::from_secs(1)));
-    if let Err(e) = to.write_all(line.as_bytes()) {
+    if let Err(e) = send_bounded(&to, line.as_bytes(), REPLY_WAIT) {
         log::debug!("control socket: cannot answer: {e}");
     }
 }
 
-struct Conn {
-    stream: UnixStream,
+/// Longest a reply waits for a client that does not read.
+const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Send `bytes` on `to`, waiting at most `wait` in all for room. `to` is
+/// a copy of the connection the server reads, so its O_NONBLOCK flag,
+/// shared by every copy, is left as it is: a reply that made the
+/// connection blocking would leave the event loop stuck in its next read.
+fn send_bounded(to: &UnixStream, bytes: &[u8], wait: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        // SAFETY: `rest` is valid for its length; send() only reads it.
+        let n = unsafe {
+            libc::send(
+                to.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            at += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                let mut p = libc::pollfd {
+                    fd: to.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, valid for the call.
+                unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as libc::c_int) };
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Splits the bytes of one connection into request lines, holding at
+/// most `MAX_LINE` bytes of a line that has not ended yet.
+#[derive(Debug, Default)]
+pub struct LineReader {
     buf: Vec<u8>,
 }
 
-/// The listening socket and its connections.
+/// A line longer than `MAX_LINE`: the connection cannot be read further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineTooLong;
+
+impl LineReader {
+    /// Take `bytes` and return the lines they complete, without their
+    /// `\n`, in order; `Err` once the line being read grows beyond
+    /// `MAX_LINE` (nothing is returned after that).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, LineTooLong> {
+        let mut lines = Vec::new();
+        let mut rest = bytes;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            if self.buf.len() + nl > MAX_LINE {
+                return Err(LineTooLong);
+            }
+            self.buf.extend_from_slice(&rest[..nl]);
+            lines.push(std::mem::take(&mut self.buf));
+            rest = &rest[nl + 1..];
+        }
+        if self.buf.len() + rest.len() > MAX_LINE {
+            return Err(LineTooLong);
+        }
+        self.buf.extend_from_slice(rest);
+        Ok(lines)
+    }
+
+    /// Bytes of a line that has not ended yet.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// The request on one line, `None` for a blank line, or the error to
+/// answer: not UTF-8, not JSON, not a request.
+pub fn parse_request(line: &[u8]) -> Result<Option<Request>, String> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "bad request: not UTF-8 (invalid byte at offset {}); send one JSON object per line",
+            e.valid_up_to()
+        )
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str::<Request>(text)
+        .map(Some)
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Eof => {
+                format!("bad request: incomplete JSON object ({e})")
+            }
+            _ => format!("bad request: {e}"),
+        })
+}
+
+struct Conn {
+    stream: UnixStream,
+    lines: LineReader,
+}
+
+/// The listening socket and its one client: a second client while one
+/// is connected gets an error answer and is closed.
 pub struct ApiServer {
     path: PathBuf,
     listener: UnixListener,
-    conns: HashMap<RawFd, Conn>,
+    conn: Option<Conn>,
     control: Arc<Control>,
     shutdown: Arc<Shutdown>,
 }
@@ -152,7 +258,7 @@ fn listen_at(path: &Path) -> std::io::Result<UnixListener> {
     tmp.push(format!(".{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    match UnixListener::bind(&tmp) {
+    match bind_private(&tmp) {
         Ok(l) => match std::fs::rename(&tmp, path) {
             Ok(()) => Ok(l),
             Err(e) => {
@@ -161,13 +267,14 @@ fn listen_at(path: &Path) -> std::io::Result<UnixListener> {
             }
         },
         // A temporary name past the socket path limit: bind in place.
-        Err(_) => UnixListener::bind(path),
+        Err(_) => bind_private(path),
     }
 }
 
 impl ApiServer {
-    /// Listen at `path`. A stale socket there is replaced; any other file
-    /// is left alone and is an error.
+    /// Listen at `path`, a socket only its owner may use (mode 0600). A
+    /// stale socket there is replaced; any other file is left alone and
+    /// is an error.
     pub fn bind(
         path: &Path,
         control: Arc<Control>,
@@ -191,7 +298,7 @@ impl ApiServer {
         Ok(ApiServer {
             path: path.to_path_buf(),
             listener,
-            conns: HashMap::new(),
+            conn: None,
             control,
             shutdown,
         })
@@ -199,40 +306,64 @@ impl ApiServer {
 
     fn accept(&mut self, ops: &mut EventOps) {
         while let Ok((stream, _)) = self.listener.accept() {
+            // A client that has gone may not have been noticed yet: read
+            // what it left first, so the slot is free if it has.
+            if let Some(fd) = self.conn.as_ref().map(|c| c.stream.as_raw_fd()) {
+                self.readable(fd, ops);
+            }
+            if self.conn.is_some() {
+                reply(
+                    stream,
+                    Err("another client is connected to this control socket; one at a time".into()),
+                    self.control.is_paused(),
+                );
+                continue;
+            }
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
             if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                self.conns.insert(
-                    stream.as_raw_fd(),
-                    Conn {
-                        stream,
-                        buf: Vec::new(),
-                    },
+                self.conn = Some(Conn {
+                    stream,
+                    lines: LineReader::default(),
+                });
+            }
+        }
+    }
+
+    fn close(&mut self, ops: &mut EventOps) {
+        if let Some(c) = self.conn.take() {
+            let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
+            if c.lines.pending() > 0 {
+                log::debug!(
+                    "control socket: client left in the middle of a request ({} bytes unanswered)",
+                    c.lines.pending()
                 );
             }
         }
     }
 
-    fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
-        if let Some(c) = self.conns.remove(&fd) {
-            let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
-        }
-    }
-
     fn readable(&mut self, fd: RawFd, ops: &mut EventOps) {
-        let Some(conn) = self.conns.get_mut(&fd) else {
+        let Some(conn) = self.conn.as_mut().filter(|c| c.stream.as_raw_fd() == fd) else {
             return;
         };
         let mut chunk = [0u8; 4096];
+        let mut lines = Vec::new();
         let mut eof = false;
+        let mut overlong = false;
         loop {
             match conn.stream.read(&mut chunk) {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => match conn.lines.feed(&chunk[..n]) {
+                    Ok(mut l) => lines.append(&mut l),
+                    Err(LineTooLong) => {
+                        overlong = true;
+                        break;
+                    }
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -241,11 +372,6 @@ impl ApiServer {
                 }
             }
         }
-        let mut lines = Vec::new();
-        while let Some(nl) = conn.buf.iter().position(|&b| b == b'\n') {
-            lines.push(conn.buf.drain(..=nl).collect::<Vec<u8>>());
-        }
-        let overlong = conn.buf.len() > MAX_LINE;
         let stream = conn.stream.try_clone();
         for line in lines {
             let Ok(s) = stream.as_ref().map(|s| s.try_clone()) else {
@@ -258,37 +384,47 @@ impl ApiServer {
             if let Ok(s) = stream {
                 reply(
                     s,
-                    Err(format!("request longer than {MAX_LINE} bytes")),
+                    Err(format!(
+                        "bad request: line longer than {MAX_LINE} bytes; closing the connection"
+                    )),
                     self.control.is_paused(),
                 );
             }
             eof = true;
         }
         if eof {
-            self.close(fd, ops);
+            self.close(ops);
         }
     }
 
     fn handle_line(&self, line: &[u8], stream: UnixStream) {
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim();
-        if text.is_empty() {
-            return;
-        }
         let paused = self.control.is_paused();
-        match serde_json::from_str::<Request>(text) {
-            Err(e) => reply(stream, Err(format!("bad request: {e}")), paused),
-            Ok(Request::Status {}) => reply(stream, Ok(serde_json::json!({})), paused),
-            Ok(Request::Quit {}) => {
+        match parse_request(line) {
+            Ok(None) => {}
+            Err(e) => reply(stream, Err(e), paused),
+            Ok(Some(Request::Status {})) => reply(stream, Ok(serde_json::json!({})), paused),
+            Ok(Some(Request::Quit {})) => {
                 reply(stream, Ok(serde_json::json!({})), paused);
                 self.shutdown.request(ExitReason::Quit);
             }
-            Ok(req) => {
+            Ok(Some(req)) => {
                 self.control.lock().push_back((req, stream));
                 self.shutdown.request_pause();
             }
         }
     }
+}
+
+/// Bind a Unix socket at `path` that only this user can connect to: the
+/// umask is narrowed around bind(), because a socket's mode is fixed when
+/// it is created and a chmod() after would leave a window.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    // SAFETY: umask() only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
 }
 
 impl Drop for ApiServer {
@@ -304,8 +440,12 @@ impl MutEventSubscriber for ApiServer {
             self.accept(ops);
         } else if events.event_set().contains(EventSet::IN) {
             self.readable(fd, ops);
-        } else {
-            self.close(fd, ops);
+        } else if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.stream.as_raw_fd() == fd)
+        {
+            self.close(ops);
         }
     }
 
@@ -381,5 +521,80 @@ mod tests {
         assert!(p(r#"{"cmd":"explode"}"#).is_err());
         assert!(p(r#"{"cmd":"status","x":1}"#).is_err());
         assert!(p("pause").is_err());
+    }
+
+    #[test]
+    fn lines_are_split_wherever_the_reads_cut_them() {
+        let input = b"{\"cmd\":\"status\"}\n\n{\"cmd\":\"pause\"}\r\n";
+        for cut in 0..=input.len() {
+            let mut r = LineReader::default();
+            let mut lines = r.feed(&input[..cut]).unwrap();
+            lines.extend(r.feed(&input[cut..]).unwrap());
+            assert_eq!(lines.len(), 3, "cut at {cut}");
+            assert_eq!(r.pending(), 0);
+            let reqs: Vec<_> = lines.iter().map(|l| parse_request(l).unwrap()).collect();
+            assert_eq!(
+                reqs,
+                vec![Some(Request::Status {}), None, Some(Request::Pause {})]
+            );
+        }
+    }
+
+    #[test]
+    fn an_overlong_line_is_refused_without_holding_it() {
+        let mut r = LineReader::default();
+        assert!(r.feed(&vec![b'x'; MAX_LINE]).unwrap().is_empty());
+        assert_eq!(r.feed(b"x"), Err(LineTooLong));
+        // A line of exactly MAX_LINE bytes and its newline is fine.
+        let mut r = LineReader::default();
+        let mut line = vec![b' '; MAX_LINE];
+        line.push(b'\n');
+        assert_eq!(r.feed(&line).unwrap().len(), 1);
+        // So is a long run of short lines in one read.
+        let many = b"{}\n".repeat(MAX_LINE);
+        let mut r = LineReader::default();
+        assert_eq!(r.feed(&many).unwrap().len(), MAX_LINE);
+    }
+
+    /// A reply went through a copy of the connection made blocking, which
+    /// made the connection itself blocking (one open file description):
+    /// the server's next read then waited for the client, freezing the
+    /// VMM's event loop while a client kept its connection open.
+    #[test]
+    fn a_reply_leaves_the_connection_non_blocking() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        reply(ours.try_clone().unwrap(), Ok(serde_json::json!({})), false);
+        // SAFETY: F_GETFL only reads the fd's flags.
+        let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0);
+        let mut buf = [0u8; 64];
+        assert!(matches!(
+            (&ours).read(&mut buf),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        ));
+        let mut line = String::new();
+        BufReader::new(&theirs).read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true,\"state\":\"running\"}\n");
+    }
+
+    /// A client that reads nothing: the reply gives up after its wait.
+    #[test]
+    fn a_reply_to_a_client_that_never_reads_gives_up() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let big = vec![b'x'; 8 << 20];
+        let e = send_bounded(&ours, &big, std::time::Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn bad_lines_get_clear_errors() {
+        let e = parse_request(b"{\"cmd\":\"sta\xfftus\"}").unwrap_err();
+        assert!(e.contains("not UTF-8") && e.contains("offset 11"), "{e}");
+        let e = parse_request(b"{\"cmd\":").unwrap_err();
+        assert!(e.contains("incomplete JSON object"), "{e}");
+        let e = parse_request(b"[1, 2]").unwrap_err();
+        assert!(e.starts_with("bad request: "), "{e}");
+        assert_eq!(parse_request(b" \t\r").unwrap(), None);
     }
 }

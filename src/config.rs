@@ -147,7 +147,7 @@ impl VmConfig {
             return Err(ConfigError::Mem(self.mem_bytes));
         }
         if let Some(t) = self.timeout_secs {
-            if !(t.is_finite() && t > 0.0) {
+            if !timeout_ok(t) {
                 return Err(ConfigError::Timeout(t.to_string()));
             }
         }
@@ -189,7 +189,9 @@ pub enum ConfigError {
     Vcpus(u32),
     #[error("invalid serial output '{0}': expected stdio, none or file:PATH")]
     Serial(String),
-    #[error("invalid timeout '{0}': expected a positive number of seconds")]
+    #[error(
+        "invalid timeout '{0}': expected a positive number of seconds, at most {MAX_TIMEOUT_SECS}"
+    )]
     Timeout(String),
     #[error("invalid --cpu '{0}': {1}")]
     Cpu(String, crate::cpu::SpecError),
@@ -221,6 +223,16 @@ pub fn parse_mem_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
+/// Longest timeout accepted, in seconds (about 136 years): every timer
+/// and deadline built from a timeout must be able to hold it.
+pub const MAX_TIMEOUT_SECS: f64 = u32::MAX as f64;
+
+/// Whether `t` seconds is a timeout kvmrun can keep: positive, finite
+/// and at most `MAX_TIMEOUT_SECS`.
+pub fn timeout_ok(t: f64) -> bool {
+    t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_SECS
+}
+
 /// Parse a `--timeout` value in seconds (fractions allowed).
 pub fn parse_timeout(s: &str) -> Result<f64, ConfigError> {
     let t: f64 = s
@@ -228,7 +240,7 @@ pub fn parse_timeout(s: &str) -> Result<f64, ConfigError> {
         .trim_end_matches('s')
         .parse()
         .map_err(|_| ConfigError::Timeout(s.to_string()))?;
-    if t.is_finite() && t > 0.0 {
+    if timeout_ok(t) {
         Ok(t)
     } else {
         Err(ConfigError::Timeout(s.to_string()))
@@ -250,6 +262,23 @@ mod tests {
         for bad in ["", "x", "-1", "1.5G", "99999999999999T", "G"] {
             assert!(parse_mem_size(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Found by the cli_values fuzz target: `--timeout 1e300` parsed,
+    /// and turning it into a timer's Duration panicked.
+    #[test]
+    fn timeouts_fit_a_duration() {
+        for good in ["0.001", "1", "2.5s", "4294967295"] {
+            let t = parse_timeout(good).unwrap();
+            let _ = std::time::Duration::from_secs_f64(t);
+        }
+        for bad in ["0", "-1", "nan", "inf", "1e300", "4294967296", "x"] {
+            let e = parse_timeout(bad).unwrap_err().to_string();
+            assert!(e.contains("at most 4294967295"), "{bad}: {e}");
+        }
+        let mut c = VmConfig::new("x".into());
+        c.timeout_secs = Some(1e300);
+        assert!(matches!(c.validate(), Err(ConfigError::Timeout(_))));
     }
 
     #[test]

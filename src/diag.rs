@@ -105,9 +105,11 @@ pub fn kvm_module_in(sys_module: &Path) -> Option<&'static str> {
         .find(|m| sys_module.join(m).exists())
 }
 
-/// The host's KVM module.
+/// The host's KVM module, looked up once: a vCPU thread's crash report
+/// asks for it where its seccomp filter allows no file system access.
 pub fn kvm_module() -> Option<&'static str> {
-    kvm_module_in(Path::new("/sys/module"))
+    static MODULE: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *MODULE.get_or_init(|| kvm_module_in(Path::new("/sys/module")))
 }
 
 /// One line on what an internal error means on a host with `module`.

@@ -4,6 +4,7 @@
 //! integration tests and later front ends (snapshot, test host) share it.
 
 pub mod api;
+pub mod backing;
 pub mod boot;
 pub mod bus;
 pub mod config;
@@ -15,6 +16,8 @@ pub mod memory;
 pub mod migrate;
 pub mod pit;
 pub mod platform;
+pub mod sandbox;
+pub mod serial_out;
 pub mod shutdown;
 pub mod snapshot;
 pub mod term;

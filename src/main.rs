@@ -24,6 +24,11 @@ struct Cli {
     /// More log output on stderr (-v: info, -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// seccomp filters on kvmrun's threads: on (a forbidden system call
+    /// ends kvmrun with status 159 and a message naming the thread and the
+    /// call), log (the kernel logs it and lets it through) or off.
+    #[arg(long, global = true, value_name = "MODE", default_value = "on")]
+    seccomp: kvmrun::sandbox::Mode,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -479,6 +484,9 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
+    // The suite is read; from here on the scheduler only starts, watches
+    // and reports tests (started by the launcher thread, unfiltered).
+    kvmrun::sandbox::enter(kvmrun::sandbox::Kind::Scheduler)?;
     let opts = scheduler::SuiteOptions {
         jobs,
         out_dir: a.output_dir.clone(),
@@ -559,6 +567,7 @@ fn main() -> ExitCode {
     vmm::note_process_start();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    kvmrun::sandbox::set_mode(cli.seccomp);
     match run(cli.cmd) {
         Ok(status) => ExitCode::from(status as u8),
         Err(e) => {

@@ -66,6 +66,8 @@ pub enum MigrateError {
     Refused { n: u32, answer: String },
     #[error("copying the guest's output: {0}")]
     Io(std::io::Error),
+    #[error(transparent)]
+    Sandbox(crate::sandbox::SandboxError),
 }
 
 /// One VM process and the ends of its pipes.
@@ -112,9 +114,8 @@ fn spawn(exe: &Path, args: &[OsString], what: &'static str) -> Result<Vm, Migrat
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|source| MigrateError::Spawn { what, source })?;
+    let mut child =
+        crate::sandbox::spawn(cmd).map_err(|source| MigrateError::Spawn { what, source })?;
     let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
         return Err(MigrateError::Spawn {
             what,
@@ -283,7 +284,9 @@ pub fn supervise(
 ) -> Result<i32, MigrateError> {
     let work = std::env::temp_dir().join(format!("kvmrun-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(MigrateError::WorkDir)?;
-    let result = supervise_in(exe, run_args, timeout, every, &work);
+    let result = crate::sandbox::enter(crate::sandbox::Kind::Supervisor)
+        .map_err(MigrateError::Sandbox)
+        .and_then(|()| supervise_in(exe, run_args, timeout, every, &work));
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -371,6 +374,7 @@ fn supervise_in(
         let mut restore: Vec<OsString> =
             vec!["restore".into(), snap.clone().into(), "--api".into()];
         restore.push(socket(n).into());
+        restore.extend(crate::sandbox::child_flag().map(OsString::from));
         if let Some(t) = timeout {
             restore.push(format!("--timeout={:.3}", remaining(t, started.elapsed())).into());
         }

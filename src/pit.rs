@@ -173,6 +173,11 @@ impl TickSwitch {
         let landed = Arc::new(AtomicBool::new(false));
         let done = landed.clone();
         let switch = move || {
+            // Without its filter the helper still does its one ioctl; the
+            // VMM thread's filter failing the same way ends kvmrun.
+            if let Err(e) = crate::sandbox::enter(crate::sandbox::Kind::PitPolicy) {
+                log::debug!("{e}");
+            }
             let ctl = KvmReinjectControl::default();
             // SAFETY: the ioctl reads a `kvm_reinject_control`, which `ctl` is.
             let ret =

@@ -28,7 +28,7 @@ fn machine(saved: Option<DeviceStates>) -> Result<(Vm, Platform), PlatformError>
     let vm = Vm::new(Layout::new(cfg.mem_bytes).with_pci(cfg.has_pci()), true).unwrap();
     let requests: Arc<dyn devices::VmRequests> = Arc::new(Shutdown::new().unwrap());
     let mut p = Platform::new(&vm, true, saved);
-    machine::attach(&mut p, &cfg, &vm, &requests)?;
+    machine::attach(&mut p, &cfg, &vm, &requests, || false)?;
     p.check_restored()?;
     Ok((vm, p))
 }

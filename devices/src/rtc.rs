@@ -53,6 +53,9 @@ const ALARM_DONT_CARE: u8 = 0xc0;
 const UIP_NANOS: u32 = 244_000;
 
 const CMOS_SIZE: usize = 128;
+/// Farthest the guest's clock may be from the host's: the 10000 years a
+/// century byte and a year byte can show, and far from i64's limits.
+const MAX_OFFSET_SECS: i64 = 10_000 * 366 * 86_400;
 
 /// The calendar fields of one instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,7 +188,7 @@ impl Rtc {
     }
 
     fn read_reg(&mut self, reg: u8, host_secs: i64, nanos: u32) -> u8 {
-        let t = datetime(host_secs + self.offset_secs);
+        let t = datetime(host_secs.saturating_add(self.offset_secs));
         // A guest that reads the time has seen the updates before it: none
         // of those is a missed update to show in UIP any more.
         if matches!(
@@ -231,7 +234,7 @@ impl Rtc {
     }
 
     fn write_reg(&mut self, reg: u8, value: u8, host_secs: i64) {
-        let t = datetime(host_secs + self.offset_secs);
+        let t = datetime(host_secs.saturating_add(self.offset_secs));
         let field = |rtc: &Self, v: u8| i64::from(rtc.decode(v & 0x7f));
         // Setting a time field moves the offset by the difference.
         let delta = match reg {
@@ -241,14 +244,16 @@ impl Rtc {
             REG_DAY => Some((field(self, value) - i64::from(t.day)) * 86_400),
             _ => None,
         };
+        let moved = |by: i64| (self.offset_secs + by).clamp(-MAX_OFFSET_SECS, MAX_OFFSET_SECS);
         match (reg, delta) {
-            (_, Some(d)) => self.offset_secs += d,
+            (_, Some(d)) => self.offset_secs = moved(d),
             // Month and year changes are rare; keep them approximate.
             (REG_MONTH, _) => {
-                self.offset_secs += (field(self, value) - i64::from(t.month)) * 30 * 86_400
+                self.offset_secs = moved((field(self, value) - i64::from(t.month)) * 30 * 86_400)
             }
             (REG_YEAR, _) => {
-                self.offset_secs += (field(self, value) - i64::from(t.year % 100)) * 365 * 86_400
+                self.offset_secs =
+                    moved((field(self, value) - i64::from(t.year % 100)) * 365 * 86_400)
             }
             // C and D are read-only; the time base bits of A are kept.
             (REG_C | REG_D, _) => {}
@@ -320,6 +325,15 @@ impl Persist for Rtc {
                     device: "rtc",
                     reason: format!("CMOS has {} bytes, not {CMOS_SIZE}", state.cmos.len()),
                 })?;
+        if !(-MAX_OFFSET_SECS..=MAX_OFFSET_SECS).contains(&state.offset_secs) {
+            return Err(RestoreError::Invalid {
+                device: "rtc",
+                reason: format!(
+                    "clock {} s from the host's, beyond the 10000 years an RTC shows",
+                    state.offset_secs
+                ),
+            });
+        }
         Ok(Rtc {
             index: state.index & 0x7f,
             cmos,
@@ -430,5 +444,32 @@ mod tests {
             ..state
         };
         assert!(Rtc::restore((), &bad).is_err());
+    }
+
+    /// A snapshot may carry any clock offset; one that overflowed the
+    /// host time plus offset panicked the first read of a time register.
+    #[test]
+    fn absurd_clock_offsets_are_refused_and_kept_in_range() {
+        let state = Rtc::new().save();
+        for offset in [i64::MAX, i64::MIN, MAX_OFFSET_SECS + 1] {
+            let bad = RtcState {
+                offset_secs: offset,
+                ..state.clone()
+            };
+            let e = Rtc::restore((), &bad).unwrap_err().to_string();
+            assert!(e.contains("beyond the 10000 years"), "{e}");
+        }
+        let edge = RtcState {
+            offset_secs: -MAX_OFFSET_SECS,
+            ..state
+        };
+        let mut rtc = Rtc::restore((), &edge).unwrap();
+        let _ = rtc.read_reg(REG_YEAR, i64::MAX, 0);
+        // A guest pushing the month forward for ever stays in range.
+        for _ in 0..20_000 {
+            rtc.write_reg(REG_MONTH, 0x79, 1_800_000_000);
+        }
+        assert!(rtc.offset_secs <= MAX_OFFSET_SECS);
+        let _ = rtc.read_reg(REG_SECONDS, 1_800_000_000, 0);
     }
 }

@@ -18,6 +18,7 @@ use devices::VmRequests;
 use super::{Attach, Platform, PlatformError};
 use crate::config::{DeviceConfig, SerialOutput, VmConfig};
 use crate::memory::Layout;
+use crate::serial_out::Output;
 use crate::vm::Vm;
 
 /// The devices the VMM itself reaches after registration.
@@ -26,22 +27,25 @@ pub struct Handles {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// fw_cfg, which gets KERNEL_DATA once the image is loaded.
     pub fw_cfg: Arc<Mutex<FwCfg>>,
+    /// The writer of COM1's output (none with `--serial none`).
+    pub output: Option<Output>,
 }
 
-/// Register every device `cfg` asks for.
+/// Register every device `cfg` asks for; `stopping` says when COM1's
+/// output writer may give up on a reader that stalls.
 pub fn attach(
     p: &mut Platform,
     cfg: &VmConfig,
     vm: &Vm,
     requests: &Arc<dyn VmRequests>,
+    stopping: impl Fn() -> bool + Send + Sync + 'static,
 ) -> Result<Handles, PlatformError> {
     let irq = p.interrupts().irqfd(serial::COM1_GSI)?;
+    let (out, output) = serial_output(&cfg.serial, stopping)?;
     let serial = p.attach(
-        Attach::new(
-            "serial",
-            (irq, serial_output(&cfg.serial)?),
-            |(irq, out)| SerialDevice::new(irq, out),
-        )
+        Attach::new("serial", (irq, out), |(irq, out)| {
+            SerialDevice::new(irq, out)
+        })
         .pio(serial::COM1_BASE, serial::SERIAL_PORT_COUNT)
         .gsi(serial::COM1_GSI),
     )?;
@@ -96,17 +100,36 @@ pub fn attach(
             }
         }
     }
-    Ok(Handles { serial, fw_cfg })
+    Ok(Handles {
+        serial,
+        fw_cfg,
+        output,
+    })
 }
 
-fn serial_output(s: &SerialOutput) -> Result<Box<dyn Write + Send>, PlatformError> {
-    Ok(match s {
-        SerialOutput::Stdio => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(
-            File::create(p).map_err(|e| PlatformError::Io(format!("{}: {e}", p.display())))?,
+/// COM1's host side: stdout or a file behind a writer thread
+/// (`serial_out`), so no reader can stall a vCPU, or nothing.
+fn serial_output(
+    s: &SerialOutput,
+    stopping: impl Fn() -> bool + Send + Sync + 'static,
+) -> Result<(Box<dyn Write + Send>, Option<Output>), PlatformError> {
+    let (out, what): (Box<dyn Write + Send>, String) = match s {
+        SerialOutput::None => return Ok((Box::new(std::io::sink()), None)),
+        SerialOutput::Stdio => (
+            crate::serial_out::stdout_writer()
+                .map_err(|e| PlatformError::Io(format!("stdout: {e}")))?,
+            "stdout".into(),
         ),
-    })
+        SerialOutput::File(p) => (
+            Box::new(
+                File::create(p).map_err(|e| PlatformError::Io(format!("{}: {e}", p.display())))?,
+            ),
+            p.display().to_string(),
+        ),
+    };
+    let (output, sender) = Output::start(out, &what, stopping)
+        .map_err(|e| PlatformError::Io(format!("cannot start the serial output thread: {e}")))?;
+    Ok((Box::new(sender), Some(output)))
 }
 
 /// The RTC with the CMOS fields PC firmware fills in (QEMU's layout):

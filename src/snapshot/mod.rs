@@ -154,6 +154,27 @@ pub fn write(
     state: &mut MachineState,
     mem: &GuestMemoryMmap,
 ) -> Result<WriteStats, SnapshotError> {
+    let written = write_files(dir, state, mem);
+    if written.is_err() {
+        // A snapshot that failed half-way (a full file system) leaves no
+        // `state`, so nothing that looks valid; take away the rest too,
+        // so the space comes back: the temporary files, and a memory
+        // file without its state.
+        for name in [".memory.tmp", ".state.tmp"] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        if !dir.join(STATE_FILE).exists() {
+            let _ = std::fs::remove_file(dir.join(MEMORY_FILE));
+        }
+    }
+    written
+}
+
+fn write_files(
+    dir: &Path,
+    state: &mut MachineState,
+    mem: &GuestMemoryMmap,
+) -> Result<WriteStats, SnapshotError> {
     let started = Instant::now();
     let id = new_id()?;
 
@@ -198,7 +219,13 @@ pub fn write(
 pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    let (_, body) = format::decode(&bytes).map_err(|source| SnapshotError::Format {
+    decode_state(&bytes, &path)
+}
+
+/// Check and decode the bytes of a state file; `path` names it in errors.
+pub fn decode_state(bytes: &[u8], path: &Path) -> Result<MachineState, SnapshotError> {
+    let path = path.to_path_buf();
+    let (_, body) = format::decode(bytes).map_err(|source| SnapshotError::Format {
         path: path.clone(),
         source,
     })?;
@@ -229,7 +256,15 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
     {
         return Err(invalid(format!("vCPU state {i} is for vCPU {}", v.id)));
     }
-    let ram = memory::ram_len(&Layout::new(state.config.mem_bytes));
+    let layout = Layout::new(state.config.mem_bytes);
+    // S3 wake-up reads the waking vector there.
+    if !layout.contains(state.facs, 64) {
+        return Err(invalid(format!(
+            "the ACPI FACS at {:#x} is outside guest RAM",
+            state.facs
+        )));
+    }
+    let ram = memory::ram_len(&layout);
     if state.memory.len != ram {
         return Err(invalid(format!(
             "memory file described as {} bytes of RAM, but the configuration has {ram}",
@@ -304,4 +339,34 @@ pub fn map_memory(
         }
     }
     memory::map(&f, layout).map_err(|reason| SnapshotError::Map { path, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state of a real VM (the hang guest), as the fuzz seeds hold it.
+    fn real_state() -> MachineState {
+        let seed = include_bytes!("../../fuzz/seeds/snapshot_state/hang-body");
+        postcard::from_bytes(&seed[1..]).expect(
+            "fuzz/seeds/snapshot_state/hang-body no longer decodes: regenerate the \
+             snapshot seeds (docs/RELIABILITY.md, \"Fuzzing\")",
+        )
+    }
+
+    fn decode(state: &MachineState) -> Result<MachineState, SnapshotError> {
+        let body = postcard::to_stdvec(state).unwrap();
+        decode_state(&format::encode(&body), Path::new("snap/state"))
+    }
+
+    #[test]
+    fn a_facs_outside_guest_ram_is_refused() {
+        let mut st = real_state();
+        assert!(decode(&st).is_ok());
+        for facs in [u64::MAX - 4, st.config.mem_bytes - 8, 0xc000_0000] {
+            st.facs = facs;
+            let e = decode(&st).unwrap_err().to_string();
+            assert!(e.contains("FACS") && e.contains("outside guest RAM"), "{e}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use super::cfg::Entry;
 use super::translate::{self, TranslateError};
 use super::{envfile, parse_duration, Judge, Plan, RunSpec, TestSpec, DEFAULT_TIMEOUT};
+use crate::config;
 
 /// The architecture kvmrun runs (kvm-unit-tests' `$ARCH`).
 pub const ARCH: &str = "x86_64";
@@ -36,7 +37,7 @@ pub struct KutOptions {
 pub enum KutError {
     #[error("{cfg}: no test named '{name}'")]
     UnknownTest { cfg: PathBuf, name: String },
-    #[error("{cfg}:{line}: [{name}]: invalid timeout '{value}': expected a number with an optional s, m, h or d suffix")]
+    #[error("{cfg}:{line}: [{name}]: invalid timeout '{value}': expected a number with an optional s, m, h or d suffix, at most {} seconds after --timeout-scale", config::MAX_TIMEOUT_SECS)]
     Timeout {
         cfg: PathBuf,
         line: usize,
@@ -138,6 +139,14 @@ fn plan_one(
         let s = secs * opts.timeout_scale;
         (Some(s), format!("{s}s"))
     };
+    if timeout_secs.is_some_and(|t| !config::timeout_ok(t)) {
+        return Err(KutError::Timeout {
+            cfg: cfg_path.into(),
+            line: e.line,
+            name: e.name.clone(),
+            value: timeout_text,
+        });
+    }
     let kernel = match &e.file {
         Some(f) => opts.dir.join(f),
         None => opts.dir.clone(),
@@ -419,6 +428,16 @@ mod tests {
         let mut o = opts(dir.path());
         o.timeout_scale = 0.0;
         assert!(plan(Path::new("u.cfg"), &[], &o).is_err());
+        // A timeout no timer can hold is refused, before or after scaling,
+        // rather than panicking the scheduler.
+        let huge = format!("[a]\ntimeout = 1{}\n", "0".repeat(300));
+        let entries = cfg::parse(&huge, Path::new("u.cfg")).unwrap();
+        let err = plan(Path::new("u.cfg"), &entries, &opts(dir.path())).unwrap_err();
+        assert!(err.to_string().contains("at most 4294967295"), "{err}");
+        let entries = cfg::parse("[a]\ntimeout = 4000000000\n", Path::new("u.cfg")).unwrap();
+        let mut o = opts(dir.path());
+        o.timeout_scale = 2.0;
+        assert!(plan(Path::new("u.cfg"), &entries, &o).is_err());
     }
 
     #[test]

@@ -108,14 +108,31 @@ pub fn load(
     group: Option<&str>,
     timeout_scale: f64,
 ) -> Result<Vec<TestSpec>, SuiteError> {
-    if !(timeout_scale.is_finite() && timeout_scale > 0.0) {
-        return Err(SuiteError::Scale(timeout_scale));
-    }
     let text = std::fs::read_to_string(path).map_err(|source| SuiteError::Read {
         path: path.into(),
         source,
     })?;
-    let suite: SuiteFile = toml::from_str(&text).map_err(|e| SuiteError::Toml {
+    parse(&text, path, names, group, timeout_scale, &resolve)
+}
+
+/// Where a suite's `kernel` and `initrd` values are found: the suite's
+/// directory and a value in, the file it names (`None`: not found).
+pub type Finder<'a> = &'a dyn Fn(&Path, &str) -> Option<PathBuf>;
+
+/// Parse the suite text of `path` and plan the selected tests, with
+/// `find` looking up kernels and initrds.
+pub fn parse(
+    text: &str,
+    path: &Path,
+    names: &[String],
+    group: Option<&str>,
+    timeout_scale: f64,
+    find: Finder,
+) -> Result<Vec<TestSpec>, SuiteError> {
+    if !(timeout_scale.is_finite() && timeout_scale > 0.0) {
+        return Err(SuiteError::Scale(timeout_scale));
+    }
+    let suite: SuiteFile = toml::from_str(text).map_err(|e| SuiteError::Toml {
         path: path.into(),
         source: Box::new(e),
     })?;
@@ -137,7 +154,7 @@ pub fn load(
                 what: "defined twice".into(),
             });
         }
-        let spec = plan_one(path, base, &suite.defaults, t, timeout_scale)?;
+        let spec = plan_one(path, base, &suite.defaults, t, timeout_scale, find)?;
         if !names.is_empty() && !names.contains(&t.name) {
             continue;
         }
@@ -155,6 +172,7 @@ fn plan_one(
     d: &Common,
     t: &TestEntry,
     timeout_scale: f64,
+    find: Finder,
 ) -> Result<TestSpec, SuiteError> {
     let bad = |what: String| SuiteError::Bad {
         path: path.into(),
@@ -181,12 +199,13 @@ fn plan_one(
             super::parse_duration(&s).ok_or_else(|| bad(format!("invalid timeout '{s}'")))?
         }
     };
-    if !(timeout.is_finite() && timeout > 0.0) {
+    let timeout = timeout * timeout_scale;
+    if !config::timeout_ok(timeout) {
         return Err(bad(format!(
-            "invalid timeout {timeout}: expected a positive number of seconds"
+            "invalid timeout {timeout}: expected a positive number of seconds, at most {} after --timeout-scale",
+            config::MAX_TIMEOUT_SECS
         )));
     }
-    let timeout = timeout * timeout_scale;
     let regexes = |list: &Option<Vec<String>>| -> Result<Vec<Regex>, SuiteError> {
         list.iter()
             .flatten()
@@ -214,12 +233,12 @@ fn plan_one(
         .or_else(|| d.groups.clone())
         .unwrap_or_default();
 
-    let plan = match resolve(base, &kernel) {
+    let plan = match find(base, &kernel) {
         None => Plan::Skip(format!("kernel '{kernel}' not found")),
         Some(image) => {
             let initrd_path = match &initrd {
                 None => Ok(None),
-                Some(i) => resolve(base, i).map(Some).ok_or(i),
+                Some(i) => find(base, i).map(Some).ok_or(i),
             };
             match initrd_path {
                 Err(i) => Plan::Skip(format!("initrd '{i}' not found")),
@@ -375,6 +394,10 @@ kernel = "nothing-*"
         );
         assert!(err("[[test]]\nname = \"a\"\nkernel = \"k\"\ntimeout = 0\n")
             .contains("invalid timeout 0"));
+        assert!(
+            err("[[test]]\nname = \"a\"\nkernel = \"k\"\ntimeout = 1e300\n")
+                .contains("at most 4294967295")
+        );
         assert!(
             err("[[test]]\nname = \"a\"\nkernel = \"k\"\nexpect_output = [\"(\"]\n")
                 .contains("bad pattern /(/")

@@ -1,10 +1,13 @@
 //! Run a suite: every test is a `kvmrun run` child process with its serial
 //! output in `OUT/NAME.log`, at most `jobs` at a time.
 //!
-//! All children are started, polled and killed from the calling thread, so
-//! each one can carry `PR_SET_PDEATHSIG` (it dies with this process even on
-//! SIGKILL) and sit in its own process group (a terminal's Ctrl-C reaches
-//! only this process, which then stops every VM and still writes reports).
+//! All children are polled and killed from the calling thread, and
+//! started by the sandbox's launcher thread (unfiltered, so each child
+//! installs its own seccomp filters), which lives as long as this
+//! process: each child can carry `PR_SET_PDEATHSIG` (it dies with this
+//! process even on SIGKILL) and sits in its own process group (a
+//! terminal's Ctrl-C reaches only this process, which then stops every VM
+//! and still writes reports).
 //! A child gets `--timeout T` and is SIGKILLed if it is still alive
 //! `kill_grace` seconds later, so a stuck VMM cannot hang the suite. Kills
 //! go to the child's whole process group: a migrating child (`--migrate`)
@@ -191,13 +194,14 @@ const PREFLIGHT_IMAGE: &str = "_NO_FILE_4Uhere_";
 /// kvmrun's reason, not a FAIL.
 fn preflight(rs: &RunSpec, opts: &SuiteOptions) -> Option<String> {
     rs.env_file.as_ref()?;
-    let out = Command::new(&opts.kvmrun)
-        .arg("run")
+    let mut cmd = Command::new(&opts.kvmrun);
+    cmd.arg("run")
         .arg(PREFLIGHT_IMAGE)
         .args(&rs.args)
         .stdin(Stdio::null())
-        .output()
-        .ok()?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = crate::sandbox::spawn(cmd).ok()?.wait_with_output().ok()?;
     let err = String::from_utf8_lossy(&out.stderr);
     if err.contains(PREFLIGHT_IMAGE) {
         return None;
@@ -228,6 +232,7 @@ fn child_args(rs: &RunSpec, opts: &SuiteOptions, env: Option<&Path>) -> Vec<OsSt
         rs.image.clone().into(),
         "--serial=stdio".into(),
     ];
+    args.extend(crate::sandbox::child_flag().map(OsString::from));
     if let Some(initrd) = env.or(rs.initrd.as_deref()) {
         args.push("--initrd".into());
         args.push(initrd.into());
@@ -271,8 +276,8 @@ fn start(idx: usize, name: &str, rs: &RunSpec, opts: &SuiteOptions) -> io::Resul
         .stderr(File::create(&err)?)
         .process_group(0);
     // SAFETY: prctl() is async-signal-safe and touches no memory of the
-    // parent; it makes the kernel SIGKILL the child when this thread (the
-    // one that starts and reaps every child) ends.
+    // parent; it makes the kernel SIGKILL the child when the thread that
+    // forks it (the launcher, which lives as long as kvmrun) ends.
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
@@ -282,10 +287,11 @@ fn start(idx: usize, name: &str, rs: &RunSpec, opts: &SuiteOptions) -> io::Resul
         });
     }
     let start = Instant::now();
-    let child = cmd.spawn()?;
+    let child = crate::sandbox::spawn(cmd)?;
     let hard_deadline = rs
         .timeout_secs
-        .map(|t| start + Duration::from_secs_f64(t + opts.kill_grace));
+        .and_then(|t| Duration::try_from_secs_f64(t + opts.kill_grace).ok())
+        .and_then(|d| start.checked_add(d));
     Ok(Running {
         idx,
         child,

@@ -289,6 +289,10 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
+                if let Err(e) = crate::sandbox::enter(crate::sandbox::Kind::Vcpu) {
+                    shutdown.request(ExitReason::Error(e.to_string()));
+                    return self;
+                }
                 // Keep the vCPU, and with it the kvm_run mapping a `Kick`
                 // writes to, alive until the thread is joined, even when
                 // the loop panics.

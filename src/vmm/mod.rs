@@ -18,6 +18,7 @@ use crate::kvmcaps::CapError;
 use crate::memory::Layout;
 use crate::pit::{PitError, TickSwitch};
 use crate::platform::{machine, Platform, PlatformError};
+use crate::serial_out::Output;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
     self, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError, VmState,
@@ -63,6 +64,10 @@ pub enum VmmError {
     Restore { path: PathBuf, what: String },
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Backing(#[from] crate::backing::BackingError),
     #[error("{}: {source}", path.display())]
     File {
         path: std::path::PathBuf,
@@ -110,6 +115,8 @@ struct Machine {
     facs: u64,
     /// The PIT's lost-tick policy switch, if the vCPUs did not wait for it.
     ticks: TickSwitch,
+    /// The writer of COM1's output (none with `--serial none`).
+    output: Option<Output>,
 }
 
 /// Where a VM comes from: an image, or a snapshot directory whose state
@@ -130,6 +137,7 @@ enum Origin<'a> {
 /// places.
 fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Machine, VmmError> {
     cfg.validate()?;
+    crate::backing::check(cfg.mem_bytes)?;
     let image = match origin {
         Origin::Boot => Some((read_image(cfg)?, resolve_cpuid(cfg)?)),
         Origin::Snapshot { .. } => None,
@@ -149,7 +157,8 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
     };
     let mut platform = Platform::new(&vm, cfg.pit_enabled(), saved);
     let requests: Arc<dyn devices::VmRequests> = shutdown.clone();
-    let handles = machine::attach(&mut platform, cfg, &vm, &requests)?;
+    let stop = shutdown.clone();
+    let handles = machine::attach(&mut platform, cfg, &vm, &requests, move || stop.must_stop())?;
     platform.check_restored()?;
     let (vcpus, facs, ticks) = match (origin, image) {
         (Origin::Boot, Some((image, cpuid))) => {
@@ -181,6 +190,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
         vcpus,
         facs,
         ticks,
+        output: handles.output,
     })
 }
 

@@ -87,6 +87,9 @@ pub(super) fn run_machine(
         paused: false,
         started,
     };
+    // From here on the guest runs: only the calls the VMM thread's list
+    // allows (each vCPU thread narrows them further for itself).
+    crate::sandbox::enter(crate::sandbox::Kind::Vmm)?;
     r.run_rounds();
     Ok(r.finish())
 }
@@ -294,6 +297,9 @@ impl Runner {
         // A failed switch has ended the VM through its `failed` callback.
         let _ = self.machine.ticks.join();
         drop(self.vcpus);
+        if let Some(output) = &self.machine.output {
+            output.finish();
+        }
         drop(self.machine);
         let _ = std::io::stdout().flush();
         self.shutdown

@@ -90,7 +90,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             0x24 => c.select_driver_features(v),
             0x30 => c.select_queue(v as u16),
             0x38 => {
-                if let Some(q) = c.queue_mut() {
+                if let Some(q) = c.queue_layout_mut() {
                     if q.try_set_size(v as u16).is_err() {
                         log::debug!("virtio-mmio: queue size {v} refused");
                     }
@@ -112,7 +112,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 }
             }
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
-                let Some(q) = c.queue_mut() else {
+                let Some(q) = c.queue_layout_mut() else {
                     return;
                 };
                 let (cur, high) = match offset & !0x4 {
@@ -306,6 +306,36 @@ mod tests {
         assert_eq!(mock.used().idx().load(), 2);
         let mut buf = [0u8; 16];
         mem.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
+    }
+
+    /// Found by the pci_config fuzz target: an enabled queue resized or
+    /// moved until its rings left guest memory saved a state that its
+    /// own restore refused.
+    #[test]
+    fn an_enabled_queue_keeps_its_size_and_rings() {
+        let mem = memory();
+        let irq = Arc::new(IrqRecorder::default());
+        let mut t = VirtioMmio::new(Rng::new(), mem.clone(), irq, 20);
+        let mock = MockSplitQueue::new(&mem, 16);
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x38, 16);
+        for (off, a) in [
+            (0x80, mock.desc_table_addr().0),
+            (0x90, mock.avail_addr().0),
+            (0xa0, mock.used_addr().0),
+        ] {
+            wr(&mut t, off, a as u32);
+        }
+        wr(&mut t, 0x44, 1);
+        assert_eq!(rd(&mut t, 0x44), 1);
+        wr(&mut t, 0x38, 256);
+        wr(&mut t, 0x80, 0xfff0_0000);
+        wr(&mut t, 0xa4, 0xffff);
+        let s = t.save();
+        assert_eq!(s.core.queues[0].size, 16);
+        assert_eq!(s.core.queues[0].desc_table, mock.desc_table_addr().0);
+        let irq2 = Arc::new(IrqRecorder::default());
+        VirtioMmio::<Rng>::restore((mem, irq2, 20), &s).unwrap();
     }
 
     #[test]

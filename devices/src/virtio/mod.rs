@@ -230,6 +230,15 @@ impl<D: VirtioDevice> VirtioCore<D> {
         self.queues.get_mut(usize::from(self.queue_sel))
     }
 
+    /// The selected queue while its size and ring addresses may change:
+    /// before DRIVER_OK and while it is not enabled. The driver must set
+    /// them before it enables the queue (virtio 1.2, "Virtqueue
+    /// Configuration"); taking them later would let an enabled queue's
+    /// rings leave guest memory, and such a state would not restore.
+    pub fn queue_layout_mut(&mut self) -> Option<&mut Queue> {
+        self.queue_mut().filter(|q| !q.ready())
+    }
+
     /// The driver enables (or disables) the selected queue; a queue whose
     /// rings are not in guest memory stays disabled.
     pub fn set_queue_ready(&mut self, ready: bool) {

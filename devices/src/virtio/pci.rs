@@ -243,7 +243,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             }
             (0x16, 2) => self.core.select_queue(v as u16),
             (0x18, 2) => {
-                if let Some(q) = self.core.queue_mut() {
+                if let Some(q) = self.core.queue_layout_mut() {
                     if q.try_set_size(v as u16).is_err() {
                         log::debug!("virtio-pci: queue size {v} refused");
                     }
@@ -266,7 +266,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn write_ring_half(&mut self, off: u64, v: u32) {
-        let Some(q) = self.core.queue_mut() else {
+        let Some(q) = self.core.queue_layout_mut() else {
             return;
         };
         let base = off & !0x7;

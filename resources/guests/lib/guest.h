@@ -208,6 +208,25 @@ u64 virtio_mmio_from_dsdt(void);
 /* Offer `buf` (device-writable) on queue 0, notify, and poll for it;
  * the bytes the device wrote. */
 int virtio_request(struct virtio_dev *d, void *buf, u32 len);
+/* A split-queue descriptor, for guests that offer chains by hand. */
+struct virtio_desc {
+	u64 addr;
+	u32 len;
+	u16 flags, next;
+};
+#define VIRTQ_DESC_F_NEXT 1
+#define VIRTQ_DESC_F_WRITE 2
+#define VIRTQ_DESC_F_INDIRECT 4
+/* Queue 0's size in virtio.c. */
+#define VIRTIO_QSIZE 16
+/* Put `n` raw descriptors at the start of queue 0's table, make `head`
+ * available (`step` added to the available index: 1 for one chain),
+ * and notify. Nothing is checked: this is for offering what a driver
+ * must not. */
+void virtio_offer_raw(struct virtio_dev *d, const struct virtio_desc *ds, u16 n, u16 head,
+		      u16 step);
+/* Wait for the device to return one more buffer; its used length. */
+u32 virtio_wait_used(struct virtio_dev *d);
 
 /* LAPIC registers */
 #define APIC_ID 0x20

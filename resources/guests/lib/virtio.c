@@ -223,3 +223,33 @@ int virtio_request(struct virtio_dev *d, void *buf, u32 len)
 	d->last_used++;
 	return (int)got;
 }
+
+void virtio_offer_raw(struct virtio_dev *d, const struct virtio_desc *ds, u16 n, u16 head,
+		      u16 step)
+{
+	for (u16 i = 0; i < n && i < QSIZE; i++) {
+		descs[i].addr = ds[i].addr;
+		descs[i].len = ds[i].len;
+		descs[i].flags = ds[i].flags;
+		descs[i].next = ds[i].next;
+	}
+	avail.ring[avail.idx % QSIZE] = head;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	avail.idx += step;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (d->pci)
+		mmio_write16(d->notify, 0);
+	else
+		mmio_write32(d->notify, 0);
+}
+
+u32 virtio_wait_used(struct virtio_dev *d)
+{
+	/* A device that never answers hangs the guest until the host's timeout. */
+	while (*(volatile u16 *)&used.idx == d->last_used)
+		;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	u32 got = used.ring[d->last_used % QSIZE].len;
+	d->last_used++;
+	return got;
+}

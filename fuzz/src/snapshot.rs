@@ -1,0 +1,195 @@
+//! Snapshots: the `state` file (header, checksum, postcard body, the
+//! checks on the decoded state, every device restored from it) and the
+//! `memory` file (size, trailer and digest checks, the copy-on-write
+//! mapping).
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+use std::sync::Arc;
+
+use devices::acpi_pm::AcpiPm;
+use devices::debug_exit::DebugExit;
+use devices::fw_cfg::FwCfg;
+use devices::i8042::I8042;
+use devices::pci::{HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
+use devices::rtc::Rtc;
+use devices::serial::SerialDevice;
+use devices::testdev::{PcTestDev, TestDevIomem};
+use devices::virtio::mmio::VirtioMmio;
+use devices::virtio::pci::VirtioPci;
+use devices::virtio::rng::Rng;
+use devices::Persist;
+use kvmrun::memory::Layout;
+use kvmrun::pit;
+use kvmrun::snapshot::{self, format, memory, vcpu, DeviceState, MachineState, MemoryInfo};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{fakes, Input};
+
+/// Restore `saved` as device `D`, as `Platform::make_saved()` does: the
+/// version must match and the data decode.
+fn restore_one<D: Persist>(saved: &DeviceState, args: D::Args) -> Option<D> {
+    if saved.version != D::STATE_VERSION {
+        return None;
+    }
+    let state: D::State = postcard::from_bytes(&saved.data).ok()?;
+    D::restore(args, &state).ok()
+}
+
+/// Restore every device of `state` by its name, as the device registry
+/// does, with fakes for what the devices ask of the VM.
+fn restore_devices(state: &MachineState) {
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory");
+    let root = Arc::new(PciRoot::new(fakes::bar_host()));
+    for (name, saved) in &state.devices {
+        match name.as_str() {
+            "serial" => {
+                let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+                let out: Box<dyn std::io::Write + Send> = Box::new(std::io::sink());
+                restore_one::<SerialDevice>(saved, (irq, out));
+            }
+            "isa-debug-exit" => {
+                restore_one::<DebugExit>(saved, fakes::requests());
+            }
+            "pc-testdev" => {
+                restore_one::<PcTestDev>(saved, (fakes::irq(), fakes::flusher()));
+            }
+            "pc-testdev-iomem" => {
+                restore_one::<TestDevIomem>(saved, ());
+            }
+            "fw_cfg" => {
+                restore_one::<FwCfg>(saved, ());
+            }
+            "acpi-pm" => {
+                restore_one::<AcpiPm>(saved, fakes::requests());
+            }
+            "i8042" => {
+                restore_one::<I8042>(saved, fakes::requests());
+            }
+            "rtc" => {
+                if let Some(rtc) = restore_one::<Rtc>(saved, ()) {
+                    read_clock(rtc);
+                }
+            }
+            "pci-host-bridge" => {
+                restore_one::<HostBridge>(saved, ());
+            }
+            "pci-config-io" => {
+                restore_one::<PciConfigIo>(saved, root.clone());
+            }
+            "pci-ecam" => {
+                restore_one::<PciConfigMmio>(saved, root.clone());
+            }
+            // A virtio device: its transport is in its state.
+            _ => {
+                restore_one::<VirtioMmio<Rng>>(saved, (mem.clone(), fakes::irq(), 20));
+                let args = (mem.clone(), fakes::msi(), fakes::irq(), 16);
+                restore_one::<VirtioPci<Rng>>(saved, args);
+            }
+        }
+    }
+}
+
+/// A guest reads the clock right after a restore.
+fn read_clock(mut rtc: Rtc) {
+    use vm_device::MutDevicePio;
+    let mut b = [0u8; 1];
+    for reg in [0u8, 4, 7, 9, 0x32] {
+        rtc.pio_write(vm_device::bus::PioAddress(0x70), 0, &[reg]);
+        rtc.pio_read(vm_device::bus::PioAddress(0x70), 1, &mut b);
+    }
+}
+
+/// Input: one byte of mode, then either a whole state file (mode bit 0
+/// clear) or only its body, which gets a good header and checksum so the
+/// fuzzer reaches the decoder behind them.
+pub fn state(data: &[u8]) {
+    let mut input = Input::new(data);
+    let mode = input.u8();
+    let rest = input.rest();
+    let file;
+    let bytes = if mode & 1 == 0 {
+        rest
+    } else {
+        file = format::encode(rest);
+        &file
+    };
+    let path = Path::new("fuzz-snapshot/state");
+    let Ok(state) = snapshot::decode_state(bytes, path) else {
+        return;
+    };
+    restore_devices(&state);
+    for v in &state.vcpus {
+        let _ = kvmrun::cpu::to_kvm(&v.cpuid);
+        let _ = vcpu::ordered_msrs(&v.msrs);
+    }
+    if let Some(pit) = &state.vm.pit {
+        if let Some(period) = pit::period(pit) {
+            // What TickSwitch::start() makes of it.
+            let _ = Instant::now() + period;
+        }
+    }
+    // A state that decodes encodes again, to a state that decodes.
+    let body = postcard::to_stdvec(&state).expect("encoding a decoded state");
+    snapshot::decode_state(&format::encode(&body), path).expect("decoding a re-encoded state");
+}
+
+/// Input: flags (bit 0: `--verify-memory`; bit 1: the file is as long
+/// as the layout needs; bit 2: zero pages left as holes), the RAM size in
+/// pages, the state's memory id, length and digest, the trailer's 40
+/// bytes, then RAM.
+pub fn memory_file(data: &[u8]) {
+    let mut input = Input::new(data);
+    let flags = input.u8();
+    let pages = u64::from(input.u8() % 16) + 1;
+    let info = MemoryInfo {
+        id: u128::from_le_bytes(input.array()),
+        len: input.u64(),
+        digest: input.u64(),
+    };
+    let trailer: [u8; 40] = input.array();
+    let ram = input.rest();
+
+    let layout = Layout::new(pages * 4096);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join(snapshot::MEMORY_FILE);
+    let mut f = std::fs::File::create(&path).expect("memory file");
+    let ram_len = memory::ram_len(&layout);
+    let len = if flags & 2 != 0 {
+        memory::file_len(&layout)
+    } else {
+        (ram.len() as u64).min(memory::file_len(&layout) + 4096)
+    };
+    f.set_len(len).expect("file length");
+    for (i, page) in ram.chunks(4096).enumerate() {
+        let at = i as u64 * 4096;
+        if at >= len.min(ram_len) || (flags & 4 != 0 && page.iter().all(|&b| b == 0)) {
+            continue;
+        }
+        let n = (page.len() as u64).min(len - at) as usize;
+        f.write_all_at(&page[..n], at).expect("RAM");
+    }
+    if len >= ram_len + 40 {
+        f.write_all_at(&trailer, ram_len).expect("trailer");
+    }
+    f.flush().expect("flush");
+    drop(f);
+
+    let Ok(mem) = snapshot::map_memory(dir.path(), &layout, &info, flags & 1 != 0) else {
+        return;
+    };
+    // The mapping is the guest's RAM: every page reads, and writes stay
+    // private.
+    let mut b = [0u8; 1];
+    for p in 0..pages {
+        mem.read_slice(&mut b, GuestAddress(p * 4096))
+            .expect("read RAM");
+        mem.write_slice(&[!b[0]], GuestAddress(p * 4096))
+            .expect("write RAM");
+    }
+}

@@ -1,0 +1,57 @@
+//! Suites: kvm-unit-tests' unittests.cfg (parsed, then planned and its
+//! QEMU flags translated) and kvmrun's TOML suites of Linux tests.
+//!
+//! Planning a cfg entry can run `bash` (`disabled_if`) and read files
+//! (`check`); the target leaves those two keys out, because a fuzzer must
+//! not run the shell commands it makes up.
+
+use kvmrun::testhost::{cfg, kut, linux, translate};
+use std::path::{Path, PathBuf};
+
+/// The directory of images a cfg's `file =` lines may name: a.flat,
+/// t.flat and x.flat (committed, one byte each).
+fn image_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("images/x86")
+}
+
+pub fn kut_cfg(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("unittests.cfg");
+    let Ok(mut entries) = cfg::parse(text, path) else {
+        return;
+    };
+    let env = vec![
+        ("ARCH".to_string(), "x86_64".to_string()),
+        ("MAX_SMP".to_string(), "2".to_string()),
+    ];
+    for e in &mut entries {
+        e.disabled_if = None;
+        e.check = None;
+        if let Some(p) = &e.params {
+            if let Ok(words) = translate::shell_words(p, &env) {
+                let _ = translate::translate(&words);
+            }
+        }
+    }
+    let opts = kut::KutOptions {
+        dir: image_dir(),
+        names: Vec::new(),
+        group: None,
+        all: true,
+        timeout_scale: 1.5,
+        max_smp: 2,
+    };
+    let _ = kut::plan(path, &entries, &opts);
+}
+
+pub fn toml_suite(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    // Every kernel and initrd is "found": the plan is the point, not the
+    // file system.
+    let find = |base: &Path, p: &str| Some(base.join(p));
+    let _ = linux::parse(text, Path::new("/fuzz/suite.toml"), &[], None, 1.0, &find);
+}
