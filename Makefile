@@ -8,9 +8,10 @@ KVMRUN   := target/release/kvmrun
 # add; installed only when absent.
 APT_PKGS   := gcc make binutils
 BENCH_PKGS := qemu-system-x86 hyperfine time
-# The functional-test Linux guest: Debian's cloud kernel, busybox, and the
-# tools that pack the initramfs and unpack the kernel (zstd).
-LINUX_PKGS := linux-image-cloud-amd64 busybox-static cpio zstd
+# The functional-test Linux guest: Debian's cloud kernel (downloaded and
+# unpacked under build/linux, never installed), busybox, and the tools that
+# pack the initramfs and unpack the kernel (zstd, python3).
+LINUX_PKGS := busybox-static cpio zstd python3
 LINUX      := $(abspath build/linux)
 
 .PHONY: all build guests linux run test deps bench-deps apt lint bench clean
