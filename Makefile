@@ -13,8 +13,11 @@ BENCH_PKGS := qemu-system-x86 hyperfine time
 # pack the initramfs and unpack the kernel (zstd, python3).
 LINUX_PKGS := busybox-static cpio zstd python3
 LINUX      := $(abspath build/linux)
+# The AMD-V host (scripts/amdv): QEMU's TCG emulates AMD-V for L1.
+AMDV_PKGS  := qemu-system-x86
+AMDV       := $(abspath build/amdv)
 
-.PHONY: all build guests linux run test deps bench-deps apt lint bench clean
+.PHONY: all build guests linux amdv run test deps bench-deps apt lint bench clean
 
 all: build guests
 
@@ -27,6 +30,10 @@ guests:
 linux:
 	@$(MAKE) --no-print-directory apt PKGS="$(LINUX_PKGS)"
 	$(MAKE) -C resources/linux OUT=$(LINUX)
+
+amdv: linux
+	@$(MAKE) --no-print-directory apt PKGS="$(AMDV_PKGS)"
+	$(MAKE) -C resources/amdv OUT=$(AMDV) LINUX=$(LINUX)
 
 # The demo ends through isa-debug-exit with 0, which kvmrun reports as
 # status 1 (QEMU's (v << 1) | 1): that is success here.
@@ -53,7 +60,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: deps guests linux build lint
+test: deps guests linux amdv build lint
 	$(CARGO) test --workspace
 
 bench: bench-deps build guests
