@@ -63,7 +63,7 @@ lint:
 test: deps guests linux amdv build lint
 	$(CARGO) test --workspace
 
-bench: bench-deps build guests
+bench: bench-deps build guests amdv
 	scripts/bench
 
 clean:
