@@ -143,6 +143,28 @@ pub struct ApiServer {
     shutdown: Arc<Shutdown>,
 }
 
+/// A listening socket at `path` that appears there only once it listens:
+/// bound under a temporary name beside it and renamed into place, so a
+/// client that waits for the path never finds a socket that refuses it
+/// (bind() and listen() are two steps).
+fn listen_at(path: &Path) -> std::io::Result<UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    match UnixListener::bind(&tmp) {
+        Ok(l) => match std::fs::rename(&tmp, path) {
+            Ok(()) => Ok(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        },
+        // A temporary name past the socket path limit: bind in place.
+        Err(_) => UnixListener::bind(path),
+    }
+}
+
 impl ApiServer {
     /// Listen at `path`. A stale socket there is replaced; any other file
     /// is left alone and is an error.
@@ -164,7 +186,7 @@ impl ApiServer {
             }
             std::fs::remove_file(path).map_err(err)?;
         }
-        let listener = UnixListener::bind(path).map_err(err)?;
+        let listener = listen_at(path).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
         Ok(ApiServer {
             path: path.to_path_buf(),

@@ -10,10 +10,15 @@ use crate::cpu::msrs::{self, MsrError, MsrValue};
 use crate::cpu::CpuSpec;
 use crate::kvmcaps::{self, CapError, CapSetting, MsrRange};
 use crate::memory::MIN_MEM;
+pub use crate::platform::virtio::Transport;
 
 /// Most vCPUs a guest may have: the xAPIC ID is one byte and 0xff is the
 /// broadcast ID.
 pub const MAX_VCPUS: u32 = 254;
+
+/// Most virtio-rng devices: a handful tests the transports; more would
+/// only use up interrupt lines.
+pub const MAX_RNGS: usize = 4;
 
 /// Where the guest's COM1 output goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +73,17 @@ pub struct VmConfig {
     pub msr_filter: Vec<MsrRange>,
     /// Initial MSR values on every vCPU beyond the reset ones (`--msr`).
     pub msrs: Vec<MsrValue>,
+    /// Devices beyond the fixed PC ones, in the order given (each is
+    /// registered under a name from its kind and place in this list).
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// A device the configuration adds. New kinds go at the end: a snapshot
+/// stores the configuration, and postcard numbers variants in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceConfig {
+    /// virtio-rng (`--rng[=pci|mmio]`).
+    Rng(Transport),
 }
 
 impl VmConfig {
@@ -88,6 +104,7 @@ impl VmConfig {
             kvm_caps: Vec::new(),
             msr_filter: Vec::new(),
             msrs: Vec::new(),
+            devices: Vec::new(),
         }
     }
 
@@ -106,6 +123,14 @@ impl VmConfig {
             .copied()
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// Whether the machine has PCI: the host bridge comes with the first
+    /// PCI device.
+    pub fn has_pci(&self) -> bool {
+        self.devices
+            .iter()
+            .any(|d| matches!(d, DeviceConfig::Rng(Transport::Pci)))
     }
 
     /// Whether the in-kernel PIT is created: `pit` unless `--kvm-cap
@@ -140,6 +165,16 @@ impl VmConfig {
             return Err(ConfigError::MsrFilterRanges(self.msr_filter.len()));
         }
         msrs::initial(&self.msrs)?;
+        let rngs = self
+            .devices
+            .iter()
+            .filter(|d| matches!(d, DeviceConfig::Rng(_)))
+            .count();
+        if rngs > MAX_RNGS {
+            return Err(ConfigError::Devices(format!(
+                "{rngs} virtio-rng devices, at most {MAX_RNGS}"
+            )));
+        }
         Ok(())
     }
 }
@@ -164,6 +199,8 @@ pub enum ConfigError {
     Msr(#[from] MsrError),
     #[error("--msr-filter: {0} ranges, KVM takes at most 16")]
     MsrFilterRanges(usize),
+    #[error("invalid devices: {0}")]
+    Devices(String),
 }
 
 /// Parse a memory size the way QEMU's `-m` does: a bare number is MiB, a
@@ -259,6 +296,19 @@ mod tests {
             c.validate(),
             Err(ConfigError::MsrFilterRanges(17))
         ));
+    }
+
+    #[test]
+    fn devices_decide_pci_and_are_bounded() {
+        let mut c = VmConfig::new("x".into());
+        assert!(!c.has_pci());
+        c.devices.push(DeviceConfig::Rng(Transport::Mmio));
+        assert!(!c.has_pci());
+        c.devices.push(DeviceConfig::Rng(Transport::Pci));
+        assert!(c.has_pci());
+        assert!(c.validate().is_ok());
+        c.devices = vec![DeviceConfig::Rng(Transport::Pci); MAX_RNGS + 1];
+        assert!(matches!(c.validate(), Err(ConfigError::Devices(_))));
     }
 
     #[test]

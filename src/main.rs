@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
-use kvmrun::config::{self, SerialOutput, VmConfig};
+use kvmrun::config::{self, DeviceConfig, SerialOutput, Transport, VmConfig};
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
 use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
@@ -272,6 +272,17 @@ struct RunArgs {
     /// Initial MSR value on every vCPU (repeatable), e.g. --msr 0x1a0=0x1.
     #[arg(long = "msr", value_name = "INDEX=VALUE")]
     msr: Vec<MsrValue>,
+    /// Add a virtio-rng device (random bytes from the host's getrandom)
+    /// on virtio-pci (the default; brings the PCI host bridge) or
+    /// virtio-mmio (announced in the DSDT); repeatable, up to 4.
+    #[arg(
+        long = "rng",
+        value_name = "TRANSPORT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "pci"
+    )]
+    rng: Vec<Transport>,
     /// Guest arguments, appended to the command line.
     #[arg(last = true)]
     args: Vec<String>,
@@ -300,6 +311,7 @@ impl RunArgs {
             kvm_caps: self.kvm_cap,
             msr_filter: self.msr_filter.into_iter().flat_map(|r| r.0).collect(),
             msrs: self.msr,
+            devices: self.rng.into_iter().map(DeviceConfig::Rng).collect(),
         };
         (cfg, opts)
     }
@@ -467,7 +479,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
-    let opts = scheduler::RunOptions {
+    let opts = scheduler::SuiteOptions {
         jobs,
         out_dir: a.output_dir.clone(),
         kvmrun: std::env::current_exe()?,
@@ -544,6 +556,7 @@ fn client(socket: &std::path::Path, req: &Request) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
+    vmm::note_process_start();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli.cmd) {

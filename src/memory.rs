@@ -8,16 +8,12 @@
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// Start of the 32-bit hole for MMIO (IOAPIC, LAPIC, pc-testdev iomem, ...).
-pub const MMIO_GAP_START: u64 = 0xc000_0000;
-/// First address above 4 GiB.
-pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
-/// End of conventional memory: the EBDA starts here, as on a PC.
-pub const EBDA_START: u64 = 0x9_fc00;
-/// The BIOS area, reserved in the e820 map; ACPI tables and the boot GDT
-/// live here.
-pub const BIOS_START: u64 = 0xe_0000;
-pub const BIOS_END: u64 = 0x10_0000;
+use crate::layout::{self, Use};
+pub use crate::layout::{
+    BIOS_END, BIOS_START, EBDA_START, HIGH_MEMORY, HIGH_RAM_START, KVM_IDENTITY_MAP_ADDR,
+    KVM_TSS_ADDR, MMIO_GAP_START,
+};
+
 /// RSDP: within the range ACPI says to scan (`0xE0000..0xFFFFF`).
 pub const RSDP_ADDR: u64 = 0xe_0000;
 /// ACPI tables, after the RSDP.
@@ -32,13 +28,6 @@ pub const BIOS_STUBS_ADDR: u64 = 0xf_0100;
 pub const BOOT_STACK: u64 = 0x7000;
 /// Minimum guest memory: room for the low 1 MiB and a small image.
 pub const MIN_MEM: u64 = 2 << 20;
-/// High memory starts here; the kernel-side boundary of "conventional" RAM.
-pub const HIGH_MEMORY: u64 = 0x10_0000;
-/// Addresses KVM needs for its private use on Intel hosts (TSS, identity
-/// map), inside the MMIO gap where no device lives.
-pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
-pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
-
 /// Type of an e820 / multiboot memory map entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum E820Type {
@@ -59,6 +48,8 @@ pub struct Layout {
     pub mem: u64,
     /// RAM regions as `(start, len)`, in ascending order.
     pub ram: Vec<(u64, u64)>,
+    /// Whether the machine has PCI, whose ECAM the e820 map reserves.
+    pub pci: bool,
 }
 
 impl Layout {
@@ -68,7 +59,17 @@ impl Layout {
         if mem > low {
             ram.push((HIGH_RAM_START, mem - low));
         }
-        Layout { mem, ram }
+        Layout {
+            mem,
+            ram,
+            pci: false,
+        }
+    }
+
+    /// The same RAM in a machine with PCI (`pci`) or without.
+    pub fn with_pci(mut self, pci: bool) -> Self {
+        self.pci = pci;
+        self
     }
 
     /// End of RAM below 4 GiB.
@@ -86,42 +87,26 @@ impl Layout {
             .any(|&(start, size)| addr >= start && end <= start + size)
     }
 
-    /// The memory map the guest is told about, as on a PC: conventional
-    /// memory, the EBDA and BIOS area reserved, then RAM from 1 MiB.
+    /// The memory map the guest is told about, as on a PC, from the
+    /// machine's layout table: RAM and the reserved ranges (EBDA, BIOS
+    /// area, and ECAM with PCI), in address order.
     pub fn e820(&self) -> Vec<E820Entry> {
-        let mut map = vec![
-            E820Entry {
-                addr: 0,
-                size: EBDA_START,
-                kind: E820Type::Ram,
-            },
-            E820Entry {
-                addr: EBDA_START,
-                size: 0xa_0000 - EBDA_START,
-                kind: E820Type::Reserved,
-            },
-            E820Entry {
-                addr: BIOS_START,
-                size: BIOS_END - BIOS_START,
-                kind: E820Type::Reserved,
-            },
-        ];
-        let low_end = self.low_ram_end();
-        if low_end > HIGH_MEMORY {
-            map.push(E820Entry {
-                addr: HIGH_MEMORY,
-                size: low_end - HIGH_MEMORY,
-                kind: E820Type::Ram,
-            });
-        }
-        for &(start, size) in &self.ram[1..] {
-            map.push(E820Entry {
-                addr: start,
-                size,
-                kind: E820Type::Ram,
-            });
-        }
-        map
+        layout::table(&self.ram, self.pci, true)
+            .into_iter()
+            .filter(|r| r.space == layout::Space::Memory)
+            .filter_map(|r| {
+                let kind = match r.usage {
+                    Use::Ram => E820Type::Ram,
+                    Use::Reserved => E820Type::Reserved,
+                    Use::Fixed | Use::Window => return None,
+                };
+                Some(E820Entry {
+                    addr: r.start,
+                    size: r.len,
+                    kind,
+                })
+            })
+            .collect()
     }
 }
 

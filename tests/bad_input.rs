@@ -142,3 +142,17 @@ fn tiny_image_exits_through_debug_exit() {
     );
     run_args(&["run", &img]).expect(15);
 }
+
+#[test]
+fn bad_device_flags() {
+    let img = common::guest("hello");
+    let img = img.to_str().unwrap();
+    let r = run_args(&["run", img, "--rng=usb"]);
+    r.expect(2)
+        .err_has("unknown virtio transport 'usb': expected pci or mmio");
+    let r = run_args(&["run", img, "--rng", "--rng", "--rng", "--rng", "--rng"]);
+    assert_clean_error(&r, "5 virtio-rng devices, at most 4");
+    // Without '=', a value is not taken: "mmio" is then the image.
+    let r = run_args(&["run", "--rng", "mmio"]);
+    assert_clean_error(&r, "mmio: cannot read");
+}

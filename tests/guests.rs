@@ -139,3 +139,54 @@ fn rtc_ticks_and_s3_resumes_through_the_waking_vector() {
             .err_has("guest woke from S3");
     }
 }
+
+#[test]
+fn pci_enumerates_sizes_moves_a_bar_and_takes_msix() {
+    if !kvm_available() {
+        return;
+    }
+    for smp in ["1", "2"] {
+        run_guest("pci", &["--rng", "--smp", smp])
+            .expect(PASS)
+            .has("00:00.0 1b36:0008 class 060000")
+            .has("00:01.0 1af4:1044 class ff0000")
+            .has("ECAM at 0xe0000000")
+            .has("MSI-X interrupts: 1")
+            .has("SUMMARY: 14 tests, 0 unexpected failures");
+    }
+    // Without a PCI device there is no PCI: the configuration ports and
+    // ECAM float, as they always did.
+    run_guest("pci", &[])
+        .expect(3)
+        .has("FAIL: host-bridge-00.0")
+        .has("FAIL: mcfg-ecam");
+    run_guest("pci", &["--rng=mmio"])
+        .expect(3)
+        .has("FAIL: virtio-rng-found");
+}
+
+#[test]
+fn virtio_rng_gives_random_bytes_over_both_transports() {
+    if !kvm_available() {
+        return;
+    }
+    run_guest("rng", &["--rng=pci", "--", "transport=pci"])
+        .expect(PASS)
+        .has("PASS: random-before");
+    run_guest("rng", &["--rng=mmio", "--", "transport=mmio"])
+        .expect(PASS)
+        .has("virtio-mmio window from the DSDT: 0xe0100000")
+        .has("PASS: random-before");
+    // Both at once, each found on its own transport.
+    for t in ["pci", "mmio"] {
+        let arg = format!("transport={t}");
+        run_guest("rng", &["--rng=mmio", "--rng", "--", &arg]).expect(PASS);
+    }
+    // The device missing: a FAIL, not a hang.
+    run_guest("rng", &["--", "transport=mmio"])
+        .expect(3)
+        .has("FAIL: dsdt-lnro0005");
+    run_guest("rng", &["--", "transport=pci"])
+        .expect(3)
+        .has("FAIL: pci-1af4-1044");
+}

@@ -232,7 +232,7 @@ fn snapshots_anywhere_restore_to_the_same_result_on_1_cpu() {
     snapshot_anywhere_and_restore("1", 1, &[]);
 }
 
-/// With a PIT period just above `pit_policy`'s floor, the vCPUs start at
+/// With a PIT period just above `pit`'s floor, the vCPUs start at
 /// once and, if the policy switch is late, stop until it lands.
 #[test]
 fn snapshots_anywhere_restore_to_the_same_result_on_2_cpus() {
@@ -787,4 +787,65 @@ fn a_vm_without_a_pit_survives_save_and_restore() {
     restored.expect(PASS);
     assert_eq!(final_lines(&restored), final_lines(&original));
     assert_eq!(final_lines(&original), final_lines(&reference));
+}
+
+/// virtio-rng over each transport, read before and after a snapshot:
+/// the original and the restored VM both go on reading from the queue
+/// where it was.
+#[test]
+fn virtio_rng_survives_save_and_restore_on_both_transports() {
+    if !kvm_available() {
+        return;
+    }
+    for transport in ["pci", "mmio"] {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("api.sock");
+        let image = guest("rng");
+        let rng = format!("--rng={transport}");
+        let arg = format!("transport={transport}");
+        let args = [
+            "run",
+            image.to_str().unwrap(),
+            &rng,
+            "--timeout",
+            "120",
+            "--api",
+            sock.to_str().unwrap(),
+            "--",
+            &arg,
+            "wait",
+        ];
+        let mut vm = spawn(&args);
+        wait_socket(&sock);
+        vm.wait_for("waiting for a key");
+        let dir = d.path().join("snap");
+        snapshot(&sock, &dir);
+        vm.key();
+        vm.finish()
+            .expect(PASS)
+            .has("PASS: random-after")
+            .has("SUMMARY: 4 tests, 0 unexpected failures");
+        restore(&dir, &[])
+            .expect(PASS)
+            .has("PASS: random-after")
+            .has("SUMMARY: 4 tests, 0 unexpected failures");
+    }
+}
+
+/// The PCI guest's moved BAR and enabled MSI-X survive a migration.
+#[test]
+fn a_moved_bar_and_msix_survive_migration() {
+    if !kvm_available() {
+        return;
+    }
+    let image = guest("pci");
+    let r = Run::from(
+        kvmrun()
+            .args(["run", image.to_str().unwrap(), "--rng", "--timeout", "120"])
+            .args(["--migrate-every", "0.05"])
+            .output()
+            .unwrap(),
+    );
+    r.expect(PASS)
+        .has("SUMMARY: 14 tests, 0 unexpected failures");
 }

@@ -74,7 +74,7 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
         .collect();
     assert_eq!(saved[0].regs.r15, 0xdead_beef);
     assert!(saved[0].msrs.iter().any(|m| m.index == 0x10), "no TSC");
-    let vm_saved = VmState::save(&vm, true).unwrap();
+    let vm_saved = VmState::save(&vm).unwrap();
     assert!(vm_saved.pit.is_some());
 
     // A fresh VM gets the state and gives back the same.
@@ -84,7 +84,7 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
     for (v, s) in vcpus2.iter().zip(&saved) {
         s.restore(v, &ctx2).unwrap();
     }
-    vm_saved.restore(&vm2, true).unwrap();
+    vm_saved.restore(&vm2).unwrap();
     let again: Vec<VcpuState> = vcpus2
         .iter_mut()
         .map(|v| VcpuState::save(v, &ctx2).unwrap())
@@ -92,10 +92,10 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
     for (a, b) in saved.iter().zip(&again) {
         assert_eq!(comparable(a), comparable(b), "vCPU {}", a.id);
         // The TSC goes on from the saved value, not from the new VM's zero.
-        let tsc = |s: &VcpuState| s.msrs.iter().find(|m| m.index == 0x10).unwrap().data;
+        let tsc = |s: &VcpuState| s.msrs.iter().find(|m| m.index == 0x10).unwrap().value;
         assert!(tsc(b) >= tsc(a));
     }
-    let vm_again = VmState::save(&vm2, true).unwrap();
+    let vm_again = VmState::save(&vm2).unwrap();
     assert_eq!(bytes(&vm_again.pic_master), bytes(&vm_saved.pic_master));
     assert_eq!(bytes(&vm_again.pic_slave), bytes(&vm_saved.pic_slave));
     assert_eq!(bytes(&vm_again.ioapic), bytes(&vm_saved.ioapic));
@@ -103,5 +103,5 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
 
     // A PIT-less VM refuses a state with a PIT, and the other way round.
     let vm3 = Vm::new(Layout::new(16 << 20), false).unwrap();
-    assert!(vm_saved.restore(&vm3, false).is_err());
+    assert!(vm_saved.restore(&vm3).is_err());
 }

@@ -93,10 +93,16 @@ impl FwCfg {
         fw_cfg.add_u16(FW_CFG_MAX_CPUS, nb_cpus);
         fw_cfg.add_u64(FW_CFG_RAM_SIZE, ram_size);
         // Saturate rather than wrap: a >4 GiB item is not a real kernel.
-        let kernel_size = u32::try_from(kernel_data.len()).unwrap_or(u32::MAX);
-        fw_cfg.add_u32(FW_CFG_KERNEL_SIZE, kernel_size);
-        fw_cfg.add_bytes(FW_CFG_KERNEL_DATA, kernel_data);
+        fw_cfg.set_kernel_data(kernel_data);
         fw_cfg
+    }
+
+    /// Set the kernel image item (`KERNEL_DATA` and `KERNEL_SIZE`), known
+    /// once the image is loaded.
+    pub fn set_kernel_data(&mut self, kernel_data: Vec<u8>) {
+        let kernel_size = u32::try_from(kernel_data.len()).unwrap_or(u32::MAX);
+        self.add_u32(FW_CFG_KERNEL_SIZE, kernel_size);
+        self.add_bytes(FW_CFG_KERNEL_DATA, kernel_data);
     }
 
     /// Adds or replaces item `key`.
@@ -175,29 +181,31 @@ impl MutDevicePio for FwCfg {
     }
 }
 
-/// Saved state of an [`FwCfg`]: the guest's position only. The items are
-/// rebuilt from the VM's configuration on restore.
+/// Saved state of an [`FwCfg`]: the guest's position and every item, so
+/// a restore needs nothing the image gave at boot (`KERNEL_DATA`).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct FwCfgState {
     pub selector: u16,
     pub offset: u32,
+    pub items: BTreeMap<u16, Vec<u8>>,
 }
 
 impl Persist for FwCfg {
     type State = FwCfgState;
-    /// The freshly built items.
-    type Args = FwCfg;
+    type Args = ();
     type Error = RestoreError;
 
     fn save(&self) -> FwCfgState {
         FwCfgState {
             selector: self.selector,
             offset: self.offset,
+            items: self.items.clone(),
         }
     }
 
-    fn restore(args: FwCfg, state: &FwCfgState) -> Result<Self, RestoreError> {
-        let mut fw_cfg = args;
+    fn restore(_args: (), state: &FwCfgState) -> Result<Self, RestoreError> {
+        let mut fw_cfg = FwCfg::new();
+        fw_cfg.items = state.items.clone();
         fw_cfg.selector = state.selector;
         fw_cfg.offset = state.offset;
         Ok(fw_cfg)
@@ -312,16 +320,10 @@ mod tests {
         select(&mut dev, FW_CFG_KERNEL_DATA);
         assert_eq!(read(&mut dev, 2), [1, 2]);
         let state = dev.save();
-        assert_eq!(
-            state,
-            FwCfgState {
-                selector: FW_CFG_KERNEL_DATA,
-                offset: 2
-            }
-        );
+        assert_eq!((state.selector, state.offset), (FW_CFG_KERNEL_DATA, 2));
+        assert_eq!(state.items[&FW_CFG_KERNEL_DATA], [1, 2, 3, 4, 5]);
 
-        let mut restored = FwCfg::restore(FwCfg::for_vm(2, 1 << 30, vec![1, 2, 3, 4, 5]), &state)
-            .expect("restore");
+        let mut restored = FwCfg::restore((), &state).expect("restore");
         assert_eq!(restored, dev);
         assert_eq!(read(&mut restored, 4), read(&mut dev, 4));
         assert_eq!(restored.save(), dev.save());

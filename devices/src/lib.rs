@@ -13,9 +13,11 @@ pub mod acpi_pm;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
 pub mod testdev;
+pub mod virtio;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -28,6 +30,10 @@ pub trait Persist: Sized {
     type State: Serialize + DeserializeOwned;
     type Args;
     type Error: std::error::Error;
+    /// Version of `State`'s encoding, kept with it in a snapshot; bump it
+    /// on any change an older state would not decode as, and a snapshot
+    /// holding another version of this device is refused by name.
+    const STATE_VERSION: u16 = 1;
 
     fn save(&self) -> Self::State;
     fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
@@ -39,6 +45,26 @@ pub trait Persist: Sized {
 /// `false` deasserts. An edge is a raise followed by a lower.
 pub trait IrqLine: Send + Sync {
     fn set_level(&self, gsi: u32, level: bool);
+}
+
+/// A message-signalled interrupt: what a device writes where (PCI Local
+/// Bus specification, "Message Signaled Interrupts"). On x86 the address
+/// names the destination APIC and the data the vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsiMessage {
+    pub address: u64,
+    pub data: u32,
+}
+
+/// The VMM's side of one device's MSI vectors: a route per vector
+/// (KVM_SET_GSI_ROUTING) raised through an irqfd, so the device holds no
+/// KVM fd. An IOMMU's interrupt remapping would sit behind `route()`.
+pub trait MsiVectors: Send + Sync {
+    /// Point vector `index` at `msg`, or take its route away (`None`)
+    /// while it is masked or MSI-X is off.
+    fn route(&self, index: u16, msg: Option<MsiMessage>);
+    /// Raise vector `index` once, through its route.
+    fn trigger(&self, index: u16);
 }
 
 /// Something a device asks of the whole VM, not of itself.
@@ -201,5 +227,11 @@ mod send_tests {
         assert_send::<crate::fw_cfg::FwCfg>();
         assert_send::<crate::acpi_pm::AcpiPm>();
         assert_send::<crate::i8042::I8042>();
+        assert_send::<crate::rtc::Rtc>();
+        assert_send::<crate::pci::HostBridge>();
+        assert_send::<crate::pci::PciConfigIo>();
+        assert_send::<crate::pci::PciConfigMmio>();
+        assert_send::<crate::virtio::mmio::VirtioMmio<crate::virtio::rng::Rng>>();
+        assert_send::<crate::virtio::pci::VirtioPci<crate::virtio::rng::Rng>>();
     }
 }

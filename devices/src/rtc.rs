@@ -186,6 +186,21 @@ impl Rtc {
 
     fn read_reg(&mut self, reg: u8, host_secs: i64, nanos: u32) -> u8 {
         let t = datetime(host_secs + self.offset_secs);
+        // A guest that reads the time has seen the updates before it: none
+        // of those is a missed update to show in UIP any more.
+        if matches!(
+            reg,
+            REG_SECONDS
+                | REG_MINUTES
+                | REG_HOURS
+                | REG_WEEKDAY
+                | REG_DAY
+                | REG_MONTH
+                | REG_YEAR
+                | REG_CENTURY
+        ) {
+            self.update_shown = self.update_shown.max(host_secs);
+        }
         match reg {
             REG_SECONDS => self.encode(t.sec),
             REG_MINUTES => self.encode(t.min),
@@ -354,6 +369,23 @@ mod tests {
         // SET stops updates.
         rtc.write_reg(REG_B, REG_B_SET | REG_B_24H, 0);
         assert_eq!(rtc.read_reg(REG_A, 0, 999_900_000), REG_A_DEFAULT);
+    }
+
+    /// Read the seconds, then wait for an update cycle: the seconds have
+    /// changed after it, however long the guest took to get there.
+    #[test]
+    fn an_update_cycle_after_reading_the_time_is_a_new_one() {
+        let mut rtc = Rtc::new();
+        let start = rtc.update_shown;
+        // The guest first looks a few seconds after the RTC was made.
+        let s0 = rtc.read_reg(REG_SECONDS, start + 3, 500_000_000);
+        assert_eq!(rtc.read_reg(REG_A, start + 3, 600_000_000) & REG_A_UIP, 0);
+        assert_ne!(rtc.read_reg(REG_A, start + 3, 999_900_000) & REG_A_UIP, 0);
+        assert_eq!(rtc.read_reg(REG_A, start + 4, 1_000) & REG_A_UIP, 0);
+        assert_ne!(rtc.read_reg(REG_SECONDS, start + 4, 2_000), s0);
+        // Descheduled past the window: the missed update still shows once.
+        assert_ne!(rtc.read_reg(REG_A, start + 6, 1_000) & REG_A_UIP, 0);
+        assert_eq!(rtc.read_reg(REG_A, start + 6, 2_000) & REG_A_UIP, 0);
     }
 
     #[test]

@@ -60,17 +60,14 @@ static void store_at_zero(u32 v)
 	__asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(zero) : "memory");
 }
 
-/* Wait for the update-in-progress bit to rise and fall: one RTC update. */
-static bool wait_update(void)
+/* Wait for the update-in-progress bit to rise and fall: one RTC update.
+ * A clock that never updates hangs the guest until the host's timeout. */
+static void wait_update(void)
 {
-	u64 t = rdtsc();
 	while (!(rtc(RTC_REG_A) & RTC_UIP))
-		if (timed_out(t))
-			return false;
+		;
 	while (rtc(RTC_REG_A) & RTC_UIP)
-		if (timed_out(t))
-			return false;
-	return true;
+		;
 }
 
 static u64 find_table(const char *sig)
@@ -102,7 +99,7 @@ int main(void)
 	printf("RTC year: 20%02u\n", y);
 	report(y >= 24 && y < 100, "rtc-year");
 	u8 s0 = rtc(RTC_SECONDS);
-	report(wait_update(), "rtc-uip-cycle");
+	wait_update();
 	report(rtc(RTC_SECONDS) != s0, "rtc-seconds-advance");
 
 	u64 ram = fwcfg_read(FW_CFG_RAM_SIZE, 8);

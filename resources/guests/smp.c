@@ -53,7 +53,7 @@ int main(void)
 	if (nb > 1) {
 		lapic_enable();
 		start_aps();
-		for (u64 t = rdtsc(); ap_online < nb - 1 && !timed_out(t);)
+		while (ap_online < nb - 1)
 			;
 	}
 	u32 online = 1 + ap_online;

@@ -16,13 +16,12 @@ use devices::acpi_pm;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
+use crate::layout;
 use crate::memory::{ACPI_TABLES_END, ACPI_TABLES_START, RSDP_ADDR};
 
 pub const OEM_ID: [u8; 6] = *b"KVMRUN";
 pub const OEM_TABLE_ID: [u8; 8] = *b"KVMRUNVM";
 pub const OEM_REVISION: u32 = 1;
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
-pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// ISA IRQ of the ACPI SCI, as on PIIX4.
 pub const SCI_IRQ: u16 = 9;
 /// MADT flag: the platform also has dual 8259 PICs.
@@ -45,18 +44,41 @@ fn fix_checksum(table: &mut [u8]) {
 }
 
 /// What the DSDT describes besides the sleep states.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Platform {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Description {
     /// COM1 as a PNP0501 device with its ports and IRQ, so an OS that
     /// enumerates devices through ACPI (Linux's 8250_pnp) finds it. Off for
     /// multiboot images, which see the tables they always saw.
     pub com1: bool,
+    /// The PCI host bridge, when the machine has PCI.
+    pub pci: Option<PciWindows>,
+    /// virtio-mmio devices (`LNRO0005`), so a stock Linux finds them
+    /// without `virtio_mmio.device=` on its command line.
+    pub virtio_mmio: Vec<MmioDevice>,
+}
+
+/// Where the PCI host bridge decodes: ECAM and its BAR windows, each
+/// `(base, len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciWindows {
+    pub ecam: (u64, u64),
+    pub io: (u64, u64),
+    pub mmio32: (u64, u64),
+    pub mmio64: (u64, u64),
+}
+
+/// One platform MMIO device: its window and level-triggered GSI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
 }
 
 /// DSDT with the `\_S3` and `\_S5` packages, so an OS can suspend and
 /// power off through PM1 control with the SLP_TYP values `acpi_pm` decodes,
-/// and the devices `platform` asks for.
-fn dsdt(platform: Platform) -> Vec<u8> {
+/// and the devices `desc` asks for.
+fn dsdt(desc: &Description) -> Vec<u8> {
     use acpi_tables::aml::{
         Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO,
     };
@@ -65,7 +87,7 @@ fn dsdt(platform: Platform) -> Vec<u8> {
         let pkg = Name::new(Path::new(name), &Package::new(vec![&typ, &typ, &0u8, &0u8]));
         t.append_slice(&to_bytes(&pkg));
     }
-    if platform.com1 {
+    if desc.com1 {
         let base = devices::serial::COM1_BASE;
         let io = IO::new(base, base, 1, devices::serial::SERIAL_PORT_COUNT as u8);
         // ISA IRQ 4, edge-triggered, active high, exclusive.
@@ -77,7 +99,105 @@ fn dsdt(platform: Platform) -> Vec<u8> {
         let com1 = Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]);
         t.append_slice(&to_bytes(&com1));
     }
+    if let Some(pci) = &desc.pci {
+        t.append_slice(&pci_host_bridge(pci));
+    }
+    for (i, d) in desc.virtio_mmio.iter().enumerate() {
+        t.append_slice(&virtio_mmio(i, d));
+    }
     t.as_slice().to_vec()
+}
+
+/// `\_SB.PCI0`: a PCI Express root bridge (bus 0 only) with its windows
+/// and the `_PRT` that sends INTA-INTD of slot s to GSI
+/// `PCI_INTX_GSI_BASE + (s + pin) % 4`; and `\_SB.MBRD`, the motherboard
+/// resources that reserve ECAM, which Linux wants before it uses the MCFG.
+fn pci_host_bridge(w: &PciWindows) -> Vec<u8> {
+    use acpi_tables::aml::{
+        AddressSpace, AddressSpaceCacheable, Device, EISAName, Memory32Fixed, Name, Package, Path,
+        ResourceTemplate, IO,
+    };
+    let bus = AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_ports = IO::new(
+        layout::PCI_CONFIG_PORTS.0 as u16,
+        layout::PCI_CONFIG_PORTS.0 as u16,
+        1,
+        layout::PCI_CONFIG_PORTS.1 as u8,
+    );
+    let io = AddressSpace::new_io(w.io.0 as u16, (w.io.0 + w.io.1 - 1) as u16, None);
+    let mem32 = AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        w.mmio32.0 as u32,
+        (w.mmio32.0 + w.mmio32.1 - 1) as u32,
+        None,
+    );
+    let mem64 = AddressSpace::new_memory(
+        AddressSpaceCacheable::Cacheable,
+        true,
+        w.mmio64.0,
+        w.mmio64.0 + w.mmio64.1 - 1,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&bus, &cfg_ports, &io, &mem32, &mem64]);
+    let routes: Vec<(u32, u8, u32)> = (0..32u32)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                let gsi = layout::PCI_INTX_GSI_BASE + (slot + u32::from(pin)) % 4;
+                ((slot << 16) | 0xffff, pin, gsi)
+            })
+        })
+        .collect();
+    let packages: Vec<Package> = routes
+        .iter()
+        .map(|(addr, pin, gsi)| Package::new(vec![addr, pin, &0u8, gsi]))
+        .collect();
+    let prt = Package::new(
+        packages
+            .iter()
+            .map(|p| p as &dyn acpi_tables::Aml)
+            .collect(),
+    );
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0A08"));
+    let cid = Name::new(Path::new("_CID"), &EISAName::new("PNP0A03"));
+    let adr = Name::new(Path::new("_ADR"), &0u8);
+    let seg = Name::new(Path::new("_SEG"), &0u8);
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let bbn = Name::new(Path::new("_BBN"), &0u8);
+    let crs = Name::new(Path::new("_CRS"), &crs);
+    let prt = Name::new(Path::new("_PRT"), &prt);
+    let pci0 = Device::new(
+        Path::new("_SB_.PCI0"),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
+    );
+    let ecam = Memory32Fixed::new(false, w.ecam.0 as u32, w.ecam.1 as u32);
+    let mb_crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ecam]));
+    let mb_hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0C02"));
+    let mbrd = Device::new(Path::new("_SB_.MBRD"), vec![&mb_hid, &uid, &mb_crs]);
+    let mut out = to_bytes(&pci0);
+    out.extend(to_bytes(&mbrd));
+    out
+}
+
+/// `\_SB.VRnn`: virtio-mmio device `n` with its window and interrupt
+/// (level-triggered, active high: the line stays up while the device's
+/// interrupt status is non-zero).
+fn virtio_mmio(n: usize, d: &MmioDevice) -> Vec<u8> {
+    use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate};
+    let mem = Memory32Fixed::new(true, d.base as u32, d.len as u32);
+    let irq = Interrupt::new(true, false, false, false, d.gsi);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&mem, &irq]));
+    let hid = Name::new(Path::new("_HID"), &"LNRO0005");
+    let uid = Name::new(Path::new("_UID"), &(n as u32));
+    let path = format!("_SB_.VR{n:02X}");
+    to_bytes(&Device::new(Path::new(&path), vec![&hid, &uid, &crs]))
+}
+
+/// The MCFG: ECAM of segment 0, bus 0.
+fn mcfg(ecam: u64) -> Vec<u8> {
+    let mut m = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(ecam, 0, 0, 0);
+    to_bytes(&m)
 }
 
 fn facs() -> Vec<u8> {
@@ -110,7 +230,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_ADDR),
+        LocalInterruptController::Address(layout::LAPIC_ADDR as u32),
     );
     for id in 0..vcpus {
         m.add_structure(ProcessorLocalApic::new(
@@ -119,7 +239,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
             EnabledStatus::Enabled,
         ));
     }
-    m.add_structure(IoApic::new(vcpus as u8, IOAPIC_ADDR, 0));
+    m.add_structure(IoApic::new(vcpus as u8, layout::IOAPIC_ADDR as u32, 0));
     let mut bytes = to_bytes(&m);
     // The crate leaves the MADT flags at 0; say the PICs are there too.
     bytes[40..44].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
@@ -147,7 +267,7 @@ pub const FACS_WAKING_VECTOR: u64 = 12;
 pub fn setup(
     mem: &GuestMemoryMmap,
     vcpus: u32,
-    platform: Platform,
+    desc: &Description,
 ) -> Result<AcpiTables, BootError> {
     let mut next = ACPI_TABLES_START;
     let mut place = |bytes: &[u8], align: u64| -> Result<u64, BootError> {
@@ -167,7 +287,7 @@ pub fn setup(
         next = end;
         Ok(at)
     };
-    let dsdt_at = place(&dsdt(platform), 16)?;
+    let dsdt_at = place(&dsdt(desc), 16)?;
     // The FACS must be 64-byte aligned.
     let facs_at = place(&facs(), 64)?;
     let fadt_at = place(&fadt(dsdt_at, facs_at), 16)?;
@@ -175,6 +295,9 @@ pub fn setup(
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_at);
     xsdt.add_entry(madt_at);
+    if let Some(pci) = &desc.pci {
+        xsdt.add_entry(place(&mcfg(pci.ecam.0), 16)?);
+    }
     place(&to_bytes(&xsdt), 16).and_then(|xsdt_at| {
         let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_at));
         mem.write_slice(&rsdp, GuestAddress(RSDP_ADDR))
@@ -193,6 +316,60 @@ pub fn setup(
 mod tests {
     use super::*;
 
+    fn full() -> Description {
+        Description {
+            com1: true,
+            pci: Some(PciWindows {
+                ecam: layout::PCI_ECAM,
+                io: layout::PCI_IO_WINDOW,
+                mmio32: layout::PCI_MMIO32_WINDOW,
+                mmio64: (1 << 32, layout::PCI_MMIO64_SIZE),
+            }),
+            virtio_mmio: vec![MmioDevice {
+                base: 0xe010_0000,
+                len: 0x1000,
+                gsi: 20,
+            }],
+        }
+    }
+
+    #[test]
+    fn dsdt_describes_pci_and_virtio_mmio_on_request() {
+        let plain = dsdt(&Description::default());
+        let d = dsdt(&full());
+        let has = |d: &[u8], n: &[u8]| d.windows(n.len()).any(|w| w == n);
+        assert!(!has(&plain, b"PCI0") && !has(&plain, b"LNRO0005"));
+        assert!(has(&d, b"PCI0") && has(&d, b"_PRT") && has(&d, b"MBRD"));
+        // EISAID("PNP0A08") and ("PNP0C02").
+        assert!(has(&d, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(has(&d, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+        assert!(has(&d, b"LNRO0005") && has(&d, b"VR00"));
+        // Memory32Fixed, read-write, at 0xe0100000, 4 KiB.
+        assert!(has(
+            &d,
+            &[0x86, 0x09, 0x00, 0x01, 0x00, 0x00, 0x10, 0xe0, 0x00, 0x10, 0, 0]
+        ));
+        // Extended IRQ descriptor: consumer, level, active high; GSI 20.
+        assert!(has(&d, &[0x89, 0x06, 0x00, 0x01, 0x01, 20, 0, 0, 0]));
+        // The _PRT's entry for slot 1, INTA: GSI 17.
+        assert!(has(
+            &d,
+            &[0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 17]
+        ));
+    }
+
+    #[test]
+    fn mcfg_points_at_ecam() {
+        let m = mcfg(0xe000_0000);
+        assert_eq!(&m[..4], b"MCFG");
+        assert_eq!(m.len(), 60);
+        assert_eq!(
+            u64::from_le_bytes(m[44..52].try_into().unwrap()),
+            0xe000_0000
+        );
+        assert_eq!((m[54], m[55]), (0, 0));
+    }
+
     fn sum(b: &[u8]) -> u8 {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
     }
@@ -200,8 +377,13 @@ mod tests {
     #[test]
     fn tables_checksum_to_zero() {
         for t in [
-            dsdt(Platform::default()),
-            dsdt(Platform { com1: true }),
+            dsdt(&Description::default()),
+            dsdt(&Description {
+                com1: true,
+                ..Default::default()
+            }),
+            dsdt(&full()),
+            mcfg(0xe000_0000),
             facs(),
             fadt(0x1000, 0x2000),
             madt(4),
@@ -218,7 +400,7 @@ mod tests {
 
     #[test]
     fn dsdt_has_sleep_states() {
-        let d = dsdt(Platform::default());
+        let d = dsdt(&Description::default());
         let has = |n: &[u8]| d.windows(4).any(|w| w == n);
         assert!(has(b"_S3_") && has(b"_S5_"));
         assert!(!has(b"COM1"));
@@ -226,7 +408,10 @@ mod tests {
 
     #[test]
     fn dsdt_describes_com1_on_request() {
-        let d = dsdt(Platform { com1: true });
+        let d = dsdt(&Description {
+            com1: true,
+            ..Default::default()
+        });
         let has = |n: &[u8]| d.windows(n.len()).any(|w| w == n);
         assert!(has(b"COM1") && has(b"_HID") && has(b"_CRS"));
         // EISAID("PNP0501") and the 16-bit decode IO descriptor for 0x3f8, 8 ports.

@@ -4,15 +4,16 @@
 //!
 //! Matches what SeaBIOS leaves under QEMU (measured, see KUT-ABI.md, "Interrupt
 //! controllers and timers"): 8259 vector bases 0x08/0x70 with the timer
-//! unmasked, PIT channel 0 in mode 2 counting 65536 (18.2 Hz), and a
-//! real-mode IVT whose timer vector acknowledges the PIC.
+//! unmasked, and a real-mode IVT whose timer vector acknowledges the PIC.
+//! The PIT's part (channel 0 in mode 2 counting 65536, 18.2 Hz) lives
+//! with the rest of the PIT in `pit.rs`.
 
-use kvm_bindings::{kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
-use kvm_ioctls::VmFd;
+use kvm_bindings::{KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
 use crate::memory::BIOS_STUBS_ADDR;
+use crate::vm::Vm;
 
 const MASTER_VECTOR_BASE: u8 = 0x08;
 const SLAVE_VECTOR_BASE: u8 = 0x70;
@@ -73,18 +74,14 @@ pub fn write_ivt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     w(&ivt, 0)
 }
 
-/// Program the in-kernel PICs and (if present) PIT as the BIOS leaves them;
-/// return the PIT state loaded.
-pub fn setup_irqchip(vm: &VmFd, pit: bool) -> Result<Option<kvm_pit_state2>, BiosError> {
+/// Program the in-kernel PICs as the BIOS leaves them (the PIT's part is
+/// `Pit::load_bios_state()`).
+pub fn setup_pics(vm: &Vm) -> Result<(), BiosError> {
     for (chip, base, imr) in [
         (KVM_IRQCHIP_PIC_MASTER, MASTER_VECTOR_BASE, MASTER_IMR),
         (KVM_IRQCHIP_PIC_SLAVE, SLAVE_VECTOR_BASE, SLAVE_IMR),
     ] {
-        let mut c = kvm_irqchip {
-            chip_id: chip,
-            ..Default::default()
-        };
-        vm.get_irqchip(&mut c).map_err(kvm("KVM_GET_IRQCHIP"))?;
+        let mut c = vm.irqchip(chip).map_err(kvm("KVM_GET_IRQCHIP"))?;
         // SAFETY: `pic` is the member KVM fills for the PIC chip ids.
         let pic = unsafe { &mut c.chip.pic };
         pic.irq_base = base;
@@ -94,21 +91,7 @@ pub fn setup_irqchip(vm: &VmFd, pit: bool) -> Result<Option<kvm_pit_state2>, Bio
         pic.init4 = 1;
         vm.set_irqchip(&c).map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
-    if pit {
-        let mut st = vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
-        let ch = &mut st.channels[0];
-        // Mode 2 (rate generator), lobyte/hibyte access, count 0 = 65536.
-        ch.count = 0x1_0000;
-        ch.mode = 2;
-        ch.rw_mode = 3;
-        ch.read_state = 3;
-        ch.write_state = 3;
-        ch.gate = 1;
-        ch.bcd = 0;
-        vm.set_pit2(&st).map_err(kvm("KVM_SET_PIT2"))?;
-        return Ok(Some(st));
-    }
-    Ok(None)
+    Ok(())
 }
 
 #[cfg(test)]

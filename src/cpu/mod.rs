@@ -3,6 +3,7 @@
 //! reports (APIC IDs, topology counts; `for_vcpu()`).
 
 pub mod features;
+pub mod gdt;
 pub mod models;
 pub mod msrs;
 pub mod probe;

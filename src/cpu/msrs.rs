@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub const IA32_TSC: u32 = 0x10;
 pub const IA32_TSC_DEADLINE: u32 = 0x6e0;
 pub const IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const IA32_PAT: u32 = 0x277;
@@ -13,7 +14,8 @@ pub const MISC_ENABLE_RESET: u64 = 1;
 /// the PAT").
 pub const PAT_RESET: u64 = 0x0007_0406_0007_0406;
 
-/// One `--msr INDEX=VALUE`.
+/// One MSR and its value: an `--msr INDEX=VALUE`, a reset value, or a
+/// saved one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrValue {
     pub index: u32,

@@ -8,10 +8,11 @@
 //! execute CPUID for a list of leaves, and reads the answers from guest
 //! memory.
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_mp_state, kvm_segment, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::gdt;
 use crate::memory::Layout;
 use crate::vm::{Vm, VmError};
 
@@ -61,6 +62,8 @@ const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
 const PD: u64 = 0x3000;
 const GDT: u64 = 0x4000;
+/// Null, 64-bit code, flat data.
+const PROBE_GDT: [u64; 3] = [0, gdt::CODE64, gdt::DATA32];
 const CODE: u64 = 0x5000;
 const LIST: u64 = 0x10000;
 const MAX_LEAVES: usize = 1024;
@@ -94,12 +97,7 @@ pub fn run(
         .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
         .collect();
     write(&pd, PD)?;
-    // Null, 64-bit code, data.
-    let gdt: Vec<u8> = [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
-        .iter()
-        .flat_map(|d| d.to_le_bytes())
-        .collect();
-    write(&gdt, GDT)?;
+    write(&gdt::to_bytes(&PROBE_GDT), GDT)?;
     write(&ROUTINE, CODE)?;
     let list: Vec<u8> = leaves
         .iter()
@@ -117,41 +115,15 @@ pub fn run(
                 source,
             }
         };
-        let fd = vm
-            .fd
-            .create_vcpu(id as u64)
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fd = vm.create_vcpu(id32).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = super::to_kvm(table).map_err(|e| ProbeError::Guest {
             id: id32,
             what: e.to_string(),
         })?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 0,
-            db,
-            s: 1,
-            l,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        sregs.cs = seg(0x08, 0xb, 1, 0);
-        let data = seg(0x10, 0x3, 0, 1);
-        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        sregs.gdt.base = GDT;
-        sregs.gdt.limit = 3 * 8 - 1;
-        // Paging with PAE in long mode: PG | ET | PE, PAE, LME | LMA.
-        sregs.cr0 = 0x8000_0011;
-        sregs.cr3 = PML4;
-        sregs.cr4 = 0x20;
-        sregs.efer = 0x500;
+        gdt::load(&mut sregs, GDT, &PROBE_GDT, 0x08, 0x10);
+        gdt::enter_long_mode(&mut sregs, PML4);
         fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         let mut regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         regs.rip = CODE;

@@ -17,7 +17,9 @@
 pub const MAGIC: [u8; 8] = *b"KVMRUNSS";
 /// Bumped on any change an older kvmrun cannot read. 2: the state records
 /// the memory file's id and digest, and the memory file has a trailer.
-pub const FORMAT_MAJOR: u16 = 2;
+/// 3: devices are a map from name to a versioned state, so adding a
+/// device no longer changes the format; fw_cfg keeps its items.
+pub const FORMAT_MAJOR: u16 = 3;
 /// Bumped on additions an older kvmrun of the same major can ignore.
 pub const FORMAT_MINOR: u16 = 0;
 

@@ -25,18 +25,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use devices::acpi_pm::AcpiPmState;
-use devices::debug_exit::DebugExitState;
-use devices::fw_cfg::FwCfgState;
-use devices::i8042::I8042State;
-use devices::rtc::RtcState;
-use devices::serial::SerialDeviceState;
-use devices::testdev::{PcTestDevState, TestDevIomemState};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
 use crate::memory::Layout;
+pub use crate::platform::{DeviceState, DeviceStates};
 
 pub use self::memory::MemoryInfo;
 pub use self::vcpu::{VcpuContext, VcpuState, VcpuStateError};
@@ -46,32 +40,17 @@ pub use self::vm::{VmState, VmStateError};
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
-/// Every device's saved state.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct DeviceStates {
-    pub serial: SerialDeviceState,
-    pub debug_exit: DebugExitState,
-    pub testdev: PcTestDevState,
-    pub testdev_iomem: TestDevIomemState,
-    pub fw_cfg: FwCfgState,
-    pub acpi_pm: AcpiPmState,
-    pub i8042: I8042State,
-    pub rtc: RtcState,
-}
-
 /// Everything but guest RAM.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct MachineState {
     pub config: VmConfig,
     /// The memory file's id, length and digest; filled in by [`write()`].
     pub memory: MemoryInfo,
-    /// fw_cfg's KERNEL_DATA item, which a restore cannot rebuild without
-    /// the image.
-    pub kernel_data: Vec<u8>,
     /// Guest address of the ACPI FACS, for waking from S3 after a restore.
     pub facs: u64,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
+    /// Every device's state, by name (the device registry's).
     pub devices: DeviceStates,
 }
 

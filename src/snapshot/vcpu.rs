@@ -11,15 +11,9 @@ use kvm_ioctls::{Cap, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_ptr};
 
+use crate::cpu::msrs::{MsrValue, IA32_TSC, IA32_TSC_DEADLINE};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
-
-/// IA32_TSC: restored before every other MSR so the TSC-based ones
-/// (TSC_DEADLINE, kvmclock) see the saved time base.
-pub const MSR_IA32_TSC: u32 = 0x10;
-/// IA32_TSC_DEADLINE: only taken when the LAPIC timer is already in
-/// TSC-deadline mode and compared against the TSC, so it goes last.
-pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// `KVM_MAX_MSR_ENTRIES` of one `Msrs` batch.
 const MSR_BATCH: usize = 200;
@@ -73,10 +67,10 @@ impl VcpuContext {
             })?
             .as_slice()
             .to_vec();
-        let xsave2 = vm.fd.check_extension_int(Cap::Xsave2);
+        let xsave2 = vm.check_extension_int(Cap::Xsave2);
         let xsave_bytes = if xsave2 > 0 {
             (xsave2 as usize).max(XSAVE_LEGACY_BYTES)
-        } else if vm.fd.check_extension(Cap::Xsave) {
+        } else if vm.check_extension_int(Cap::Xsave) > 0 {
             XSAVE_LEGACY_BYTES
         } else {
             0
@@ -133,12 +127,6 @@ impl From<&FpuState> for kvm_fpu {
             ..Default::default()
         }
     }
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MsrValue {
-    pub index: u32,
-    pub data: u64,
 }
 
 /// Everything KVM keeps for one vCPU.
@@ -273,12 +261,14 @@ impl VcpuState {
     }
 }
 
-/// The MSRs in restore order: IA32_TSC first, IA32_TSC_DEADLINE last,
-/// the rest as KVM listed them.
+/// The MSRs in restore order: IA32_TSC first, so the TSC-based ones
+/// (TSC_DEADLINE, kvmclock) see the saved time base; IA32_TSC_DEADLINE
+/// last, because KVM only takes it when the LAPIC timer is already in
+/// TSC-deadline mode; the rest as KVM listed them.
 pub fn ordered_msrs(msrs: &[MsrValue]) -> Vec<MsrValue> {
     let rank = |m: &MsrValue| match m.index {
-        MSR_IA32_TSC => 0,
-        MSR_IA32_TSC_DEADLINE => 2,
+        IA32_TSC => 0,
+        IA32_TSC_DEADLINE => 2,
         _ => 1,
     };
     let mut out = msrs.to_vec();
@@ -309,7 +299,7 @@ fn get_msrs(fd: &VcpuFd, id: u32, list: &[u32]) -> Result<Vec<MsrValue>, VcpuSta
         let n = fd.get_msrs(&mut msrs).map_err(kvm(id, "KVM_GET_MSRS"))?;
         out.extend(msrs.as_slice()[..n].iter().map(|e| MsrValue {
             index: e.index,
-            data: e.data,
+            value: e.data,
         }));
         if n < batch.len() {
             log::debug!(
@@ -330,7 +320,7 @@ fn set_msrs(fd: &VcpuFd, id: u32, msrs: &[MsrValue]) -> Result<(), VcpuStateErro
             .iter()
             .map(|m| kvm_msr_entry {
                 index: m.index,
-                data: m.data,
+                data: m.value,
                 ..Default::default()
             })
             .collect();
@@ -344,7 +334,7 @@ fn set_msrs(fd: &VcpuFd, id: u32, msrs: &[MsrValue]) -> Result<(), VcpuStateErro
             return Err(VcpuStateError::Msr {
                 id,
                 index: chunk[n].index,
-                value: chunk[n].data,
+                value: chunk[n].value,
             });
         }
     }
@@ -407,7 +397,7 @@ mod tests {
 
     #[test]
     fn tsc_first_and_deadline_last() {
-        let m = |index| MsrValue { index, data: 0 };
+        let m = |index| MsrValue { index, value: 0 };
         let order: Vec<u32> = ordered_msrs(&[m(0x6e0), m(0x1b), m(0x10), m(0xc0000080)])
             .iter()
             .map(|m| m.index)

@@ -7,6 +7,7 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::pit::{self, PitError};
 use crate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,8 +17,8 @@ pub enum VmStateError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("the snapshot {0} a PIT but the configuration says otherwise")]
-    Pit(&'static str),
+    #[error(transparent)]
+    Pit(#[from] PitError),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmStateError {
@@ -35,52 +36,40 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-fn get_chip(vm: &Vm, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, VmStateError> {
-    let mut chip = kvm_irqchip {
-        chip_id,
-        ..Default::default()
-    };
-    vm.fd.get_irqchip(&mut chip).map_err(kvm(what))?;
-    Ok(chip)
-}
-
 impl VmState {
-    /// Read the VM's state; `pit` says whether the VM has the in-kernel PIT.
-    pub fn save(vm: &Vm, pit: bool) -> Result<VmState, VmStateError> {
+    /// Read the VM's state.
+    pub fn save(vm: &Vm) -> Result<VmState, VmStateError> {
         Ok(VmState {
-            pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER, "KVM_GET_IRQCHIP (PIC master)")?,
-            pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE, "KVM_GET_IRQCHIP (PIC slave)")?,
-            ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC, "KVM_GET_IRQCHIP (IOAPIC)")?,
-            pit: if pit {
-                Some(vm.fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?)
-            } else {
-                None
-            },
-            clock: vm.fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
+            pic_master: vm
+                .irqchip(KVM_IRQCHIP_PIC_MASTER)
+                .map_err(kvm("KVM_GET_IRQCHIP (PIC master)"))?,
+            pic_slave: vm
+                .irqchip(KVM_IRQCHIP_PIC_SLAVE)
+                .map_err(kvm("KVM_GET_IRQCHIP (PIC slave)"))?,
+            ioapic: vm
+                .irqchip(KVM_IRQCHIP_IOAPIC)
+                .map_err(kvm("KVM_GET_IRQCHIP (IOAPIC)"))?,
+            pit: vm.pit().map(|p| p.save()).transpose()?,
+            clock: vm.clock().map_err(kvm("KVM_GET_CLOCK"))?,
         })
     }
 
     /// Write the state back after the vCPUs are restored. The clock goes
     /// last and without flags, so kvmclock resumes at the saved value and
     /// guest time does not jump over the time spent on disk.
-    pub fn restore(&self, vm: &Vm, pit: bool) -> Result<(), VmStateError> {
+    pub fn restore(&self, vm: &Vm) -> Result<(), VmStateError> {
         for (chip, what) in [
             (&self.pic_master, "KVM_SET_IRQCHIP (PIC master)"),
             (&self.pic_slave, "KVM_SET_IRQCHIP (PIC slave)"),
             (&self.ioapic, "KVM_SET_IRQCHIP (IOAPIC)"),
         ] {
-            vm.fd.set_irqchip(chip).map_err(kvm(what))?;
+            vm.set_irqchip(chip).map_err(kvm(what))?;
         }
-        match (&self.pit, pit) {
-            (Some(p), true) => vm.fd.set_pit2(p).map_err(kvm("KVM_SET_PIT2"))?,
-            (None, false) => {}
-            (Some(_), false) => return Err(VmStateError::Pit("has")),
-            (None, true) => return Err(VmStateError::Pit("lacks")),
-        }
+        pit::restore_saved(vm.pit(), self.pit.as_ref())?;
         let clock = kvm_clock_data {
             clock: self.clock.clock,
             ..Default::default()
         };
-        vm.fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
+        vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
     }
 }

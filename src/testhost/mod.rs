@@ -115,6 +115,24 @@ pub fn file_stem(name: &str) -> String {
         .collect()
 }
 
+/// The results, in suite order; `None` for tests stopped or never started
+/// because of an interrupt.
+pub struct SuiteRun {
+    pub results: Vec<Option<TestResult>>,
+    pub interrupted: bool,
+    pub wall: Duration,
+}
+
+impl SuiteRun {
+    pub fn count(&self, v: Verdict) -> usize {
+        self.results
+            .iter()
+            .flatten()
+            .filter(|r| r.outcome.verdict == v)
+            .count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::scheduler::SuiteRun;
-use super::{TestResult, TestSpec, Verdict};
+use super::{SuiteRun, TestResult, TestSpec, Verdict};
 
 pub trait Progress {
     fn begin(&mut self, total: usize);

@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 
 use super::progress::Progress;
 use super::verdict::{self, Outcome, RawExit, Verdict};
-use super::{file_stem, Judge, Plan, RunSpec, TestResult, TestSpec};
+use super::{file_stem, Judge, Plan, RunSpec, SuiteRun, TestResult, TestSpec};
 
 /// How often running children are polled.
 const POLL: Duration = Duration::from_millis(10);
 
 #[derive(Clone, Debug)]
-pub struct RunOptions {
+pub struct SuiteOptions {
     pub jobs: usize,
     pub out_dir: PathBuf,
     /// The binary that runs one VM (normally this executable).
@@ -36,24 +36,6 @@ pub struct RunOptions {
     pub kill_grace: f64,
     /// Give every child `--migrate-every SECS` (a save/restore stress run).
     pub migrate_every: Option<f64>,
-}
-
-/// The results, in suite order; `None` for tests stopped or never started
-/// because of an interrupt.
-pub struct SuiteRun {
-    pub results: Vec<Option<TestResult>>,
-    pub interrupted: bool,
-    pub wall: Duration,
-}
-
-impl SuiteRun {
-    pub fn count(&self, v: Verdict) -> usize {
-        self.results
-            .iter()
-            .flatten()
-            .filter(|r| r.outcome.verdict == v)
-            .count()
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +57,7 @@ struct Running {
 /// Run `specs`; `stop` is set by the SIGINT/SIGTERM handler.
 pub fn run(
     specs: &[TestSpec],
-    opts: &RunOptions,
+    opts: &SuiteOptions,
     stop: &AtomicBool,
     progress: &mut dyn Progress,
 ) -> Result<SuiteRun, SchedulerError> {
@@ -207,7 +189,7 @@ const PREFLIGHT_IMAGE: &str = "_NO_FILE_4Uhere_";
 /// (that is how QEMU's unknown CPU properties become SKIP). Do the same
 /// for kvm-unit-tests' tests: a command line kvmrun rejects is a SKIP with
 /// kvmrun's reason, not a FAIL.
-fn preflight(rs: &RunSpec, opts: &RunOptions) -> Option<String> {
+fn preflight(rs: &RunSpec, opts: &SuiteOptions) -> Option<String> {
     rs.env_file.as_ref()?;
     let out = Command::new(&opts.kvmrun)
         .arg("run")
@@ -240,7 +222,7 @@ fn kill_group(child: &mut Child) {
 }
 
 /// The `kvmrun run` arguments of a test; `env` is its environment file.
-fn child_args(rs: &RunSpec, opts: &RunOptions, env: Option<&Path>) -> Vec<OsString> {
+fn child_args(rs: &RunSpec, opts: &SuiteOptions, env: Option<&Path>) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "run".into(),
         rs.image.clone().into(),
@@ -263,7 +245,7 @@ fn child_args(rs: &RunSpec, opts: &RunOptions, env: Option<&Path>) -> Vec<OsStri
     args
 }
 
-fn start(idx: usize, name: &str, rs: &RunSpec, opts: &RunOptions) -> io::Result<Running> {
+fn start(idx: usize, name: &str, rs: &RunSpec, opts: &SuiteOptions) -> io::Result<Running> {
     let stem = file_stem(name);
     let log = opts.out_dir.join(format!("{stem}.log"));
     let err = opts.out_dir.join(format!("{stem}.stderr"));
@@ -411,8 +393,8 @@ mod tests {
         }
     }
 
-    fn opts(migrate_every: Option<f64>) -> RunOptions {
-        RunOptions {
+    fn opts(migrate_every: Option<f64>) -> SuiteOptions {
+        SuiteOptions {
             jobs: 1,
             out_dir: "out".into(),
             kvmrun: "kvmrun".into(),
@@ -421,7 +403,7 @@ mod tests {
         }
     }
 
-    fn args(rs: &RunSpec, o: &RunOptions) -> Vec<String> {
+    fn args(rs: &RunSpec, o: &SuiteOptions) -> Vec<String> {
         child_args(rs, o, Some(Path::new("out/t.env")))
             .iter()
             .map(|a| a.to_string_lossy().into_owned())

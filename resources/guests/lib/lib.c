@@ -457,7 +457,7 @@ void lapic_enable(void)
 
 static void icr_write(u32 lo)
 {
-	for (u64 t = rdtsc(); (lapic_read(APIC_ICR_LO) & ICR_BUSY) && !timed_out(t);)
+	while (lapic_read(APIC_ICR_LO) & ICR_BUSY)
 		;
 	lapic_write(APIC_ICR_HI, 0);
 	lapic_write(APIC_ICR_LO, lo);

@@ -8,7 +8,7 @@ use std::path::Path;
 use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
 
 use super::ReportError;
-use crate::testhost::scheduler::SuiteRun;
+use crate::testhost::SuiteRun;
 use crate::testhost::{TestSpec, Verdict};
 
 pub fn render(suite_name: &str, specs: &[TestSpec], run: &SuiteRun) -> Result<String, ReportError> {

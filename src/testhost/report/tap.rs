@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use super::ReportError;
-use crate::testhost::scheduler::SuiteRun;
+use crate::testhost::SuiteRun;
 use crate::testhost::{TestSpec, Verdict};
 
 /// TAP descriptions end at a '#', which starts a directive.

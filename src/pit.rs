@@ -1,6 +1,9 @@
-//! The PIT's lost-tick policy: drop ticks the guest missed instead of
-//! replaying them, as QEMU's `lost_tick_policy=discard` that
-//! kvm-unit-tests asks for.
+//! The in-kernel PIT (i8254), in one place: its creation, the state a
+//! BIOS leaves it in, save/restore, and its lost-tick policy.
+//!
+//! The lost-tick policy: drop ticks the guest missed instead of replaying
+//! them, as QEMU's `lost_tick_policy=discard` that kvm-unit-tests asks
+//! for.
 //!
 //! KVM_REINJECT_CONTROL unregisters the PIT's ack and mask notifiers, and
 //! the kernel waits for an SRCU grace period after each: several
@@ -26,10 +29,97 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_state2, KVM_PIT_FLAGS_HPET_LEGACY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_pit_state2, KVM_PIT_FLAGS_HPET_LEGACY, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
 
-use crate::vm::VmError;
+#[derive(Debug, thiserror::Error)]
+pub enum PitError {
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot start the pit-policy thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("the pit-policy thread died")]
+    Helper,
+    #[error("the snapshot {0} a PIT but the configuration says otherwise")]
+    Mismatch(&'static str),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PitError {
+    move |source| PitError::Kvm { what, source }
+}
+
+/// The VM's in-kernel PIT.
+pub struct Pit {
+    fd: Arc<VmFd>,
+}
+
+impl Pit {
+    /// Create the in-kernel PIT of the VM `fd` (after its irqchip), with
+    /// the speaker port left to a dummy, as QEMU does.
+    pub fn create(fd: Arc<VmFd>) -> Result<Pit, PitError> {
+        let cfg = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(cfg).map_err(kvm("KVM_CREATE_PIT2"))?;
+        Ok(Pit { fd })
+    }
+
+    /// Program channel 0 as a PC BIOS leaves it (SeaBIOS under QEMU:
+    /// mode 2, count 65536, 18.2 Hz; see KUT-ABI.md, "Interrupt
+    /// controllers and timers"); return the state loaded.
+    pub fn load_bios_state(&self) -> Result<kvm_pit_state2, PitError> {
+        let mut st = self.save()?;
+        let ch = &mut st.channels[0];
+        // Mode 2 (rate generator), lobyte/hibyte access, count 0 = 65536.
+        ch.count = 0x1_0000;
+        ch.mode = 2;
+        ch.rw_mode = 3;
+        ch.read_state = 3;
+        ch.write_state = 3;
+        ch.gate = 1;
+        ch.bcd = 0;
+        self.restore(&st)?;
+        Ok(st)
+    }
+
+    pub fn save(&self) -> Result<kvm_pit_state2, PitError> {
+        self.fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))
+    }
+
+    pub fn restore(&self, state: &kvm_pit_state2) -> Result<(), PitError> {
+        self.fd.set_pit2(state).map_err(kvm("KVM_SET_PIT2"))
+    }
+
+    /// Start the switch to dropping missed ticks; `loaded` is the state
+    /// last loaded, and `loaded_at` when its load started. `failed` runs
+    /// if the switch fails.
+    pub fn drop_lost_ticks(
+        &self,
+        loaded: &kvm_pit_state2,
+        loaded_at: Instant,
+        failed: impl FnOnce(&PitError) + Send + 'static,
+    ) -> Result<TickSwitch, PitError> {
+        let periodic = period(loaded).map(|p| (loaded_at, p));
+        TickSwitch::start(self.fd.clone(), periodic, failed)
+    }
+}
+
+/// Load a snapshot's PIT state into `pit`; a snapshot with a PIT for a
+/// VM without one, or the other way round, is an error.
+pub fn restore_saved(pit: Option<&Pit>, saved: Option<&kvm_pit_state2>) -> Result<(), PitError> {
+    match (pit, saved) {
+        (Some(p), Some(s)) => p.restore(s),
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(PitError::Mismatch("has")),
+        (Some(_), None) => Err(PitError::Mismatch("lacks")),
+    }
+}
 
 /// The PIT's input clock.
 const PIT_HZ: u64 = 1_193_182;
@@ -66,7 +156,7 @@ pub fn period(pit: &kvm_pit_state2) -> Option<Duration> {
 /// The switch to dropping missed ticks, possibly still in flight.
 #[derive(Default)]
 pub struct TickSwitch {
-    thread: Option<JoinHandle<Result<(), VmError>>>,
+    thread: Option<JoinHandle<Result<(), PitError>>>,
     landed: Arc<AtomicBool>,
     deadline: Option<Instant>,
 }
@@ -75,11 +165,11 @@ impl TickSwitch {
     /// Start the switch on a helper thread. `loaded` is when channel 0's
     /// count was last loaded and the period of its timer, if periodic.
     /// `failed` runs on the helper thread if the switch fails.
-    pub fn start(
+    fn start(
         fd: Arc<VmFd>,
         loaded: Option<(Instant, Duration)>,
-        failed: impl FnOnce(&VmError) + Send + 'static,
-    ) -> Result<TickSwitch, VmError> {
+        failed: impl FnOnce(&PitError) + Send + 'static,
+    ) -> Result<TickSwitch, PitError> {
         let landed = Arc::new(AtomicBool::new(false));
         let done = landed.clone();
         let switch = move || {
@@ -89,7 +179,7 @@ impl TickSwitch {
                 unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&*fd, KVM_REINJECT_CONTROL(), &ctl) };
             done.store(true, Ordering::SeqCst);
             if ret < 0 {
-                let e = VmError::Setup {
+                let e = PitError::Kvm {
                     what: "KVM_REINJECT_CONTROL",
                     source: kvm_ioctls::Error::last(),
                 };
@@ -101,7 +191,7 @@ impl TickSwitch {
         let thread = std::thread::Builder::new()
             .name("pit-policy".into())
             .spawn(switch)
-            .map_err(VmError::Spawn)?;
+            .map_err(PitError::Spawn)?;
         let mut s = TickSwitch {
             thread: Some(thread),
             landed,
@@ -136,10 +226,10 @@ impl TickSwitch {
     }
 
     /// Block until the switch has landed; later calls return Ok.
-    pub fn join(&mut self) -> Result<(), VmError> {
+    pub fn join(&mut self) -> Result<(), PitError> {
         match self.thread.take() {
             None => Ok(()),
-            Some(h) => h.join().unwrap_or(Err(VmError::Helper("pit-policy"))),
+            Some(h) => h.join().unwrap_or(Err(PitError::Helper)),
         }
     }
 }

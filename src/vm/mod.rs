@@ -2,18 +2,20 @@
 //! page services devices reach through `devices`' traits.
 
 use std::sync::Arc;
-use std::time::Instant;
+
+mod irq;
+
+pub use irq::{Interrupts, IoEvent, KvmMsiVectors};
 
 use devices::{IrqLine, PageFlusher};
-use kvm_bindings::{
-    kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
-};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::VmConfig;
+use crate::kvmcaps::{self, CapError};
 use crate::memory::{self, Layout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
-use crate::pit_policy::{self, TickSwitch};
+use crate::pit::{Pit, PitError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -31,10 +33,12 @@ pub enum VmError {
         len: u64,
         source: kvm_ioctls::Error,
     },
-    #[error("cannot start a helper thread: {0}")]
-    Spawn(std::io::Error),
-    #[error("the {0} thread died")]
-    Helper(&'static str),
+    #[error(transparent)]
+    Pit(#[from] PitError),
+    #[error("cannot create an event fd: {0}")]
+    EventFd(std::io::Error),
+    #[error("KVM_SET_GSI_ROUTING: cannot build a table of {0} routes")]
+    Routing(usize),
     #[error("{what} failed: {source}")]
     Setup {
         what: &'static str,
@@ -48,11 +52,14 @@ fn setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 pub struct Vm {
     pub kvm: Kvm,
-    pub fd: Arc<VmFd>,
+    /// Private: other modules reach KVM through the named operations
+    /// below, so what the VMM does to the VM is listed in one file.
+    fd: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub layout: Layout,
-    /// Whether the VM has the in-kernel PIT.
-    pub pit: bool,
+    /// The in-kernel PIT, when the VM has one.
+    pit: Option<Pit>,
+    irq: Arc<Interrupts>,
 }
 
 impl Vm {
@@ -96,60 +103,81 @@ impl Vm {
         }
 
         fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
-        if pit {
-            let cfg = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            fd.create_pit2(cfg).map_err(setup("KVM_CREATE_PIT2"))?;
-        }
+        let fd = Arc::new(fd);
+        let pit = if pit {
+            Some(Pit::create(fd.clone())?)
+        } else {
+            None
+        };
         Ok(Vm {
             kvm,
-            fd: Arc::new(fd),
+            irq: Arc::new(Interrupts::new(fd.clone())),
+            fd,
             mem,
             layout,
             pit,
         })
     }
 
-    /// Start the PIT's switch to dropping missed ticks (see
-    /// `pit_policy`). `loaded`: the PIT state last loaded, and when the
-    /// load started. `failed` runs if the switch fails.
-    pub fn drop_lost_ticks(
-        &self,
-        loaded: Option<&kvm_pit_state2>,
-        loaded_at: Instant,
-        failed: impl FnOnce(&VmError) + Send + 'static,
-    ) -> Result<TickSwitch, VmError> {
-        if !self.pit {
-            return Ok(TickSwitch::default());
+    /// The in-kernel PIT, if the VM has one.
+    pub fn pit(&self) -> Option<&Pit> {
+        self.pit.as_ref()
+    }
+
+    /// Turn on the VM-wide KVM capabilities and the MSR filter `cfg` asks
+    /// for; some are refused once a vCPU exists.
+    pub fn enable_caps(&self, cfg: &VmConfig) -> Result<(), CapError> {
+        kvmcaps::enable(&self.fd, &cfg.kvm_caps)?;
+        if !cfg.msr_filter.is_empty() {
+            kvmcaps::set_msr_filter(&self.fd, &cfg.msr_filter)?;
         }
-        let periodic = loaded.and_then(pit_policy::period).map(|p| (loaded_at, p));
-        TickSwitch::start(self.fd.clone(), periodic, failed)
+        Ok(())
     }
 
-    /// Route writes to `evt` into GSI `gsi` (an edge).
-    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd.register_irqfd(evt, gsi).map_err(setup("KVM_IRQFD"))
+    pub fn create_vcpu(&self, id: u32) -> Result<VcpuFd, kvm_ioctls::Error> {
+        self.fd.create_vcpu(u64::from(id))
     }
 
+    /// KVM_CHECK_EXTENSION on the VM: 0 for an absent capability.
+    pub fn check_extension_int(&self, cap: Cap) -> i32 {
+        self.fd.check_extension_int(cap)
+    }
+
+    /// KVM_GET_IRQCHIP of `chip_id` (PIC master, slave, IOAPIC).
+    pub fn irqchip(&self, chip_id: u32) -> Result<kvm_irqchip, kvm_ioctls::Error> {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.fd.get_irqchip(&mut chip)?;
+        Ok(chip)
+    }
+
+    pub fn set_irqchip(&self, chip: &kvm_irqchip) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_irqchip(chip)
+    }
+
+    pub fn clock(&self) -> Result<kvm_clock_data, kvm_ioctls::Error> {
+        self.fd.get_clock()
+    }
+
+    pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_clock(clock)
+    }
+
+    /// Interrupt lines, irqfds, MSI routes and ioeventfds.
+    pub fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.irq
+    }
+
+    /// A level-triggered line any GSI can be driven through (pc-testdev's
+    /// interrupt ports), as interrupt source 0.
     pub fn irq_line(&self) -> Arc<dyn IrqLine> {
-        Arc::new(KvmIrqLine(self.fd.clone()))
+        self.irq.line(0)
     }
 
     pub fn page_flusher(&self) -> Arc<dyn PageFlusher> {
         Arc::new(HostPageFlusher(self.mem.clone()))
-    }
-}
-
-/// Interrupt lines through KVM_IRQ_LINE.
-struct KvmIrqLine(Arc<VmFd>);
-
-impl IrqLine for KvmIrqLine {
-    fn set_level(&self, gsi: u32, level: bool) {
-        if let Err(e) = self.0.set_irq_line(gsi, level) {
-            log::warn!("warning: KVM_IRQ_LINE gsi {gsi} level {level}: {e}");
-        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! One vCPU: its KVM state at creation, its thread's run loop, and the
-//! dispatch of every exit to the bus or the shutdown path.
+//! One vCPU: its KVM state at creation and its thread's run loop; the
+//! dispatch of every exit to the bus or the shutdown path is `exit`.
+
+mod exit;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -7,21 +9,22 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_segment, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
-    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_msr_entry, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::{BootPlan, EntryMode};
 use crate::bus::IoBus;
 use crate::cpu;
+use crate::cpu::gdt;
 use crate::cpu::msrs::MsrValue;
 use crate::diag;
 use crate::memory::BOOT_GDT_ADDR;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vm::Vm;
+use exit::Outcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -57,42 +60,6 @@ pub fn install_kick_handler() {
     });
 }
 
-/// Segment types: execute/read code and read/write data, both accessed.
-const SEG_CODE: u8 = 0xb;
-const SEG_DATA: u8 = 0x3;
-
-/// A present segment: `big` makes it 32-bit with page granularity (flat
-/// 4 GiB from `base`), otherwise a real-mode 64 KiB one.
-fn segment(selector: u16, type_: u8, base: u64, big: bool) -> kvm_segment {
-    kvm_segment {
-        base,
-        limit: if big { 0xffff_ffff } else { 0xffff },
-        selector,
-        type_,
-        present: 1,
-        db: big as u8,
-        s: 1,
-        g: big as u8,
-        ..Default::default()
-    }
-}
-
-/// Load CS and every data segment register and leave paging and long mode
-/// off, with the real-mode IVT as the IDT, as a BIOS hands over.
-fn set_legacy_mode(sregs: &mut kvm_bindings::kvm_sregs, cs: kvm_segment, data: kvm_segment) {
-    sregs.cs = cs;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0x3ff;
-    sregs.cr3 = 0;
-    sregs.cr4 = 0;
-    sregs.efer = 0;
-}
-
 /// IA32_APIC_BASE after reset on the BSP: xAPIC at 0xfee00000, enabled, BSP.
 const APIC_BASE_BSP: u64 = 0xfee0_0900;
 
@@ -105,25 +72,13 @@ const APIC_MODE_NMI: u32 = 0x8400;
 
 /// Flat 4 GiB code and data descriptors at selectors 0x08 and 0x10, then
 /// 16-bit ones, as a PC BIOS's multiboot loader leaves them.
-const BOOT_GDT: [u64; 5] = [
-    0,
-    0x00cf_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x0000_9b00_0000_ffff,
-    0x0000_9300_0000_ffff,
-];
+const BOOT_GDT: [u64; 5] = [0, gdt::CODE32, gdt::DATA32, gdt::CODE16, gdt::DATA16];
 
 /// The Linux boot protocol's GDT: flat 64-bit code at __BOOT_CS (0x10)
 /// and flat data at __BOOT_DS (0x18).
-const LINUX_GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+const LINUX_GDT: [u64; 4] = [0, 0, gdt::CODE64, gdt::DATA32];
 const LINUX_BOOT_CS: u16 = 0x10;
 const LINUX_BOOT_DS: u16 = 0x18;
-/// CR0.PE | CR0.ET, and CR0.PG for long mode.
-const CR0_PE_ET: u64 = 0x11;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-/// EFER.LME | EFER.LMA.
-const EFER_LONG: u64 = 0x500;
 
 pub struct Vcpu {
     pub id: u32,
@@ -136,14 +91,11 @@ impl Vcpu {
     /// Create vCPU `id` with KVM's defaults only, for a snapshot's saved
     /// state to overwrite.
     pub fn bare(vm: &Vm, id: u32) -> Result<Vcpu, VcpuError> {
-        let fd = vm
-            .fd
-            .create_vcpu(id as u64)
-            .map_err(|source| VcpuError::Kvm {
-                id,
-                what: "KVM_CREATE_VCPU",
-                source,
-            })?;
+        let fd = vm.create_vcpu(id).map_err(|source| VcpuError::Kvm {
+            id,
+            what: "KVM_CREATE_VCPU",
+            source,
+        })?;
         Ok(Vcpu {
             id,
             fd,
@@ -172,10 +124,7 @@ impl Vcpu {
         timing_leaf: bool,
     ) -> Result<Vcpu, VcpuError> {
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
-        let fd = vm
-            .fd
-            .create_vcpu(id as u64)
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fd = vm.create_vcpu(id).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut entries = cpu::for_vcpu(cpuid, id, count);
         if timing_leaf {
             let khz = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
@@ -257,23 +206,16 @@ impl Vcpu {
         let id = self.id;
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
         let write_gdt = |gdt: &[u64]| {
-            let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
-            mem.write_slice(&bytes, GuestAddress(BOOT_GDT_ADDR))
+            mem.write_slice(&gdt::to_bytes(gdt), GuestAddress(BOOT_GDT_ADDR))
                 .map_err(|e| VcpuError::Gdt(e.to_string()))
         };
         let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         match plan.mode {
             EntryMode::Protected32 | EntryMode::Pvh32 => {
                 write_gdt(&BOOT_GDT)?;
-                set_legacy_mode(
-                    &mut sregs,
-                    segment(0x08, SEG_CODE, 0, true),
-                    segment(0x10, SEG_DATA, 0, true),
-                );
-                sregs.gdt.base = BOOT_GDT_ADDR;
-                sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
-                // Protection on, paging off; ET is hard-wired on every x86-64 CPU.
-                sregs.cr0 = CR0_PE_ET;
+                gdt::load(&mut sregs, BOOT_GDT_ADDR, &BOOT_GDT, 0x08, 0x10);
+                // Protection on, paging off.
+                sregs.cr0 = gdt::CR0_PE_ET;
                 if plan.mode == EntryMode::Pvh32 {
                     // The PVH ABI's TSS: 32-bit, busy, base 0, limit 0x67.
                     sregs.tr.base = 0;
@@ -284,18 +226,16 @@ impl Vcpu {
             }
             EntryMode::Long64 { cr3 } => {
                 write_gdt(&LINUX_GDT)?;
-                let mut cs = segment(LINUX_BOOT_CS, SEG_CODE, 0, true);
-                cs.l = 1;
-                cs.db = 0;
-                set_legacy_mode(&mut sregs, cs, segment(LINUX_BOOT_DS, SEG_DATA, 0, true));
-                sregs.gdt.base = BOOT_GDT_ADDR;
-                sregs.gdt.limit = (LINUX_GDT.len() * 8 - 1) as u16;
+                gdt::load(
+                    &mut sregs,
+                    BOOT_GDT_ADDR,
+                    &LINUX_GDT,
+                    LINUX_BOOT_CS,
+                    LINUX_BOOT_DS,
+                );
                 // No IDT: the protocol enters with interrupts off.
                 sregs.idt.limit = 0;
-                sregs.cr3 = cr3;
-                sregs.cr4 = CR4_PAE;
-                sregs.efer = EFER_LONG;
-                sregs.cr0 = CR0_PE_ET | CR0_PG;
+                gdt::enter_long_mode(&mut sregs, cr3);
             }
         }
         self.fd
@@ -370,57 +310,12 @@ impl Vcpu {
     fn run(&mut self, bus: &IoBus, shutdown: &Shutdown, halt: &HaltWatch) {
         while !shutdown.must_stop() {
             let outcome = match self.fd.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoIn(port, data) => {
-                        bus.pio_read(port, data);
-                        None
-                    }
-                    VcpuExit::IoOut(port, data) => {
-                        bus.pio_write(port, data);
-                        None
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        bus.mmio_read(addr, data);
-                        None
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        bus.mmio_write(addr, data);
-                        None
-                    }
-                    VcpuExit::Intr => None,
-                    // Only with --kvm-cap X86_USER_SPACE_MSR: an MSR KVM
-                    // would fault or --msr-filter denies. Inject #GP, as
-                    // QEMU does for an MSR it does not know.
-                    VcpuExit::X86Rdmsr(exit) => {
-                        log::debug!("vCPU {}: RDMSR {:#x} ({:?}): #GP", self.id, exit.index, exit.reason);
-                        *exit.error = 1;
-                        None
-                    }
-                    VcpuExit::X86Wrmsr(exit) => {
-                        log::debug!("vCPU {}: WRMSR {:#x} = {:#x} ({:?}): #GP", self.id, exit.index, exit.data, exit.reason);
-                        *exit.error = 1;
-                        None
-                    }
-                    VcpuExit::Hlt => Some(Outcome::Exit(ExitReason::Halted)),
-                    VcpuExit::Shutdown => Some(Outcome::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
-                    VcpuExit::SystemEvent(kind, _) => Some(match kind {
-                        KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason::PowerOff),
-                        KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason::Reset),
-                        KVM_SYSTEM_EVENT_CRASH => Outcome::Crash("guest reported a crash (KVM_SYSTEM_EVENT_CRASH)".into()),
-                        k => Outcome::Crash(format!("unhandled KVM system event {k}")),
-                    }),
-                    VcpuExit::InternalError => Some(Outcome::InternalError),
-                    VcpuExit::FailEntry(reason, cpu) => Some(Outcome::Crash(format!(
-                        "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
-                    ))),
-                    other => Some(Outcome::Crash(format!("unhandled exit {other:?}"))),
-                },
+                Ok(exit) => exit::dispatch(exit, bus, self.id),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Cleared before `must_stop()` is read again, so a stop
                     // whose kick this clears is still seen (`Kick::kick()`).
                     // SAFETY: the field lives in this vCPU's kvm_run mapping.
-                    unsafe { AtomicU8::from_ptr(self.immediate_exit()) }
-                        .store(0, Ordering::SeqCst);
+                    unsafe { AtomicU8::from_ptr(self.immediate_exit()) }.store(0, Ordering::SeqCst);
                     halt.report(self.id, self.is_stuck());
                     None
                 }
@@ -449,14 +344,11 @@ impl Vcpu {
         let kvm_err = |what| move |source| VcpuError::Kvm { id, what, source };
         let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let cs = (vector >> 4) as u16;
-        set_legacy_mode(
-            &mut sregs,
-            segment(cs, SEG_CODE, (cs as u64) << 4, false),
-            segment(0, SEG_DATA, 0, false),
-        );
+        // Execute/read code and read/write data, both accessed.
+        gdt::set_segments(&mut sregs, gdt::real_mode(cs, 0xb), gdt::real_mode(0, 0x3));
         sregs.gdt.base = 0;
         sregs.gdt.limit = 0xffff;
-        sregs.cr0 = 0x10;
+        sregs.cr0 = gdt::CR0_ET;
         sregs.apic_base = APIC_BASE_BSP;
         self.fd
             .set_sregs(&sregs)
@@ -539,7 +431,7 @@ impl Vcpu {
         } else {
             sregs.cs.base.wrapping_add(rip) & 0xffff_ffff
         };
-        let paging = sregs.cr0 & CR0_PG != 0;
+        let paging = sregs.cr0 & gdt::CR0_PG != 0;
         let mut out = Vec::new();
         let mut at = linear;
         while out.len() < diag::MAX_INSN_LEN {
@@ -550,7 +442,7 @@ impl Vcpu {
                     Ok(t) if t.valid != 0 => Some(t.physical_address),
                     Ok(_) => None,
                     // Some KVMs refuse KVM_TRANSLATE: walk 4-level tables here.
-                    Err(_) if sregs.efer & (1 << 10) != 0 => {
+                    Err(_) if sregs.efer & gdt::EFER_LMA != 0 => {
                         diag::walk_4level(sregs.cr3, at, |a| {
                             self.mem.read_obj::<u64>(GuestAddress(a)).ok()
                         })
@@ -660,12 +552,6 @@ impl Kick {
             libc::pthread_kill(self.thread, kick_signal());
         }
     }
-}
-
-enum Outcome {
-    Exit(ExitReason),
-    Crash(String),
-    InternalError,
 }
 
 /// Notices a guest that halted for good: every vCPU halted with interrupts

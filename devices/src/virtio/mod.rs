@@ -1,0 +1,338 @@
+//! virtio (OASIS virtio 1.2): device models on rust-vmm's virtio-queue,
+//! and the two transports they sit on, virtio-pci (modern, `pci`) and
+//! virtio-mmio (version 2, `mmio`).
+//!
+//! A device model implements [`VirtioDevice`]: its type, features,
+//! queues and what it does with a queue's buffers. [`VirtioCore`] is what
+//! both transports share: feature negotiation, the status machine and the
+//! queues. Devices reach guest memory through vm-memory; interrupts and
+//! queue notifications go through the transports to traits the VMM
+//! implements (and ioeventfds it registers), so no KVM fd is held here.
+
+pub mod mmio;
+pub mod pci;
+pub mod rng;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+/// Feature bits (virtio 1.2, "Reserved Feature Bits").
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device status bits (virtio 1.2, "Device Status Field").
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (4: entropy source).
+    fn device_type(&self) -> u32;
+    /// Features offered, `VIRTIO_F_VERSION_1` included.
+    fn features(&self) -> u64;
+    /// The largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// A read of the device-specific configuration at `offset`.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Take the available buffers of queue `index`; true if any was used
+    /// (the driver is to be interrupted). A malformed request is answered
+    /// (used, with what was written before the fault), never a panic.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Back to the state after reset.
+    fn reset(&mut self) {}
+}
+
+/// A transport the driver notifies of new buffers in a queue, through the
+/// VMM's ioeventfd (or a write that reached the device).
+pub trait QueueNotify: Send {
+    fn notify(&mut self, queue: u16);
+}
+
+/// A queue's state as a snapshot keeps it (virtio-queue's `QueueState`,
+/// which is not serializable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreState {
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub queue_sel: u16,
+    pub queues: Vec<QueueState>,
+    pub config_generation: u8,
+}
+
+/// The transport-independent part of a virtio device.
+pub struct VirtioCore<D> {
+    pub dev: D,
+    mem: GuestMemoryMmap,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u8,
+    queue_sel: u16,
+    queues: Vec<Queue>,
+    config_generation: u8,
+}
+
+fn new_queues(sizes: &[u16]) -> Vec<Queue> {
+    sizes
+        .iter()
+        // A device's maximum sizes are powers of two up to 32768.
+        .map(|&s| Queue::new(s).unwrap_or_else(|_| Queue::new(256).expect("queue size")))
+        .collect()
+}
+
+/// Whether the rings of `q` lie in guest memory (virtio 1.2, "Virtqueues":
+/// descriptor table 16 bytes per entry, driver ring 6 + 2n, device ring
+/// 6 + 8n).
+fn rings_in_memory(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let n = usize::from(q.size());
+    [
+        (q.desc_table(), 16 * n, Permissions::Read),
+        (q.avail_ring(), 6 + 2 * n, Permissions::Read),
+        (q.used_ring(), 6 + 8 * n, Permissions::Write),
+    ]
+    .iter()
+    .all(|&(a, len, p)| mem.check_range(GuestAddress(a), len, p))
+}
+
+impl<D: VirtioDevice> VirtioCore<D> {
+    pub fn new(dev: D, mem: GuestMemoryMmap) -> Self {
+        let queues = new_queues(dev.queue_max_sizes());
+        VirtioCore {
+            dev,
+            mem,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            queue_sel: 0,
+            queues,
+            config_generation: 0,
+        }
+    }
+
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn device_features_word(&self) -> u32 {
+        match self.device_features_sel {
+            0 => self.dev.features() as u32,
+            1 => (self.dev.features() >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    pub fn select_device_features(&mut self, sel: u32) {
+        self.device_features_sel = sel;
+    }
+
+    pub fn select_driver_features(&mut self, sel: u32) {
+        self.driver_features_sel = sel;
+    }
+
+    pub fn driver_features_word(&self) -> u32 {
+        match self.driver_features_sel {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// The driver's features, only before FEATURES_OK.
+    pub fn write_driver_features(&mut self, word: u32) {
+        if self.status & STATUS_FEATURES_OK != 0 {
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => return,
+        };
+        let mask = 0xffff_ffffu64 << shift;
+        self.driver_features = (self.driver_features & !mask) | (u64::from(word) << shift);
+    }
+
+    /// A status write: 0 resets; FEATURES_OK stays clear unless the
+    /// driver took only offered features and VERSION_1.
+    pub fn write_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.dev.features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                log::debug!(
+                    "virtio: driver features {:#x} not a subset of {offered:#x} with VERSION_1",
+                    self.driver_features
+                );
+                v &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status = v;
+    }
+
+    pub fn reset(&mut self) {
+        self.dev.reset();
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.queue_sel = 0;
+        self.queues = new_queues(self.dev.queue_max_sizes());
+    }
+
+    pub fn queue_sel(&self) -> u16 {
+        self.queue_sel
+    }
+
+    pub fn select_queue(&mut self, q: u16) {
+        self.queue_sel = q;
+    }
+
+    /// The selected queue, if it exists.
+    pub fn queue(&self) -> Option<&Queue> {
+        self.queues.get(usize::from(self.queue_sel))
+    }
+
+    /// The selected queue, while the driver may still configure it.
+    pub fn queue_mut(&mut self) -> Option<&mut Queue> {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(usize::from(self.queue_sel))
+    }
+
+    /// The driver enables (or disables) the selected queue; a queue whose
+    /// rings are not in guest memory stays disabled.
+    pub fn set_queue_ready(&mut self, ready: bool) {
+        let mem = self.mem.clone();
+        let Some(q) = self.queue_mut() else {
+            return;
+        };
+        if ready && !rings_in_memory(q, &mem) {
+            log::warn!("warning: virtio: queue rings outside guest memory; queue left disabled");
+            return;
+        }
+        q.set_ready(ready);
+    }
+
+    /// The driver notified queue `index`: process it if the device runs;
+    /// true if the driver is to be interrupted.
+    pub fn notify(&mut self, index: u16) -> bool {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
+            return false;
+        }
+        let Some(q) = self.queues.get_mut(usize::from(index)) else {
+            return false;
+        };
+        if !q.ready() {
+            return false;
+        }
+        self.dev.process_queue(usize::from(index), q, &self.mem)
+    }
+
+    pub fn config_generation(&self) -> u8 {
+        self.config_generation
+    }
+
+    pub fn state(&self) -> CoreState {
+        CoreState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_sel: self.queue_sel,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                })
+                .collect(),
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Take a saved state of the same device.
+    pub fn restore(&mut self, s: &CoreState) -> Result<(), String> {
+        let max = self.dev.queue_max_sizes().to_vec();
+        if s.queues.len() != max.len() {
+            return Err(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                max.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(max.len());
+        for (i, (qs, &m)) in s.queues.iter().zip(&max).enumerate() {
+            let mut q = Queue::new(m).map_err(|e| format!("queue {i}: {e}"))?;
+            q.try_set_size(qs.size)
+                .map_err(|e| format!("queue {i}: size {}: {e}", qs.size))?;
+            q.try_set_desc_table_address(GuestAddress(qs.desc_table))
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            q.try_set_avail_ring_address(GuestAddress(qs.avail_ring))
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            q.try_set_used_ring_address(GuestAddress(qs.used_ring))
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            q.set_next_avail(qs.next_avail);
+            q.set_next_used(qs.next_used);
+            if qs.ready && !rings_in_memory(&q, &self.mem) {
+                return Err(format!("queue {i}: rings outside guest memory"));
+            }
+            q.set_ready(qs.ready);
+            queues.push(q);
+        }
+        self.queues = queues;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// 1 MiB of guest memory at 0.
+    pub(crate) fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+}

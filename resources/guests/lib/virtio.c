@@ -1,0 +1,225 @@
+/*
+ * A minimal polling virtio driver (virtio 1.2): one split queue of 16
+ * entries, device-writable buffers, no interrupts needed. Over
+ * virtio-pci (modern: capabilities in BAR 0) or virtio-mmio version 2.
+ */
+#include "guest.h"
+
+#define QSIZE 16
+#define VERSION_1_HI 1 /* bit 32: feature word 1, bit 0 */
+
+#define S_ACK 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+
+struct desc {
+	u64 addr;
+	u32 len;
+	u16 flags, next;
+};
+
+static struct desc descs[QSIZE] __attribute__((aligned(16)));
+static struct {
+	u16 flags, idx, ring[QSIZE], used_event;
+} avail __attribute__((aligned(2)));
+static struct {
+	u16 flags, idx;
+	struct {
+		u32 id, len;
+	} ring[QSIZE];
+	u16 avail_event;
+} used __attribute__((aligned(4)));
+
+/* virtio-pci common configuration (virtio 1.2, 4.1.4.3). */
+#define C_DFSEL 0x00
+#define C_DF 0x04
+#define C_GFSEL 0x08
+#define C_GF 0x0c
+#define C_NUMQ 0x12
+#define C_STATUS 0x14
+#define C_QSEL 0x16
+#define C_QSIZE 0x18
+#define C_QMSIX 0x1a
+#define C_QENABLE 0x1c
+#define C_QNOTIFY 0x1e
+#define C_QDESC 0x20
+#define C_QDRIVER 0x28
+#define C_QDEVICE 0x30
+
+static void rings_reset(struct virtio_dev *d)
+{
+	memset(descs, 0, sizeof(descs));
+	memset(&avail, 0, sizeof(avail));
+	memset(&used, 0, sizeof(used));
+	d->last_used = 0;
+}
+
+bool virtio_pci_init(struct virtio_dev *d, u16 bdf, u32 type, u16 msix_vector)
+{
+	u32 id = pci_read32(bdf, 0);
+	if ((id & 0xffff) != 0x1af4 || id >> 16 != 0x1040 + type) {
+		printf("virtio-pci: 0x%x is not a modern virtio device of type %u\n", id, type);
+		return false;
+	}
+	memset(d, 0, sizeof(*d));
+	d->pci = true;
+	u64 bar = pci_bar64(bdf, 0);
+	u32 notify_mult = 0, notify_off = 0;
+	for (u8 c = pci_find_cap(bdf, PCI_CAP_VENDOR, 0); c; c = pci_find_cap(bdf, PCI_CAP_VENDOR, c)) {
+		u8 cfg_type = pci_read8(bdf, c + 3);
+		u32 off = pci_read32(bdf, c + 8);
+		if (pci_read8(bdf, c + 4) != 0)
+			continue; /* only BAR 0 is used */
+		if (cfg_type == 1)
+			d->common = bar + off;
+		else if (cfg_type == 2) {
+			notify_off = off;
+			notify_mult = pci_read32(bdf, c + 16);
+		} else if (cfg_type == 3)
+			d->isr = bar + off;
+	}
+	if (!d->common || !notify_off) {
+		printf("virtio-pci: capabilities missing\n");
+		return false;
+	}
+	pci_write16(bdf, PCI_COMMAND, pci_read16(bdf, PCI_COMMAND) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+	u64 c = d->common;
+	mmio_write8(c + C_STATUS, 0);
+	mmio_write8(c + C_STATUS, S_ACK | S_DRIVER);
+	mmio_write32(c + C_DFSEL, 1);
+	if (!(mmio_read32(c + C_DF) & VERSION_1_HI)) {
+		printf("virtio-pci: no VIRTIO_F_VERSION_1\n");
+		return false;
+	}
+	mmio_write32(c + C_GFSEL, 0);
+	mmio_write32(c + C_GF, 0);
+	mmio_write32(c + C_GFSEL, 1);
+	mmio_write32(c + C_GF, VERSION_1_HI);
+	mmio_write8(c + C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+	if (!(mmio_read8(c + C_STATUS) & S_FEATURES_OK)) {
+		printf("virtio-pci: FEATURES_OK refused\n");
+		return false;
+	}
+	rings_reset(d);
+	mmio_write16(c + C_QSEL, 0);
+	mmio_write16(c + C_QSIZE, QSIZE);
+	mmio_write16(c + C_QMSIX, msix_vector);
+	mmio_write32(c + C_QDESC, (u32)(u64)descs);
+	mmio_write32(c + C_QDESC + 4, (u64)descs >> 32);
+	mmio_write32(c + C_QDRIVER, (u32)(u64)&avail);
+	mmio_write32(c + C_QDRIVER + 4, (u64)&avail >> 32);
+	mmio_write32(c + C_QDEVICE, (u32)(u64)&used);
+	mmio_write32(c + C_QDEVICE + 4, (u64)&used >> 32);
+	mmio_write16(c + C_QENABLE, 1);
+	d->notify = bar + notify_off + (u64)mmio_read16(c + C_QNOTIFY) * notify_mult;
+	mmio_write8(c + C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	return true;
+}
+
+/* virtio-mmio registers (virtio 1.2, 4.2.2). */
+#define M_MAGIC 0x000
+#define M_VERSION 0x004
+#define M_DEVICE 0x008
+#define M_DF 0x010
+#define M_DFSEL 0x014
+#define M_GF 0x020
+#define M_GFSEL 0x024
+#define M_QSEL 0x030
+#define M_QMAX 0x034
+#define M_QNUM 0x038
+#define M_QREADY 0x044
+#define M_QNOTIFY 0x050
+#define M_STATUS 0x070
+#define M_QDESC 0x080
+#define M_QDRIVER 0x090
+#define M_QDEVICE 0x0a0
+
+bool virtio_mmio_init(struct virtio_dev *d, u64 base, u32 type)
+{
+	if (mmio_read32(base + M_MAGIC) != 0x74726976 || mmio_read32(base + M_VERSION) != 2 ||
+	    mmio_read32(base + M_DEVICE) != type) {
+		printf("virtio-mmio at 0x%lx: not a version 2 device of type %u\n", base, type);
+		return false;
+	}
+	memset(d, 0, sizeof(*d));
+	d->common = base;
+	mmio_write32(base + M_STATUS, 0);
+	mmio_write32(base + M_STATUS, S_ACK | S_DRIVER);
+	mmio_write32(base + M_DFSEL, 1);
+	if (!(mmio_read32(base + M_DF) & VERSION_1_HI)) {
+		printf("virtio-mmio: no VIRTIO_F_VERSION_1\n");
+		return false;
+	}
+	mmio_write32(base + M_GFSEL, 0);
+	mmio_write32(base + M_GF, 0);
+	mmio_write32(base + M_GFSEL, 1);
+	mmio_write32(base + M_GF, VERSION_1_HI);
+	mmio_write32(base + M_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+	if (!(mmio_read32(base + M_STATUS) & S_FEATURES_OK)) {
+		printf("virtio-mmio: FEATURES_OK refused\n");
+		return false;
+	}
+	rings_reset(d);
+	mmio_write32(base + M_QSEL, 0);
+	if (mmio_read32(base + M_QMAX) < QSIZE) {
+		printf("virtio-mmio: queue 0 too small\n");
+		return false;
+	}
+	mmio_write32(base + M_QNUM, QSIZE);
+	mmio_write32(base + M_QDESC, (u32)(u64)descs);
+	mmio_write32(base + M_QDESC + 4, (u64)descs >> 32);
+	mmio_write32(base + M_QDRIVER, (u32)(u64)&avail);
+	mmio_write32(base + M_QDRIVER + 4, (u64)&avail >> 32);
+	mmio_write32(base + M_QDEVICE, (u32)(u64)&used);
+	mmio_write32(base + M_QDEVICE + 4, (u64)&used >> 32);
+	mmio_write32(base + M_QREADY, 1);
+	d->notify = base + M_QNOTIFY;
+	mmio_write32(base + M_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	return true;
+}
+
+u64 virtio_mmio_from_dsdt(void)
+{
+	u8 *dsdt = acpi_find("DSDT");
+	if (!dsdt)
+		return 0;
+	u32 len;
+	memcpy(&len, dsdt + 4, 4);
+	for (u32 i = 0; i + 8 <= len; i++) {
+		if (memcmp(dsdt + i, "LNRO0005", 8))
+			continue;
+		/* The _CRS after it: a Memory32Fixed descriptor (0x86, length 9). */
+		for (u32 j = i + 8; j + 12 <= len && j < i + 64; j++)
+			if (dsdt[j] == 0x86 && dsdt[j + 1] == 0x09 && dsdt[j + 2] == 0) {
+				u32 base;
+				memcpy(&base, dsdt + j + 4, 4);
+				return base;
+			}
+	}
+	return 0;
+}
+
+int virtio_request(struct virtio_dev *d, void *buf, u32 len)
+{
+	u16 head = avail.idx % QSIZE;
+	descs[head].addr = (u64)buf;
+	descs[head].len = len;
+	descs[head].flags = 2; /* device-writable */
+	descs[head].next = 0;
+	avail.ring[avail.idx % QSIZE] = head;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	avail.idx++;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (d->pci)
+		mmio_write16(d->notify, 0);
+	else
+		mmio_write32(d->notify, 0);
+	/* A device that never answers hangs the guest until the host's timeout. */
+	while (*(volatile u16 *)&used.idx == d->last_used)
+		;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	u32 got = used.ring[d->last_used % QSIZE].len;
+	d->last_used++;
+	return (int)got;
+}

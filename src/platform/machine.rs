@@ -1,0 +1,135 @@
+//! The machine's devices: one registration call each, in a fixed order
+//! (allocation follows it, so a restore gets the same places).
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::acpi_pm::{self, AcpiPm};
+use devices::debug_exit::{self, DebugExit};
+use devices::fw_cfg::{self, FwCfg};
+use devices::i8042::{self, I8042};
+use devices::rtc::{self, Rtc};
+use devices::serial::{self, SerialDevice};
+use devices::testdev::{self, PcTestDev, TestDevIomem};
+use devices::virtio::rng::Rng;
+use devices::VmRequests;
+
+use super::{Attach, Platform, PlatformError};
+use crate::config::{DeviceConfig, SerialOutput, VmConfig};
+use crate::memory::Layout;
+use crate::vm::Vm;
+
+/// The devices the VMM itself reaches after registration.
+pub struct Handles {
+    /// COM1, which host stdin feeds.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// fw_cfg, which gets KERNEL_DATA once the image is loaded.
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
+}
+
+/// Register every device `cfg` asks for.
+pub fn attach(
+    p: &mut Platform,
+    cfg: &VmConfig,
+    vm: &Vm,
+    requests: &Arc<dyn VmRequests>,
+) -> Result<Handles, PlatformError> {
+    let irq = p.interrupts().irqfd(serial::COM1_GSI)?;
+    let serial = p.attach(
+        Attach::new(
+            "serial",
+            (irq, serial_output(&cfg.serial)?),
+            |(irq, out)| SerialDevice::new(irq, out),
+        )
+        .pio(serial::COM1_BASE, serial::SERIAL_PORT_COUNT)
+        .gsi(serial::COM1_GSI),
+    )?;
+    p.attach(
+        Attach::new("isa-debug-exit", requests.clone(), DebugExit::new)
+            .pio(debug_exit::DEBUG_EXIT_BASE, debug_exit::DEBUG_EXIT_SIZE),
+    )?;
+    p.attach(
+        Attach::new(
+            "pc-testdev",
+            (vm.irq_line(), vm.page_flusher()),
+            |(irq, flush)| PcTestDev::new(irq, flush),
+        )
+        .pio(
+            testdev::PC_TESTDEV_IOPORT_BASE,
+            testdev::PC_TESTDEV_IOPORT_SIZE,
+        )
+        .pio(testdev::PC_TESTDEV_IRQ_BASE, testdev::PC_TESTDEV_IRQ_COUNT),
+    )?;
+    p.attach(
+        Attach::new("pc-testdev-iomem", (), |()| TestDevIomem::new())
+            .mmio(testdev::TESTDEV_IOMEM_BASE, testdev::TESTDEV_IOMEM_SIZE),
+    )?;
+    let (vcpus, mem) = (cfg.vcpus as u16, cfg.mem_bytes);
+    let fw_cfg = p.attach(
+        Attach::new("fw_cfg", (), move |()| {
+            FwCfg::for_vm(vcpus, mem, Vec::new())
+        })
+        .pio(fw_cfg::FW_CFG_PORT_SEL, fw_cfg::FW_CFG_PORT_COUNT),
+    )?;
+    p.attach(
+        Attach::new("acpi-pm", requests.clone(), AcpiPm::new)
+            .pio(acpi_pm::PM_BASE, acpi_pm::PM_SIZE),
+    )?;
+    p.attach(
+        Attach::new("i8042", requests.clone(), I8042::new)
+            .pio(i8042::I8042_DATA_PORT, 1)
+            .pio(i8042::I8042_COMMAND_PORT, 1),
+    )?;
+    let layout = Layout::new(cfg.mem_bytes);
+    let vcpus = cfg.vcpus;
+    p.attach(
+        Attach::new("rtc", (), move |()| rtc_for(&layout, vcpus))
+            .pio(rtc::RTC_INDEX_PORT, rtc::RTC_PORT_COUNT),
+    )?;
+    let mut rngs = 0;
+    for d in &cfg.devices {
+        match *d {
+            DeviceConfig::Rng(transport) => {
+                p.attach_virtio(&format!("rng{rngs}"), transport, Rng::new)?;
+                rngs += 1;
+            }
+        }
+    }
+    Ok(Handles { serial, fw_cfg })
+}
+
+fn serial_output(s: &SerialOutput) -> Result<Box<dyn Write + Send>, PlatformError> {
+    Ok(match s {
+        SerialOutput::Stdio => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(p) => Box::new(
+            File::create(p).map_err(|e| PlatformError::Io(format!("{}: {e}", p.display())))?,
+        ),
+    })
+}
+
+/// The RTC with the CMOS fields PC firmware fills in (QEMU's layout):
+/// memory sizes and the CPU count, for guests that still read them.
+fn rtc_for(layout: &Layout, vcpus: u32) -> Rtc {
+    let mut rtc = Rtc::new();
+    let low = layout.low_ram_end();
+    let ext_kib = ((low.saturating_sub(1 << 20)) >> 10).min(0xffff) as u16;
+    let above_16m = ((low.saturating_sub(16 << 20)) >> 16).min(0xffff) as u16;
+    let above_4g = (layout.mem - layout.low_ram_end()) >> 16;
+    for (idx, v) in [
+        (0x17u8, ext_kib as u8),
+        (0x18, (ext_kib >> 8) as u8),
+        (0x30, ext_kib as u8),
+        (0x31, (ext_kib >> 8) as u8),
+        (0x34, above_16m as u8),
+        (0x35, (above_16m >> 8) as u8),
+        (0x5b, above_4g as u8),
+        (0x5c, (above_4g >> 8) as u8),
+        (0x5d, (above_4g >> 16) as u8),
+        (0x5f, (vcpus - 1) as u8),
+    ] {
+        rtc.set_cmos(idx, v);
+    }
+    rtc
+}

@@ -1,0 +1,151 @@
+//! The main thread's event sources: the exit event, the `--timeout`
+//! timer, the halt poll, the PIT policy deadline and stdin to COM1.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::serial::SerialDevice;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::shutdown::{ExitReason, Shutdown};
+use crate::vcpu::{HaltWatch, Kick};
+
+/// How often the main loop checks for a guest that halted for good.
+pub(super) const HALT_POLL: Duration = Duration::from_millis(250);
+
+pub(super) struct HaltPoll {
+    pub(super) timer: TimerFd,
+    pub(super) watch: Arc<HaltWatch>,
+    /// The running vCPUs; empty while they are stopped.
+    pub(super) kicks: Arc<Mutex<Vec<Kick>>>,
+    pub(super) shutdown: Arc<Shutdown>,
+}
+
+impl MutEventSubscriber for HaltPoll {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        if self.watch.all_stuck_and_clear() {
+            self.shutdown.request(ExitReason::Halted);
+            return;
+        }
+        // The list is emptied before the threads are joined.
+        for k in self.kicks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            k.kick();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::warn!("warning: cannot watch for halted guests: {e:?}");
+        }
+    }
+}
+
+pub(super) struct ShutdownWatch(pub(super) Arc<Shutdown>);
+
+impl MutEventSubscriber for ShutdownWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            self.0.request(ExitReason::Error(format!(
+                "cannot watch the exit event: {e:?}"
+            )));
+        }
+    }
+}
+
+pub(super) struct Timeout {
+    pub(super) timer: TimerFd,
+    pub(super) shutdown: Arc<Shutdown>,
+}
+
+impl MutEventSubscriber for Timeout {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.shutdown.request(ExitReason::Timeout);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            self.shutdown.request(ExitReason::Error(format!(
+                "cannot watch the timeout: {e:?}"
+            )));
+        }
+    }
+}
+
+/// Stops the vCPUs when the PIT's lost-tick policy switch misses its
+/// deadline (see `pit`); the run loop restarts them once it lands.
+pub(super) struct TickDeadline {
+    pub(super) timer: TimerFd,
+    pub(super) landed: Arc<AtomicBool>,
+    pub(super) hold: Arc<AtomicBool>,
+    pub(super) shutdown: Arc<Shutdown>,
+}
+
+impl MutEventSubscriber for TickDeadline {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        let _ = ops.remove(Events::new(&self.timer, EventSet::IN));
+        if !self.landed.load(Ordering::SeqCst) {
+            self.hold.store(true, Ordering::SeqCst);
+            self.shutdown.request_pause();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            self.shutdown.request(ExitReason::Error(format!(
+                "cannot watch the PIT policy deadline: {e:?}"
+            )));
+        }
+    }
+}
+
+/// Host stdin to the guest's COM1 receiver.
+pub(super) struct StdinToSerial {
+    pub(super) serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl MutEventSubscriber for StdinToSerial {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        // SAFETY: fd 0 stays open for the life of the process.
+        let n = unsafe { libc::read(stdin.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = serial.enqueue_input(&buf[..n as usize]);
+            if taken < n as usize {
+                log::debug!(
+                    "serial input FIFO full: dropped {} bytes",
+                    n as usize - taken
+                );
+            }
+        }
+        // A writer that closes right after writing raises IN and HANG_UP
+        // together: the bytes above still count. Stop watching only at the
+        // end of input or on an error, so the loop does not spin.
+        if n <= 0 || (events.event_set().contains(EventSet::HANG_UP) && n < buf.len() as isize) {
+            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Regular files and /dev/null cannot be watched; the guest just gets
+        // no input then.
+        if ops
+            .add(Events::new(&std::io::stdin(), EventSet::IN))
+            .is_err()
+        {
+            log::debug!("stdin cannot be polled; serial input disabled");
+        }
+    }
+}
