@@ -148,6 +148,57 @@ fn modules_load_into_the_guest() {
     assert!(!r.stdout.contains("cannot load module"), "{}", r.stdout);
 }
 
+/// `--rng` or `--rng=mmio` with the stock kernel's virtio modules loaded:
+/// hw_random picked kvmrun's virtio-rng, found on the transport asked
+/// (`bus` in the virtio device's sysfs path), and reading /dev/hwrng gives
+/// bytes.
+fn rng_is_found(name: &str, bus: &str) {
+    let Some(c) = check(name) else { return };
+    let r = c.run();
+    r.expect(1).has("kvmrun: exit status 0\r\n");
+    assert!(!r.stdout.contains("cannot load module"), "{}", r.stdout);
+    assert_sound_kernel(c);
+    let lines: Vec<&str> = r.stdout.lines().map(|l| l.trim_end_matches('\r')).collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("virtio_rng.")),
+        "check {name}: rng_current names no virtio_rng\n{}",
+        r.stdout
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("/sys/devices/") && l.contains(bus) && l.ends_with("/virtio0")),
+        "check {name}: no virtio0 under {bus}\n{}",
+        r.stdout
+    );
+    assert!(
+        lines.contains(&"64"),
+        "check {name}: /dev/hwrng gave not 64 bytes\n{}",
+        r.stdout
+    );
+    let hex = lines.iter().any(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        w.len() == 16
+            && w.iter()
+                .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok())
+    });
+    assert!(
+        hex,
+        "check {name}: no 16 bytes from /dev/hwrng\n{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn a_stock_kernel_finds_virtio_rng_over_pci() {
+    rng_is_found("rng-pci", "/pci0000:00/");
+}
+
+#[test]
+fn a_stock_kernel_finds_virtio_rng_over_mmio_from_the_dsdt() {
+    rng_is_found("rng-mmio", "/LNRO0005:");
+}
+
 /// `kvmrun cpuid --probe --json`: no bit differs between what kvmrun set
 /// and what each vCPU saw, and the APIC IDs match.
 fn probe(name: &str) -> Option<Value> {
