@@ -357,10 +357,12 @@ fn a_running_guest_is_snapshotted_and_restored_on_2_vcpus() {
     snapshot_and_restore("snapshot-2cpu");
 }
 
-/// The guest's output from /init on.
+/// The guest's output from /init on, up to the line of the power-off
+/// (whose timestamp holds the time the migrations took).
 fn from_init(text: &str) -> &str {
     let i = text.find("kvmrun: running: ").expect("/init's line");
-    &text[i..text.find("reboot: Power down").unwrap_or(text.len())]
+    let end = text.find("reboot: Power down").unwrap_or(text.len());
+    &text[i..text[..end].rfind('\n').map_or(end, |n| n + 1)]
 }
 
 #[test]
