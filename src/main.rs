@@ -259,9 +259,9 @@ struct RunArgs {
     /// send the key it waits for, as often as it asks.
     #[arg(long, conflicts_with = "api")]
     migrate: bool,
-    /// Also migrate (snapshot, restore into a new VM process) every SECS
-    /// seconds, so any test runs across save/restore points; implies
-    /// --migrate.
+    /// Also migrate (snapshot, restore into a new VM process) whenever the
+    /// VM has run SECS seconds since it started or was restored, so any
+    /// test runs across save/restore points; implies --migrate.
     #[arg(long, value_name = "SECS", value_parser = config::parse_timeout, conflicts_with = "api")]
     migrate_every: Option<f64>,
     #[command(flatten)]

@@ -316,7 +316,7 @@ fn supervise_in(
     let mut reqs = Requests::default();
     let mut held: Option<Vec<u8>> = None;
     let mut n = 0u32;
-    let mut last = Instant::now();
+    let mut last = running_since(&mut vm, every);
     // Between continuous migrations the VM runs at least as long as the
     // last migration took, so the guest makes progress: a snapshot stops
     // it, unlike QEMU's live migration.
@@ -380,7 +380,7 @@ fn supervise_in(
         }
         vm = spawn(exe, &restore, "the restored VM")?;
         send_keys(&mut vm, reqs.take_keys(true))?;
-        last = Instant::now();
+        last = running_since(&mut vm, every);
         cost = last - migration_started;
     }
     // The last VM's output, to its end.
@@ -389,6 +389,19 @@ fn supervise_in(
     }
     let status = vm.child.wait().map_err(MigrateError::Io)?;
     Ok(status.code().unwrap_or(crate::shutdown::STATUS_ERROR))
+}
+
+/// When `vm` started running. With an interval, that is when it serves its
+/// control socket (its vCPUs start right after), so a VM that takes longer
+/// to build or restore than the interval (a slow host, nested
+/// virtualization) still runs the guest for the interval before the next
+/// migration, instead of being migrated again at once and never getting
+/// anywhere. A VM that ends first is left to the loop, which sees its end.
+fn running_since(vm: &mut Vm, every: Option<Duration>) -> Instant {
+    if every.is_some() {
+        let _ = call(0, vm, &Request::Status {});
+    }
+    Instant::now()
 }
 
 /// Whether `vm` is ending: its output reaches its end (passed on like

@@ -1,6 +1,7 @@
 //! The Linux boot protocols: our linuxboot guest as a bzImage and as a PVH
-//! ELF checks what it was handed; malformed kernels get a clear error; the
-//! installed Debian cloud kernel boots as far as this host's KVM lets it.
+//! ELF checks what it was handed; malformed kernels get a clear error;
+//! Debian's cloud kernel (`make linux` fetches it) boots as far as this
+//! host's KVM lets it.
 
 mod common;
 

@@ -79,6 +79,7 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     let mut append: Option<String> = None;
     let mut cpu: Option<String> = None;
     let mut no_pit = false;
+    let mut cpu_pm = false;
     let mut bad: Vec<String> = Vec::new();
 
     let mut i = 0;
@@ -145,6 +146,14 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                 }
             }
             "accel" if value == "kvm" => {}
+            // QEMU's cpu-pm=on lets the guest run MWAIT, HLT, PAUSE and
+            // C-states without exits: KVM_CAP_X86_DISABLE_EXITS with every
+            // one of those KVM offers (kvm_arch_init()).
+            "overcommit" => match value.as_str() {
+                "cpu-pm=on" => cpu_pm = true,
+                "cpu-pm=off" => cpu_pm = false,
+                _ => bad.push(flag),
+            },
             _ => bad.push(flag),
         }
     }
@@ -166,6 +175,9 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     }
     if no_pit {
         args.push("--no-pit".to_string());
+    }
+    if cpu_pm {
+        args.push("--kvm-cap=X86_DISABLE_EXITS".to_string());
     }
     if let Some(a) = append {
         args.push(format!("--append={a}"));
@@ -256,6 +268,16 @@ mod tests {
             t("-smp 1 -smp 3 -append a -append b").unwrap(),
             ["--smp=3", "--append=b"]
         );
+        assert_eq!(
+            t("-cpu max,+svm -overcommit cpu-pm=on -m 4g").unwrap(),
+            [
+                "--mem=4g",
+                "--cpu=max,+svm",
+                "--cpu-lenient",
+                "--kvm-cap=X86_DISABLE_EXITS"
+            ]
+        );
+        assert_eq!(t("-overcommit cpu-pm=off").unwrap(), Vec::<String>::new());
         // Arguments that look like flags stay arguments.
         assert_eq!(
             t("-append '-pause_filter_test -x'").unwrap(),
@@ -283,8 +305,8 @@ mod tests {
             "-machine pit=off,vmport=on"
         );
         assert_eq!(
-            u("-cpu max,+svm -overcommit cpu-pm=on -m 4g"),
-            "-overcommit cpu-pm=on"
+            u("-overcommit mem-lock=on,cpu-pm=on"),
+            "-overcommit mem-lock=on,cpu-pm=on"
         );
         assert_eq!(
             u("-global kvm-pit.lost_tick_policy=discard"),

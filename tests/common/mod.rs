@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod amdv;
 pub mod console;
 
 use std::path::{Path, PathBuf};
