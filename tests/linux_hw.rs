@@ -280,20 +280,34 @@ fn counts(text: &str) -> Vec<(f64, u32, f64)> {
         .collect()
 }
 
-/// Guest time between consecutive lines: never back, and never ahead of
-/// L1's time between the same lines (which holds the pause) by more than
-/// the slack of stamping them.
+/// Guest time between consecutive lines never goes back, and over all the
+/// lines it is never ahead of L1's time (which holds the pause) by more
+/// than the slack of stamping the first and the last line. L1 stamps a
+/// line when its reader gets it, which under TCG can come late; only the
+/// ends of the window are compared, so one late stamp in the middle (a
+/// snapshot slows L1 down) cannot shrink L1's interval.
 fn assert_guest_time_follows(name: &str, lines: &[(f64, u32, f64)]) {
     for w in lines.windows(2) {
-        let (guest, l1) = (w[1].2 - w[0].2, w[1].0 - w[0].0);
         assert!(
-            guest > 0.0 && guest <= l1 + 1.0,
-            "check {name}: guest time moved {guest:.2} s between counts {} and {} \
-             while L1 saw {l1:.2} s",
+            w[1].2 > w[0].2,
+            "check {name}: guest time went from {:.2} s to {:.2} s between counts {} and {}",
+            w[0].2,
+            w[1].2,
             w[0].1,
             w[1].1
         );
     }
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+        return;
+    };
+    let (guest, l1) = (last.2 - first.2, last.0 - first.0);
+    assert!(
+        guest <= l1 + 1.0,
+        "check {name}: guest time moved {guest:.2} s between counts {} and {} \
+         while L1 saw {l1:.2} s",
+        first.1,
+        last.1
+    );
 }
 
 fn snapshot_and_restore(name: &str) {
