@@ -7,11 +7,21 @@
 
 use kvmrun::testhost::{cfg, kut, linux, translate};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The directory of images a cfg's `file =` lines may name: a.flat,
-/// t.flat and x.flat (committed, one byte each).
+/// t.flat and x.flat, one byte each, made once per process (guest images
+/// are built, never committed).
 fn image_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("images/x86")
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = tempfile::tempdir().expect("cannot make the fuzz image directory");
+        for name in ["a.flat", "t.flat", "x.flat"] {
+            std::fs::write(d.path().join(name), b"x").expect("cannot write a fuzz image");
+        }
+        d
+    });
+    dir.path().to_path_buf()
 }
 
 pub fn kut_cfg(data: &[u8]) {
