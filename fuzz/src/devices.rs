@@ -202,76 +202,66 @@ pub fn fw_cfg(data: &[u8]) {
     drive(&mut FwCfgBench(fw_cfg_items()), data);
 }
 
-struct AcpiPmBench(AcpiPm);
+/// A device on port I/O alone, restored with the arguments `args` makes:
+/// the Bench of every device without host events or MMIO.
+struct PioBench<D: Persist> {
+    dev: D,
+    windows: &'static [Window],
+    args: fn() -> D::Args,
+}
 
-impl Bench for AcpiPmBench {
+impl<D: Persist> PioBench<D> {
+    fn new(windows: &'static [Window], args: fn() -> D::Args, new: fn(D::Args) -> D) -> Self {
+        PioBench {
+            dev: new(args()),
+            windows,
+            args,
+        }
+    }
+}
+
+impl<D> Bench for PioBench<D>
+where
+    D: Persist + MutDevicePio,
+    D::State: Serialize + DeserializeOwned,
+    D::Error: std::fmt::Debug,
+{
     fn windows(&self) -> &'static [Window] {
-        const W: [Window; 1] = [pio(acpi_pm::PM_BASE, acpi_pm::PM_SIZE)];
-        &W
+        self.windows
     }
     fn read(&mut self, w: Window, offset: u64, data: &mut [u8]) {
-        pio_read(&mut self.0, w, offset, data);
+        pio_read(&mut self.dev, w, offset, data);
     }
     fn write(&mut self, w: Window, offset: u64, data: &[u8]) {
-        pio_write(&mut self.0, w, offset, data);
+        pio_write(&mut self.dev, w, offset, data);
     }
     fn round_trip(&mut self) {
-        self.0 = through_snapshot(&self.0, fakes::requests());
+        self.dev = through_snapshot(&self.dev, (self.args)());
     }
 }
 
 pub fn acpi_pm(data: &[u8]) {
-    drive(&mut AcpiPmBench(AcpiPm::new(fakes::requests())), data);
-}
-
-struct I8042Bench(I8042);
-
-impl Bench for I8042Bench {
-    fn windows(&self) -> &'static [Window] {
-        const W: [Window; 2] = [
-            pio(i8042::I8042_DATA_PORT, 1),
-            pio(i8042::I8042_COMMAND_PORT, 1),
-        ];
-        &W
-    }
-    fn read(&mut self, w: Window, offset: u64, data: &mut [u8]) {
-        pio_read(&mut self.0, w, offset, data);
-    }
-    fn write(&mut self, w: Window, offset: u64, data: &[u8]) {
-        pio_write(&mut self.0, w, offset, data);
-    }
-    fn round_trip(&mut self) {
-        self.0 = through_snapshot(&self.0, fakes::requests());
-    }
+    const W: [Window; 1] = [pio(acpi_pm::PM_BASE, acpi_pm::PM_SIZE)];
+    drive(&mut PioBench::new(&W, fakes::requests, AcpiPm::new), data);
 }
 
 pub fn i8042(data: &[u8]) {
-    drive(&mut I8042Bench(I8042::new(fakes::requests())), data);
-}
-
-struct DebugExitBench(DebugExit);
-
-impl Bench for DebugExitBench {
-    fn windows(&self) -> &'static [Window] {
-        const W: [Window; 1] = [pio(
-            debug_exit::DEBUG_EXIT_BASE,
-            debug_exit::DEBUG_EXIT_SIZE,
-        )];
-        &W
-    }
-    fn read(&mut self, w: Window, offset: u64, data: &mut [u8]) {
-        pio_read(&mut self.0, w, offset, data);
-    }
-    fn write(&mut self, w: Window, offset: u64, data: &[u8]) {
-        pio_write(&mut self.0, w, offset, data);
-    }
-    fn round_trip(&mut self) {
-        self.0 = through_snapshot(&self.0, fakes::requests());
-    }
+    const W: [Window; 2] = [
+        pio(i8042::I8042_DATA_PORT, 1),
+        pio(i8042::I8042_COMMAND_PORT, 1),
+    ];
+    drive(&mut PioBench::new(&W, fakes::requests, I8042::new), data);
 }
 
 pub fn debug_exit(data: &[u8]) {
-    drive(&mut DebugExitBench(DebugExit::new(fakes::requests())), data);
+    const W: [Window; 1] = [pio(
+        debug_exit::DEBUG_EXIT_BASE,
+        debug_exit::DEBUG_EXIT_SIZE,
+    )];
+    drive(
+        &mut PioBench::new(&W, fakes::requests, DebugExit::new),
+        data,
+    );
 }
 
 /// pc-testdev: its ports, its interrupt lines and its MMIO window.
