@@ -10,114 +10,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
 
+use common::console::{ctl, wait_socket, Console as Vm};
 use common::{guest, kvm_available, kvmrun, Run};
 
 const PASS: i32 = 1;
-/// Safety limits so a broken VMM fails the test instead of hanging it;
-/// nothing is asserted about how long anything takes.
-const SAFETY: Duration = Duration::from_secs(120);
-
-/// A kvmrun process whose serial console (stdio) the test drives.
-struct Vm {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    stderr: std::thread::JoinHandle<String>,
-}
-
-fn spawn(args: &[&str]) -> Vm {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmrun"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start kvmrun");
-    let stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
-        s
-    });
-    Vm {
-        stdin: child.stdin.take(),
-        child,
-        lines: rx,
-        seen: Vec::new(),
-        stderr,
-    }
-}
-
-impl Vm {
-    /// Block until the guest printed a line containing `text`.
-    fn wait_for(&mut self, text: &str) {
-        if self.seen.iter().any(|l| l.contains(text)) {
-            return;
-        }
-        let deadline = Instant::now() + SAFETY;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let hit = l.contains(text);
-                    self.seen.push(l);
-                    if hit {
-                        return;
-                    }
-                }
-                Err(_) => panic!("guest never printed {text:?}; output: {:?}", self.seen),
-            }
-        }
-    }
-
-    fn key(&mut self) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin.write_all(b"k").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    fn finish(mut self) -> Run {
-        drop(self.stdin.take());
-        let status = self.child.wait().unwrap();
-        self.seen.extend(self.lines.iter());
-        Run {
-            status: status.code().unwrap_or(-1),
-            stdout: self.seen.join("\n") + "\n",
-            stderr: self.stderr.join().unwrap(),
-        }
-    }
-}
-
-fn wait_socket(path: &Path) {
-    let deadline = Instant::now() + SAFETY;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn ctl(args: &[&str]) -> Run {
-    Run::from(kvmrun().args(args).output().expect("cannot start kvmrun"))
-}
 
 fn snapshot(sock: &Path, dir: &Path) {
     ctl(&["snapshot", sock.to_str().unwrap(), dir.to_str().unwrap()])
@@ -147,7 +44,7 @@ fn reference(smp: &str, guest_args: &[&str]) -> Run {
     let mut args = checksum_args(smp);
     args.extend(["--".into(), "wait".into()]);
     args.extend(guest_args.iter().map(|a| a.to_string()));
-    let mut vm = spawn(&strs(&args));
+    let mut vm = Vm::spawn(&strs(&args));
     vm.key();
     let r = vm.finish();
     r.expect(PASS)
@@ -160,7 +57,7 @@ fn reference(smp: &str, guest_args: &[&str]) -> Run {
 fn restore(dir: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["restore", dir.to_str().unwrap(), "--timeout", "120"];
     args.extend_from_slice(extra);
-    let mut vm = spawn(&args);
+    let mut vm = Vm::spawn(&args);
     vm.key();
     vm.finish()
 }
@@ -184,7 +81,7 @@ fn snapshot_anywhere_and_restore(smp: &str, early_snapshots: usize, guest_args: 
         "wait".into(),
     ]);
     args.extend(guest_args.iter().map(|a| a.to_string()));
-    let mut vm = spawn(&strs(&args));
+    let mut vm = Vm::spawn(&strs(&args));
     wait_socket(&sock);
     // Wherever these land: during boot, phase 1 or the wait.
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -262,7 +159,7 @@ fn restore_twice_and_snapshot_a_restored_vm() {
         "wait".into(),
         "pit-off".into(),
     ]);
-    let mut vm = spawn(&strs(&args));
+    let mut vm = Vm::spawn(&strs(&args));
     wait_socket(&sock);
     let first = d.path().join("first");
     // --stop leaves the VM paused; `resume` lets it go on.
@@ -292,7 +189,7 @@ fn restore_twice_and_snapshot_a_restored_vm() {
 
     // snapshot -> restore -> snapshot -> restore.
     let sock2 = d.path().join("api2.sock");
-    let mut vm = spawn(&[
+    let mut vm = Vm::spawn(&[
         "restore",
         first.to_str().unwrap(),
         "--timeout",
@@ -328,7 +225,7 @@ fn pause_resume_and_quit_through_the_socket() {
     let s = sock.to_str().unwrap();
     let mut args = checksum_args("1");
     args.extend(["--api".into(), s.into(), "--".into(), "wait".into()]);
-    let vm = spawn(&strs(&args));
+    let vm = Vm::spawn(&strs(&args));
     wait_socket(&sock);
     ctl(&["pause", s]).expect(0).has("\"state\":\"paused\"");
     ctl(&["pause", s]).expect(0).has("\"state\":\"paused\"");
@@ -386,7 +283,7 @@ fn good_snapshots(root: &Path, names: &[&str]) -> Vec<PathBuf> {
         "--".into(),
         "wait".into(),
     ]);
-    let vm = spawn(&strs(&args));
+    let vm = Vm::spawn(&strs(&args));
     wait_socket(&sock);
     let dirs: Vec<PathBuf> = names.iter().map(|n| root.join(n)).collect();
     for dir in &dirs {
@@ -770,14 +667,14 @@ fn a_vm_without_a_pit_survives_save_and_restore() {
     }
     let mut plain = checksum_args("1");
     plain.push("--no-pit".into());
-    let reference = spawn(&strs(&plain)).finish();
+    let reference = Vm::spawn(&strs(&plain)).finish();
     reference.expect(PASS);
     let d = tempfile::tempdir().unwrap();
     let sock = d.path().join("api.sock");
     let mut args = plain.clone();
     args.extend(["--api".into(), sock.to_str().unwrap().into()]);
     args.extend(["--".into(), "wait".into()]);
-    let mut vm = spawn(&strs(&args));
+    let mut vm = Vm::spawn(&strs(&args));
     wait_socket(&sock);
     vm.wait_for("waiting for a key");
     let dir = d.path().join("snap");
@@ -817,7 +714,7 @@ fn virtio_rng_survives_save_and_restore_on_both_transports() {
             &arg,
             "wait",
         ];
-        let mut vm = spawn(&args);
+        let mut vm = Vm::spawn(&args);
         wait_socket(&sock);
         vm.wait_for("waiting for a key");
         let dir = d.path().join("snap");
