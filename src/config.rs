@@ -20,6 +20,38 @@ pub const MAX_VCPUS: u32 = 254;
 /// only use up interrupt lines.
 pub const MAX_RNGS: usize = 4;
 
+/// Most disks: each takes a PCI slot or one of the four virtio-mmio
+/// interrupt lines.
+pub const MAX_DISKS: usize = 8;
+
+/// Most edu devices: kvm-unit-tests uses one; each takes a PCI slot and
+/// an MSI route.
+pub const MAX_EDUS: usize = 4;
+
+/// The machine type (`--machine`, QEMU's `-M`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Machine {
+    /// kvmrun's PC: PCI only with a PCI device, behind a generic host
+    /// bridge.
+    #[default]
+    Pc,
+    /// The PC with a Q35 chipset: always PCI, the MCH host bridge at
+    /// 00:00.0 and the ICH9 LPC bridge at 00:1f.0.
+    Q35,
+}
+
+impl std::str::FromStr for Machine {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "pc" => Ok(Machine::Pc),
+            "q35" => Ok(Machine::Q35),
+            _ => Err(ConfigError::Machine(s.to_string())),
+        }
+    }
+}
+
 /// Where the guest's COM1 output goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SerialOutput {
@@ -80,10 +112,73 @@ pub struct VmConfig {
 
 /// A device the configuration adds. New kinds go at the end: a snapshot
 /// stores the configuration, and postcard numbers variants in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceConfig {
     /// virtio-rng (`--rng[=pci|mmio]`).
     Rng(Transport),
+    /// virtio-blk (`--disk FILE[,ro][,snapshot][,transport=pci|mmio]`).
+    Disk(DiskConfig),
+    /// The Q35 chipset's functions (`--machine q35`). The machine type
+    /// lives in this list rather than in a field of its own so that the
+    /// configurations of older snapshots keep decoding.
+    Q35,
+    /// QEMU's edu device (`--edu`).
+    Edu,
+}
+
+impl DeviceConfig {
+    pub fn transport(&self) -> Transport {
+        match self {
+            DeviceConfig::Rng(t) => *t,
+            DeviceConfig::Disk(d) => d.transport,
+            DeviceConfig::Q35 | DeviceConfig::Edu => Transport::Pci,
+        }
+    }
+}
+
+/// A raw image file as a virtio-blk disk. A snapshot stores it, and a
+/// restore opens the file again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// The guest may only read (`ro`).
+    pub read_only: bool,
+    /// Guest writes go to an overlay dropped at exit (`snapshot`).
+    pub snapshot: bool,
+    pub transport: Transport,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// `FILE[,ro][,snapshot][,transport=pci|mmio]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Disk(s.to_string(), why);
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("no file named".into()));
+        }
+        let mut d = DiskConfig {
+            path: PathBuf::from(path),
+            read_only: false,
+            snapshot: false,
+            transport: Transport::Pci,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => d.read_only = true,
+                None if opt == "snapshot" => d.snapshot = true,
+                Some(("transport", t)) => d.transport = t.parse().map_err(bad)?,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{opt}': expected ro, snapshot or transport=pci|mmio"
+                    )))
+                }
+            }
+        }
+        Ok(d)
+    }
 }
 
 impl VmConfig {
@@ -125,12 +220,18 @@ impl VmConfig {
             .join(" ")
     }
 
+    pub fn machine(&self) -> Machine {
+        if self.devices.contains(&DeviceConfig::Q35) {
+            Machine::Q35
+        } else {
+            Machine::Pc
+        }
+    }
+
     /// Whether the machine has PCI: the host bridge comes with the first
-    /// PCI device.
+    /// PCI device (with the Q35 chipset, always).
     pub fn has_pci(&self) -> bool {
-        self.devices
-            .iter()
-            .any(|d| matches!(d, DeviceConfig::Rng(Transport::Pci)))
+        self.devices.iter().any(|d| d.transport() == Transport::Pci)
     }
 
     /// Whether the in-kernel PIT is created: `pit` unless `--kvm-cap
@@ -165,15 +266,24 @@ impl VmConfig {
             return Err(ConfigError::MsrFilterRanges(self.msr_filter.len()));
         }
         msrs::initial(&self.msrs)?;
-        let rngs = self
-            .devices
-            .iter()
-            .filter(|d| matches!(d, DeviceConfig::Rng(_)))
-            .count();
-        if rngs > MAX_RNGS {
-            return Err(ConfigError::Devices(format!(
-                "{rngs} virtio-rng devices, at most {MAX_RNGS}"
-            )));
+        let count = |f: fn(&DeviceConfig) -> bool| self.devices.iter().filter(|d| f(d)).count();
+        for (n, max, what) in [
+            (
+                count(|d| matches!(d, DeviceConfig::Rng(_))),
+                MAX_RNGS,
+                "virtio-rng devices",
+            ),
+            (
+                count(|d| matches!(d, DeviceConfig::Disk(_))),
+                MAX_DISKS,
+                "disks",
+            ),
+            (count(|d| *d == DeviceConfig::Edu), MAX_EDUS, "edu devices"),
+            (count(|d| *d == DeviceConfig::Q35), 1, "Q35 chipsets"),
+        ] {
+            if n > max {
+                return Err(ConfigError::Devices(format!("{n} {what}, at most {max}")));
+            }
         }
         Ok(())
     }
@@ -201,8 +311,12 @@ pub enum ConfigError {
     Msr(#[from] MsrError),
     #[error("--msr-filter: {0} ranges, KVM takes at most 16")]
     MsrFilterRanges(usize),
+    #[error("invalid machine '{0}': expected pc or q35")]
+    Machine(String),
     #[error("invalid devices: {0}")]
     Devices(String),
+    #[error("invalid --disk '{0}': {1}")]
+    Disk(String, String),
 }
 
 /// Parse a memory size the way QEMU's `-m` does: a bare number is MiB, a
@@ -250,6 +364,21 @@ pub fn parse_timeout(s: &str) -> Result<f64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_options_parse() {
+        let d: DiskConfig = "a.img".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("a.img"));
+        assert!(!d.read_only && !d.snapshot);
+        assert_eq!(d.transport, Transport::Pci);
+        let d: DiskConfig = "/x/b.raw,ro,snapshot,transport=mmio".parse().unwrap();
+        assert!(d.read_only && d.snapshot);
+        assert_eq!(d.transport, Transport::Mmio);
+        let e = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
+        assert!(e("a.img,rw").contains("unknown option 'rw'"));
+        assert!(e("a.img,transport=usb").contains("unknown virtio transport 'usb'"));
+        assert!(e(",ro").contains("no file named"));
+    }
 
     #[test]
     fn mem_sizes_follow_qemu() {
@@ -338,6 +467,32 @@ mod tests {
         assert!(c.validate().is_ok());
         c.devices = vec![DeviceConfig::Rng(Transport::Pci); MAX_RNGS + 1];
         assert!(matches!(c.validate(), Err(ConfigError::Devices(_))));
+        c.devices = vec![DeviceConfig::Edu; MAX_EDUS];
+        assert!(c.validate().is_ok());
+        assert!(c.has_pci());
+        c.devices.push(DeviceConfig::Edu);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("5 edu devices, at most 4"), "{e}");
+        // Disks and edu devices are counted apart.
+        c.devices = vec![DeviceConfig::Edu; MAX_EDUS];
+        c.devices.push(DeviceConfig::Rng(Transport::Mmio));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn q35_is_a_pci_machine_once() {
+        let mut c = VmConfig::new("x".into());
+        assert_eq!(c.machine(), Machine::Pc);
+        c.devices.push(DeviceConfig::Q35);
+        assert_eq!(c.machine(), Machine::Q35);
+        assert!(c.has_pci());
+        assert!(c.validate().is_ok());
+        c.devices.push(DeviceConfig::Q35);
+        assert!(matches!(c.validate(), Err(ConfigError::Devices(_))));
+        assert_eq!("q35".parse::<Machine>().unwrap(), Machine::Q35);
+        assert_eq!("pc".parse::<Machine>().unwrap(), Machine::Pc);
+        let e = "q35,kernel-irqchip=split".parse::<Machine>().unwrap_err();
+        assert!(e.to_string().contains("expected pc or q35"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod bus;
 pub mod config;
 pub mod cpu;
 pub mod diag;
+pub mod gdb;
 pub mod kvmcaps;
 pub mod layout;
 pub mod memory;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
-use kvmrun::config::{self, DeviceConfig, SerialOutput, Transport, VmConfig};
+use kvmrun::config::{self, DeviceConfig, DiskConfig, Machine, SerialOutput, Transport, VmConfig};
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
 use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
@@ -91,6 +91,12 @@ struct RestoreArgs {
     /// reads the whole memory file (without it, restore reads no RAM).
     #[arg(long)]
     verify_memory: bool,
+    /// How guest RAM comes from the memory file: map (copy-on-write, read
+    /// as the guest touches it: fastest to start) or copy (read whole
+    /// before the guest runs, into memory that can use huge pages: the
+    /// guest runs faster, notably under nested paging).
+    #[arg(long, value_name = "HOW", default_value = "map")]
+    memory: kvmrun::snapshot::MemoryLoad,
 }
 
 /// The host side of a VM that a snapshot does not fix: `--serial`,
@@ -107,6 +113,36 @@ struct HostSideArgs {
     /// status, quit (see docs/API.md).
     #[arg(long)]
     api: Option<PathBuf>,
+    /// Serve a gdb stub at this Unix socket PATH or TCP HOST:PORT (:PORT
+    /// is localhost); docs/DEBUGGING.md.
+    #[arg(long, value_name = "PATH|HOST:PORT")]
+    gdb: Option<kvmrun::gdb::Address>,
+    /// With --gdb: stop before the first guest instruction until gdb
+    /// continues.
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
+    /// With --gdb: the registers gdb sees, i386:x86-64 or i386; auto picks
+    /// i386 when the image's symbols are ELF32.
+    #[arg(
+        long,
+        value_name = "auto|x86-64|i386",
+        default_value = "auto",
+        requires = "gdb"
+    )]
+    gdb_arch: kvmrun::gdb::ArchChoice,
+}
+
+impl HostSideArgs {
+    fn run_options(&self) -> vmm::RunOptions {
+        vmm::RunOptions {
+            api: self.api.clone(),
+            gdb: self.gdb.clone().map(|address| kvmrun::gdb::GdbOptions {
+                address,
+                wait: self.gdb_wait,
+                arch: self.gdb_arch,
+            }),
+        }
+    }
 }
 
 /// `--cpu` and `--cpu-lenient`, shared by `run` and `cpuid`.
@@ -179,6 +215,11 @@ struct TestArgs {
     /// Live progress bar (default: when stdout is a terminal) or plain lines.
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressMode,
+    /// After the suite, run each failed test again, stopped before its
+    /// first instruction with a gdb stub (run --gdb-wait), after printing
+    /// the gdb command line that attaches with the image's symbols.
+    #[arg(long, conflicts_with = "migrate_every")]
+    gdb_on_fail: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -257,12 +298,12 @@ struct RunArgs {
     /// Answer the guest's migration requests (kvm-unit-tests' "Now migrate
     /// the VM" line): snapshot it, restore it into a new VM process, and
     /// send the key it waits for, as often as it asks.
-    #[arg(long, conflicts_with = "api")]
+    #[arg(long, conflicts_with_all = ["api", "gdb"])]
     migrate: bool,
     /// Also migrate (snapshot, restore into a new VM process) whenever the
     /// VM has run SECS seconds since it started or was restored, so any
     /// test runs across save/restore points; implies --migrate.
-    #[arg(long, value_name = "SECS", value_parser = config::parse_timeout, conflicts_with = "api")]
+    #[arg(long, value_name = "SECS", value_parser = config::parse_timeout, conflicts_with_all = ["api", "gdb"])]
     migrate_every: Option<f64>,
     #[command(flatten)]
     cpu: CpuArgs,
@@ -288,6 +329,25 @@ struct RunArgs {
         default_missing_value = "pci"
     )]
     rng: Vec<Transport>,
+    /// Add a virtio-blk disk on a raw image file (repeatable, up to 8):
+    /// `ro` makes it read-only, `snapshot` sends the guest's writes to a
+    /// temporary overlay dropped at exit; either leaves FILE untouched.
+    /// Transport as for --rng, virtio-pci by default.
+    #[arg(
+        long = "disk",
+        value_name = "FILE[,ro][,snapshot][,transport=pci|mmio]"
+    )]
+    disk: Vec<DiskConfig>,
+    /// Add QEMU's edu device (a PCI function with a factorial unit, a DMA
+    /// engine, INTx and MSI; kvm-unit-tests' intel_iommu drives it);
+    /// repeatable, up to 4.
+    #[arg(long = "edu", action = clap::ArgAction::Count)]
+    edu: u8,
+    /// Machine type: pc (kvmrun's PC, PCI only with a PCI device) or q35
+    /// (the Q35 chipset: MCH host bridge 8086:29c0, ICH9 LPC 8086:2918
+    /// at 00:1f.0, always PCI with ECAM).
+    #[arg(long, value_name = "pc|q35", default_value = "pc")]
+    machine: Machine,
     /// Guest arguments, appended to the command line.
     #[arg(last = true)]
     args: Vec<String>,
@@ -300,7 +360,7 @@ impl RunArgs {
             words.push(self.append);
         }
         words.extend(self.args);
-        let opts = vmm::RunOptions { api: self.io.api };
+        let opts = self.io.run_options();
         let cfg = VmConfig {
             image: self.image,
             mem_bytes: self.mem,
@@ -316,9 +376,31 @@ impl RunArgs {
             kvm_caps: self.kvm_cap,
             msr_filter: self.msr_filter.into_iter().flat_map(|r| r.0).collect(),
             msrs: self.msr,
-            devices: self.rng.into_iter().map(DeviceConfig::Rng).collect(),
+            devices: (self.machine == Machine::Q35)
+                .then_some(DeviceConfig::Q35)
+                .into_iter()
+                .chain(self.rng.into_iter().map(DeviceConfig::Rng))
+                .chain(
+                    self.disk
+                        .into_iter()
+                        .map(|d| DeviceConfig::Disk(absolute(d))),
+                )
+                .chain(std::iter::repeat_n(
+                    DeviceConfig::Edu,
+                    usize::from(self.edu),
+                ))
+                .collect(),
         };
         (cfg, opts)
+    }
+}
+
+/// `d` with its file named from the root: a snapshot keeps the path, and
+/// a restore may run in another directory.
+fn absolute(d: DiskConfig) -> DiskConfig {
+    match std::path::absolute(&d.path) {
+        Ok(path) => DiskConfig { path, ..d },
+        Err(_) => d,
     }
 }
 
@@ -334,6 +416,12 @@ fn init_logging(verbose: u8) {
         .format(|buf, record| {
             // kvm-unit-tests' runner fails a test whose stderr has a line
             // without "warning", so warnings must say so.
+            // virtio-queue reports a guest's malformed ring as an error
+            // of its own: the guest's fault, which the device answers and
+            // the VM survives, so a warning that names the crate.
+            if record.target().starts_with("virtio_queue") {
+                return writeln!(buf, "kvmrun: warning: virtio queue: {}", record.args());
+            }
             let level = match record.level() {
                 log::Level::Error => "error",
                 log::Level::Warn => "warning",
@@ -370,8 +458,15 @@ fn run(cmd: Cmd) -> anyhow::Result<i32> {
             Ok(reason.status())
         }
         Cmd::Restore(a) => {
-            let opts = vmm::RunOptions { api: a.io.api };
-            let reason = vmm::restore(&a.dir, a.io.serial, a.io.timeout, a.verify_memory, &opts)?;
+            let opts = a.io.run_options();
+            let reason = vmm::restore(
+                &a.dir,
+                a.io.serial,
+                a.io.timeout,
+                a.verify_memory,
+                a.memory,
+                &opts,
+            )?;
             log::info!("VM ended: {reason:?}");
             Ok(reason.status())
         }
@@ -484,12 +579,18 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
+    // gdb may attach from another directory.
+    let out_dir = if a.gdb_on_fail {
+        std::path::absolute(&a.output_dir)?
+    } else {
+        a.output_dir.clone()
+    };
     // The suite is read; from here on the scheduler only starts, watches
     // and reports tests (started by the launcher thread, unfiltered).
     kvmrun::sandbox::enter(kvmrun::sandbox::Kind::Scheduler)?;
     let opts = scheduler::SuiteOptions {
         jobs,
-        out_dir: a.output_dir.clone(),
+        out_dir,
         kvmrun: std::env::current_exe()?,
         kill_grace: 5.0,
         migrate_every: a.migrate_every,
@@ -516,6 +617,17 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
     }
     if let Some(p) = &a.junit {
         report::junit::write(p, &suite_name, &specs, &run)?;
+    }
+    if a.gdb_on_fail && !run.interrupted {
+        for (spec, result) in specs.iter().zip(&run.results) {
+            let failed = result
+                .as_ref()
+                .is_some_and(|r| r.outcome.verdict == kvmrun::testhost::Verdict::Fail);
+            if let (true, kvmrun::testhost::Plan::Run(rs)) = (failed, &spec.plan) {
+                let status = scheduler::rerun_for_gdb(&spec.name, rs, &opts)?;
+                println!("{} ended again with status {status}", spec.name);
+            }
+        }
     }
     Ok(if run.interrupted {
         130

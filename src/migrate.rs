@@ -17,8 +17,19 @@
 //!
 //! The exit status is the last VM's, and `--timeout` spans all of them.
 //! With an interval (`--migrate-every SECS`) the VM is also migrated
-//! whenever that much time passed since the last migration, without a
-//! key, so any test can be run across save/restore points.
+//! whenever it ran that long since the last migration, without a key, so
+//! any test can be run across save/restore points.
+//!
+//! Each window of running lasts at least as long as the last migration
+//! took, interval or continuous. Otherwise a host on which a migration
+//! costs more than the window (nested virtualization under emulation, or
+//! a loaded machine) gives the guest an ever smaller share of the time:
+//! twice as slow a host means twice as many migrations each costing
+//! twice as much. Restored VMs read guest RAM whole (`restore --memory
+//! copy`): a guest migrated all along would otherwise spend each window
+//! refaulting its working set page by page from the memory file, where
+//! anonymous memory can use huge pages (measured on the AMD-V host,
+//! docs/TESTHOST.md).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -317,18 +328,13 @@ fn supervise_in(
     let mut held: Option<Vec<u8>> = None;
     let mut n = 0u32;
     let mut last = running_since(&mut vm, every);
-    // Between continuous migrations the VM runs at least as long as the
-    // last migration took, so the guest makes progress: a snapshot stops
-    // it, unlike QEMU's live migration.
+    // How long the last migration took (see `window()`).
     let mut cost = Duration::ZERO;
     loop {
-        let wait = if reqs.continuous {
-            cost.max(MIN_CONTINUOUS_RUN).saturating_sub(last.elapsed())
-        } else {
-            every.map_or(Duration::from_secs(3600), |e| {
-                e.saturating_sub(last.elapsed())
-            })
-        };
+        let run_for = window(reqs.continuous, every, cost);
+        let wait = run_for.map_or(Duration::from_secs(3600), |w| {
+            w.saturating_sub(last.elapsed())
+        });
         match vm.output.recv_timeout(wait) {
             Ok(chunk) if race_hook && holds_request(&chunk) => held = Some(chunk),
             Ok(chunk) => pass_on(&mut out, &mut reqs, &chunk)?,
@@ -336,10 +342,7 @@ fn supervise_in(
             Err(RecvTimeoutError::Disconnected) => break,
         }
         send_keys(&mut vm, reqs.take_keys(false))?;
-        let due = reqs.migrate
-            || held.is_some()
-            || (reqs.continuous && last.elapsed() >= cost.max(MIN_CONTINUOUS_RUN))
-            || every.is_some_and(|e| last.elapsed() >= e);
+        let due = reqs.migrate || held.is_some() || run_for.is_some_and(|w| last.elapsed() >= w);
         if !due {
             continue;
         }
@@ -371,8 +374,12 @@ fn supervise_in(
             pass_on(&mut out, &mut reqs, &rest)?;
         }
         let _ = vm.child.wait();
-        let mut restore: Vec<OsString> =
-            vec!["restore".into(), snap.clone().into(), "--api".into()];
+        let mut restore: Vec<OsString> = vec![
+            "restore".into(),
+            snap.clone().into(),
+            "--memory=copy".into(),
+            "--api".into(),
+        ];
         restore.push(socket(n).into());
         restore.extend(crate::sandbox::child_flag().map(OsString::from));
         if let Some(t) = timeout {
@@ -382,6 +389,9 @@ fn supervise_in(
         send_keys(&mut vm, reqs.take_keys(true))?;
         last = running_since(&mut vm, every);
         cost = last - migration_started;
+        if let Some(w) = window(reqs.continuous, every, cost) {
+            log::info!("migration {n}: took {cost:.2?}; the next comes after {w:.2?} of running");
+        }
     }
     // The last VM's output, to its end.
     while let Ok(rest) = vm.output.recv() {
@@ -389,6 +399,20 @@ fn supervise_in(
     }
     let status = vm.child.wait().map_err(MigrateError::Io)?;
     Ok(status.code().unwrap_or(crate::shutdown::STATUS_ERROR))
+}
+
+/// How long the VM runs before the next unrequested migration: without
+/// one due (`None`), until a request; continuous, as long as the last
+/// migration took (`cost`); with an interval, the interval or `cost`,
+/// whichever is longer. A snapshot stops the guest, unlike QEMU's live
+/// migration, so windows no shorter than a migration keep the guest's
+/// share of the time at a half or more however slow the host.
+fn window(continuous: bool, every: Option<Duration>, cost: Duration) -> Option<Duration> {
+    if continuous {
+        Some(cost.max(MIN_CONTINUOUS_RUN))
+    } else {
+        every.map(|e| e.max(cost))
+    }
 }
 
 /// When `vm` started running. With an interval, that is when it serves its
@@ -506,6 +530,16 @@ mod tests {
         assert!(holds_request(b"x\nEnd continuous migration\n"));
         assert!(holds_request(b"Now migrate the VM"));
         assert!(!holds_request(b"PASS: migration\n"));
+    }
+
+    #[test]
+    fn a_window_lasts_at_least_as_long_as_a_migration() {
+        let ms = Duration::from_millis;
+        assert_eq!(window(false, None, ms(900)), None);
+        assert_eq!(window(false, Some(ms(500)), ms(20)), Some(ms(500)));
+        assert_eq!(window(false, Some(ms(500)), ms(3000)), Some(ms(3000)));
+        assert_eq!(window(true, None, ms(0)), Some(MIN_CONTINUOUS_RUN));
+        assert_eq!(window(true, Some(ms(500)), ms(40)), Some(ms(40)));
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl Output {
         };
         if o.dropped > 0 {
             log::warn!(
-                "warning: {} bytes of guest output dropped: {} took none for {} s",
+                "{} bytes of guest output dropped: {} took none for {} s",
                 o.dropped,
                 self.what,
                 STALL.as_secs()
@@ -185,7 +185,7 @@ impl Output {
         }
         if o.refused > 0 {
             log::warn!(
-                "warning: {} bytes of guest output dropped: {} refused them",
+                "{} bytes of guest output dropped: {} refused them",
                 o.refused,
                 self.what
             );

@@ -155,4 +155,13 @@ fn bad_device_flags() {
     // Without '=', a value is not taken: "mmio" is then the image.
     let r = run_args(&["run", "--rng", "mmio"]);
     assert_clean_error(&r, "mmio: cannot read");
+    let r = run_args(&["run", img, "--edu", "--edu", "--edu", "--edu", "--edu"]);
+    assert_clean_error(&r, "5 edu devices, at most 4");
+    // --edu takes no value: "pci" is then an extra word.
+    let r = run_args(&["run", img, "--edu=pci"]);
+    assert_clean_error(&r, "--edu");
+    for m in ["q35,kernel-irqchip=split", "i440fx", ""] {
+        let r = run_args(&["run", img, "--machine", m]);
+        assert_clean_error(&r, "expected pc or q35");
+    }
 }

@@ -166,6 +166,41 @@ fn pci_enumerates_sizes_moves_a_bar_and_takes_msix() {
 }
 
 #[test]
+fn edu_computes_copies_and_interrupts_on_both_machines() {
+    if !kvm_available() {
+        return;
+    }
+    for smp in ["1", "2"] {
+        run_guest("edu", &["--edu", "--smp", smp])
+            .expect(PASS)
+            .has("edu at 00:01.0")
+            .has("SUMMARY: 11 tests, 0 unexpected failures");
+        run_guest(
+            "edu",
+            &["--machine", "q35", "--edu", "--smp", smp, "--", "q35"],
+        )
+        .expect(PASS)
+        .has("PASS: q35-mch-00.0")
+        .has("PASS: q35-lpc-1f.0")
+        .has("SUMMARY: 15 tests, 0 unexpected failures");
+    }
+    // q35 without a device still has its chipset; the default machine
+    // without one has no PCI at all.
+    run_guest("edu", &["--machine", "q35", "--", "q35"])
+        .expect(3)
+        .has("PASS: q35-lpc-1f.0")
+        .has("FAIL: edu-found");
+    run_guest("edu", &["--", "q35"])
+        .expect(3)
+        .has("FAIL: q35-mch-00.0")
+        .has("FAIL: edu-found");
+    // The default machine's bridge stays QEMU's generic one.
+    run_guest("pci", &["--rng", "--edu"])
+        .has("00:00.0 1b36:0008 class 060000")
+        .has("00:02.0 1234:11e8 class ff0000");
+}
+
+#[test]
 fn virtio_rng_gives_random_bytes_over_both_transports() {
     if !kvm_available() {
         return;

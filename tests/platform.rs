@@ -4,14 +4,27 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use common::kvm_available;
-use kvmrun::config::{DeviceConfig, SerialOutput, Transport, VmConfig};
+use kvmrun::config::{DeviceConfig, DiskConfig, SerialOutput, Transport, VmConfig};
 use kvmrun::memory::Layout;
 use kvmrun::platform::{machine, DeviceState, DeviceStates, Platform, PlatformError};
 use kvmrun::shutdown::Shutdown;
 use kvmrun::vm::Vm;
+
+/// A read-only disk image both machines of a test can open at once.
+fn disk_image() -> PathBuf {
+    static IMAGE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = IMAGE.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 64 << 10]).unwrap();
+        (d, path)
+    });
+    path.clone()
+}
 
 fn config() -> VmConfig {
     let mut c = VmConfig::new("unused".into());
@@ -19,6 +32,12 @@ fn config() -> VmConfig {
     c.devices = vec![
         DeviceConfig::Rng(Transport::Pci),
         DeviceConfig::Rng(Transport::Mmio),
+        DeviceConfig::Disk(DiskConfig {
+            path: disk_image(),
+            read_only: true,
+            snapshot: false,
+            transport: Transport::Pci,
+        }),
     ];
     c
 }
@@ -55,6 +74,7 @@ fn every_device_is_saved_by_name_and_restored() {
         "pci-ecam",
         "rng0",
         "rng1",
+        "disk0",
     ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
@@ -125,8 +145,10 @@ fn removed_devices_leave_the_buses_and_give_back_their_resources() {
     p.remove("rng1").unwrap();
     assert!(p.bus().mmio.lookup(window.base, 4).is_none());
     // The same window and GSI come back for the next device.
-    p.attach_virtio("rng9", Transport::Mmio, devices::virtio::rng::Rng::new)
-        .unwrap();
+    p.attach_virtio("rng9", Transport::Mmio, (), |()| {
+        devices::virtio::rng::Rng::new()
+    })
+    .unwrap();
     let again = p.acpi_description(false).virtio_mmio;
     assert_eq!(again.last().unwrap().base, window.base);
     assert_eq!(again.last().unwrap().gsi, window.gsi);

@@ -25,7 +25,7 @@ fn suite_cfg(dir: &Path, with_hang: bool) -> PathBuf {
          [manual]\nfile = hello.elf\ngroups = nodefault\n\n\
          [missing]\nfile = nothing.elf\n\n\
          [checked]\nfile = hello.elf\ncheck = /nonexistent/kvmrun-check=Y\n\n\
-         [device]\nfile = hello.elf\nqemu_params = -device edu\n",
+         [device]\nfile = hello.elf\nqemu_params = -device hyperv-testdev\n",
     );
     if with_hang {
         text.push_str("\n[hang]\nfile = hang.elf\ntimeout = 1\n");
@@ -139,7 +139,7 @@ fn cfg_suite_verdicts_logs_and_reports() {
         .has("SKIP manual (test marked as manual run only)\n")
         .has("nothing.elf' not found)\n")
         .has("SKIP checked (/nonexistent/kvmrun-check not equal to Y)\n")
-        .has("SKIP device (untranslated: -device edu)\n")
+        .has("SKIP device (untranslated: -device hyperv-testdev)\n")
         .has("FAIL hang (timeout; duration=1)\n")
         .has("9 tests: 2 passed, 2 failed, 5 skipped");
     assert!(r.stderr.is_empty(), "stderr: {}", r.stderr);
@@ -173,7 +173,7 @@ fn cfg_suite_verdicts_logs_and_reports() {
             "ok 5 - manual # SKIP test marked as manual run only",
             lines[5],
             "ok 7 - checked # SKIP /nonexistent/kvmrun-check not equal to Y",
-            "ok 8 - device # SKIP untranslated: -device edu",
+            "ok 8 - device # SKIP untranslated: -device hyperv-testdev",
             "not ok 9 - hang (timeout; duration=1)",
         ]
     );

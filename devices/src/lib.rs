@@ -11,6 +11,7 @@
 
 pub mod acpi_pm;
 pub mod debug_exit;
+pub mod edu;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod pci;
@@ -229,9 +230,13 @@ mod send_tests {
         assert_send::<crate::i8042::I8042>();
         assert_send::<crate::rtc::Rtc>();
         assert_send::<crate::pci::HostBridge>();
+        assert_send::<crate::edu::Edu>();
+        assert_send::<crate::pci::q35::Ich9Lpc>();
         assert_send::<crate::pci::PciConfigIo>();
         assert_send::<crate::pci::PciConfigMmio>();
         assert_send::<crate::virtio::mmio::VirtioMmio<crate::virtio::rng::Rng>>();
         assert_send::<crate::virtio::pci::VirtioPci<crate::virtio::rng::Rng>>();
+        assert_send::<crate::virtio::mmio::VirtioMmio<crate::virtio::blk::Blk>>();
+        assert_send::<crate::virtio::pci::VirtioPci<crate::virtio::blk::Blk>>();
     }
 }

@@ -106,6 +106,10 @@ pub const TARGETS: &[Target] = &[
         name: "virtio_chain",
         run: platform::virtio_chain,
     },
+    Target {
+        name: "virtio_blk",
+        run: platform::virtio_blk,
+    },
 ];
 
 /// The target named `name`.

@@ -2,14 +2,16 @@
 //! through 0xCF8/0xCFC and ECAM with a virtio-pci device behind it, and
 //! virtio descriptor chains in guest memory the input fills.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::pci::{HostBridge, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
+use devices::virtio::blk::{Blk, Disk, DiskMode};
 use devices::virtio::mmio::{self, VirtioMmio};
 use devices::virtio::pci::{self as vpci, VirtioPci};
 use devices::virtio::rng::Rng;
 use devices::virtio::{
-    QueueNotify, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    QueueNotify, VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
 };
 use devices::Persist;
 use vm_device::bus::{MmioAddress, PioAddress};
@@ -72,7 +74,7 @@ impl Pci {
     fn round_trip(&mut self) {
         self.io = through(&self.io, self.root.clone());
         self.ecam = through(&self.ecam, self.root.clone());
-        let args = (self.mem.clone(), fakes::msi(), fakes::irq(), 17);
+        let args = (self.mem.clone(), fakes::msi(), fakes::irq(), 17, ());
         let rng = Arc::new(Mutex::new(through(&*lock(&self.rng), args)));
         self.root.remove(1);
         assert!(self.root.add(1, rng.clone()));
@@ -135,7 +137,7 @@ pub fn pci_config(data: &[u8]) {
     pci.round_trip();
 }
 
-fn wr(t: &mut VirtioMmio<Rng>, off: u64, v: u32) {
+fn wr<D: VirtioDevice>(t: &mut VirtioMmio<D>, off: u64, v: u32) {
     t.mmio_write(MmioAddress(0), off, &v.to_le_bytes());
 }
 
@@ -151,6 +153,70 @@ fn wr(t: &mut VirtioMmio<Rng>, off: u64, v: u32) {
 /// virtio-queue and served as the VMM serves them. Between
 /// notifications the device goes through a snapshot round trip.
 pub fn virtio_chain(data: &[u8]) {
+    drive_chains(data, Rng::new(), ());
+}
+
+/// `virtio_chain` with virtio-blk on a 1 MiB disk: flag bit 2 makes it
+/// read-only, bit 3 a snapshot-mode disk (writes to the overlay). The
+/// same descriptor chains meet request headers, sectors and segment
+/// lists from the input.
+pub fn virtio_blk(data: &[u8]) {
+    let flags = data.first().copied().unwrap_or(0);
+    let disk = match (flags & 4 != 0, flags & 8 != 0) {
+        (true, _) => &disks().ro,
+        (false, true) => &disks().snapshot,
+        (false, false) => &disks().rw,
+    };
+    drive_chains(data, Blk::new(disk.clone()), disk.clone());
+}
+
+/// A disk for the targets that restore one from a state: read-write as
+/// the guest sees it, without writing the image.
+pub fn fuzz_disk() -> Arc<Disk> {
+    disks().snapshot.clone()
+}
+
+/// One image of each mode, made once per process and kept open (a
+/// read-write image is locked against every other open).
+struct Disks {
+    _dir: tempfile::TempDir,
+    rw: Arc<Disk>,
+    ro: Arc<Disk>,
+    snapshot: Arc<Disk>,
+}
+
+fn disks() -> &'static Disks {
+    static DISKS: OnceLock<Disks> = OnceLock::new();
+    DISKS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let open = |name: &str, read_only, snapshot| {
+            let path = dir.path().join(name);
+            // 2048 sectors, as the blk guest's disks whose states seed
+            // snapshot_state.
+            std::fs::write(&path, vec![0x5a; 1 << 20]).expect("a disk image");
+            let mode = DiskMode {
+                read_only,
+                snapshot,
+            };
+            Arc::new(Disk::open(&path, mode).expect("opening a disk image"))
+        };
+        Disks {
+            rw: open("rw.img", false, false),
+            ro: open("ro.img", true, false),
+            snapshot: open("snapshot.img", false, true),
+            _dir: dir,
+        }
+    })
+}
+
+/// Bring device `dev` up on virtio-mmio as the input says and notify
+/// it, through a snapshot round trip after each notification.
+fn drive_chains<D>(data: &[u8], dev: D, args: D::Args)
+where
+    D: VirtioDevice + Persist,
+    D::Args: Clone,
+    D::Error: std::fmt::Debug,
+{
     let mut input = Input::new(data);
     let flags = input.u8();
     let size = u32::from(input.u16());
@@ -162,7 +228,7 @@ pub fn virtio_chain(data: &[u8]) {
     mem.write_slice(&image[..n], GuestAddress(0))
         .expect("guest memory image");
 
-    let mut t = VirtioMmio::new(Rng::new(), mem.clone(), fakes::irq(), 20);
+    let mut t = VirtioMmio::new(dev, mem.clone(), fakes::irq(), 20);
     wr(&mut t, 0x70, u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
     if flags & 1 != 0 {
         // VIRTIO_F_VERSION_1, in the high word.
@@ -185,6 +251,6 @@ pub fn virtio_chain(data: &[u8]) {
         } else {
             t.notify(0);
         }
-        t = through(&t, (mem.clone(), fakes::irq(), 20));
+        t = through(&t, (mem.clone(), fakes::irq(), 20, args.clone()));
     }
 }

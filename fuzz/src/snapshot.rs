@@ -12,19 +12,24 @@ use std::sync::Arc;
 
 use devices::acpi_pm::AcpiPm;
 use devices::debug_exit::DebugExit;
+use devices::edu::Edu;
 use devices::fw_cfg::FwCfg;
 use devices::i8042::I8042;
-use devices::pci::{HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
+use devices::pci::q35::Ich9Lpc;
+use devices::pci::{Chipset, HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
 use devices::rtc::Rtc;
 use devices::serial::SerialDevice;
 use devices::testdev::{PcTestDev, TestDevIomem};
+use devices::virtio::blk::Blk;
 use devices::virtio::mmio::VirtioMmio;
 use devices::virtio::pci::VirtioPci;
 use devices::virtio::rng::Rng;
 use devices::Persist;
 use kvmrun::memory::Layout;
 use kvmrun::pit;
-use kvmrun::snapshot::{self, format, memory, vcpu, DeviceState, MachineState, MemoryInfo};
+use kvmrun::snapshot::{
+    self, format, memory, vcpu, DeviceState, MachineState, MemoryInfo, MemoryLoad,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -77,7 +82,15 @@ fn restore_devices(state: &MachineState) {
                 }
             }
             "pci-host-bridge" => {
-                restore_one::<HostBridge>(saved, ());
+                for chipset in [Chipset::Generic, Chipset::Q35] {
+                    restore_one::<HostBridge>(saved, chipset);
+                }
+            }
+            "ich9-lpc" => {
+                restore_one::<Ich9Lpc>(saved, 0x600);
+            }
+            n if n.starts_with("edu") => {
+                restore_one::<Edu>(saved, (mem.clone(), fakes::msi(), fakes::irq(), 16));
             }
             "pci-config-io" => {
                 restore_one::<PciConfigIo>(saved, root.clone());
@@ -85,10 +98,19 @@ fn restore_devices(state: &MachineState) {
             "pci-ecam" => {
                 restore_one::<PciConfigMmio>(saved, root.clone());
             }
-            // A virtio device: its transport is in its state.
+            // A disk (on the fuzz targets' snapshot-mode image): its
+            // transport is in its state.
+            n if n.starts_with("disk") => {
+                let disk = crate::platform::fuzz_disk();
+                let args = (mem.clone(), fakes::irq(), 20, disk.clone());
+                restore_one::<VirtioMmio<Blk>>(saved, args);
+                let args = (mem.clone(), fakes::msi(), fakes::irq(), 16, disk);
+                restore_one::<VirtioPci<Blk>>(saved, args);
+            }
+            // Another virtio device: its transport is in its state.
             _ => {
-                restore_one::<VirtioMmio<Rng>>(saved, (mem.clone(), fakes::irq(), 20));
-                let args = (mem.clone(), fakes::msi(), fakes::irq(), 16);
+                restore_one::<VirtioMmio<Rng>>(saved, (mem.clone(), fakes::irq(), 20, ()));
+                let args = (mem.clone(), fakes::msi(), fakes::irq(), 16, ());
                 restore_one::<VirtioPci<Rng>>(saved, args);
             }
         }
@@ -140,7 +162,8 @@ pub fn state(data: &[u8]) {
 }
 
 /// Input: flags (bit 0: `--verify-memory`; bit 1: the file is as long
-/// as the layout needs; bit 2: zero pages left as holes), the RAM size in
+/// as the layout needs; bit 2: zero pages left as holes; bit 3:
+/// `--memory copy` instead of map), the RAM size in
 /// pages, the state's memory id, length and digest, the trailer's 40
 /// bytes, then RAM.
 pub fn memory_file(data: &[u8]) {
@@ -180,11 +203,16 @@ pub fn memory_file(data: &[u8]) {
     f.flush().expect("flush");
     drop(f);
 
-    let Ok(mem) = snapshot::map_memory(dir.path(), &layout, &info, flags & 1 != 0) else {
+    let load = if flags & 8 != 0 {
+        MemoryLoad::Copy
+    } else {
+        MemoryLoad::Map
+    };
+    let Ok(mem) = snapshot::map_memory(dir.path(), &layout, &info, flags & 1 != 0, load) else {
         return;
     };
-    // The mapping is the guest's RAM: every page reads, and writes stay
-    // private.
+    // The mapping or copy is the guest's RAM: every page reads, and
+    // writes stay private.
     let mut b = [0u8; 1];
     for p in 0..pages {
         mem.read_slice(&mut b, GuestAddress(p * 4096))

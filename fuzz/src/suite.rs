@@ -1,9 +1,12 @@
 //! Suites: kvm-unit-tests' unittests.cfg (parsed, then planned and its
 //! QEMU flags translated) and kvmrun's TOML suites of Linux tests.
 //!
-//! Planning a cfg entry can run `bash` (`disabled_if`) and read files
-//! (`check`); the target leaves those two keys out, because a fuzzer must
-//! not run the shell commands it makes up.
+//! Planning a cfg entry can run `bash` (`disabled_if`), read files
+//! (`check`) and run `sh` to expand `$` and backquotes in `smp`,
+//! `extra_params` and `test_args`; the target leaves the first two keys
+//! out and turns `$` and backquotes into `x`, because a fuzzer must not
+//! run the shell commands it makes up (a redirection it wrote once left
+//! files in the working directory).
 
 use kvmrun::testhost::{cfg, kut, linux, translate};
 use std::path::{Path, PathBuf};
@@ -39,6 +42,12 @@ pub fn kut_cfg(data: &[u8]) {
     for e in &mut entries {
         e.disabled_if = None;
         e.check = None;
+        for text in [&mut e.smp, &mut e.params, &mut e.test_args]
+            .into_iter()
+            .flatten()
+        {
+            *text = text.replace(['$', '`'], "x");
+        }
         if let Some(p) = &e.params {
             if let Ok(words) = translate::shell_words(p, &env) {
                 let _ = translate::translate(&words);

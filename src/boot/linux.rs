@@ -178,7 +178,8 @@ fn load_bzimage(
     } else {
         h.pref_address.max(load_addr)
     };
-    let kernel_end = run_at + h.init_size as u64;
+    // Saturate: a forged pref_address near 2^64 must end in DoesNotFit.
+    let kernel_end = run_at.saturating_add(h.init_size as u64);
     let file_end = load_addr + (args.image.len() as u64);
     let kernel_end = kernel_end.max(file_end);
     if load_addr < HIGH_MEMORY || !layout.contains(load_addr, kernel_end - load_addr) {
@@ -557,6 +558,14 @@ mod tests {
         assert!(e.to_string().contains("XLF_KERNEL_64"), "{e}");
         let e = load_with(&img, 64 << 20, Some(&vec![0u8; 64 << 20])).unwrap_err();
         assert!(e.to_string().starts_with("rd: initrd of"), "{e}");
+    }
+
+    #[test]
+    fn a_preferred_address_at_the_end_of_u64_does_not_fit() {
+        let mut img = tiny_bzimage(0x400);
+        img[0x258..0x260].copy_from_slice(&(u64::MAX - 0x1000).to_le_bytes());
+        let e = load_with(&img, 64 << 20, None).unwrap_err();
+        assert!(e.to_string().contains("give more with --mem"), "{e}");
     }
 
     #[test]

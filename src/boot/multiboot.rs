@@ -222,7 +222,10 @@ pub(crate) fn elf_segments(path: &Path, data: &[u8]) -> Result<(Vec<Segment>, u6
     for i in 0..phnum as u64 {
         let off = phoff
             .checked_add(i * phentsize as u64)
-            .filter(|o| o + min_ent as u64 <= data.len() as u64)
+            .filter(|o| {
+                o.checked_add(min_ent as u64)
+                    .is_some_and(|e| e <= data.len() as u64)
+            })
             .ok_or_else(|| trunc("the program header table"))? as usize;
         let p_type = u32_at(data, off).unwrap_or(0);
         if p_type != 1 {
@@ -546,6 +549,25 @@ pub(crate) mod tests {
         f[h + 8..h + 12].copy_from_slice(&(0u32.wrapping_sub(HEADER_MAGIC)).to_le_bytes());
         f[h + 12] = 0xf4; // hlt
         f
+    }
+
+    /// The `multiboot` fuzz target's first crash: a program header table
+    /// offset so close to u64's end that the end of its first entry
+    /// overflowed.
+    #[test]
+    fn a_program_header_table_at_the_end_of_u64_is_truncated() {
+        let mut f = vec![0u8; 0x80];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[18..20].copy_from_slice(&62u16.to_le_bytes());
+        f[32..40].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&1u16.to_le_bytes());
+        f[0x40..0x44].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
+        f[0x48..0x4c].copy_from_slice(&(0u32.wrapping_sub(HEADER_MAGIC)).to_le_bytes());
+        let e = load_tiny(&f, 32 << 20, None).unwrap_err().to_string();
+        assert!(e.contains("program header table"), "{e}");
     }
 
     fn load_tiny(

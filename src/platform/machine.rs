@@ -12,11 +12,12 @@ use devices::i8042::{self, I8042};
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
+use devices::virtio::blk::{Blk, Disk, DiskMode};
 use devices::virtio::rng::Rng;
 use devices::VmRequests;
 
 use super::{Attach, Platform, PlatformError};
-use crate::config::{DeviceConfig, SerialOutput, VmConfig};
+use crate::config::{DeviceConfig, Machine, SerialOutput, VmConfig};
 use crate::memory::Layout;
 use crate::serial_out::Output;
 use crate::vm::Vm;
@@ -91,12 +92,31 @@ pub fn attach(
         Attach::new("rtc", (), move |()| rtc_for(&layout, vcpus))
             .pio(rtc::RTC_INDEX_PORT, rtc::RTC_PORT_COUNT),
     )?;
-    let mut rngs = 0;
+    // The chipset first: its functions take slots 0 and 31 before any
+    // device is given one.
+    if cfg.machine() == Machine::Q35 {
+        p.attach_q35()?;
+    }
+    let (mut rngs, mut disks, mut edus) = (0, 0, 0);
     for d in &cfg.devices {
-        match *d {
+        match d {
+            DeviceConfig::Q35 => {}
+            DeviceConfig::Edu => {
+                p.attach_edu(&format!("edu{edus}"))?;
+                edus += 1;
+            }
             DeviceConfig::Rng(transport) => {
-                p.attach_virtio(&format!("rng{rngs}"), transport, Rng::new)?;
+                p.attach_virtio(&format!("rng{rngs}"), *transport, (), |()| Rng::new())?;
                 rngs += 1;
+            }
+            DeviceConfig::Disk(disk) => {
+                let mode = DiskMode {
+                    read_only: disk.read_only,
+                    snapshot: disk.snapshot,
+                };
+                let opened = Arc::new(Disk::open(&disk.path, mode)?);
+                p.attach_virtio(&format!("disk{disks}"), disk.transport, opened, Blk::new)?;
+                disks += 1;
             }
         }
     }

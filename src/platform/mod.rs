@@ -14,6 +14,7 @@
 //! another version, or of a device this machine lacks, is refused by
 //! name.
 
+pub mod edu;
 pub mod machine;
 pub mod pci;
 pub mod resources;
@@ -22,8 +23,9 @@ pub mod virtio;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use devices::pci::q35::{self, Ich9Lpc};
 use devices::pci::{
-    BarKind, HostBridge, PciConfigIo, PciConfigMmio, PciDevice, PciRoot, SharedPciDevice,
+    BarKind, Chipset, HostBridge, PciConfigIo, PciConfigMmio, PciDevice, PciRoot, SharedPciDevice,
 };
 use devices::Persist;
 use serde::{Deserialize, Serialize};
@@ -68,6 +70,8 @@ pub enum PlatformError {
     Duplicate(String),
     #[error("{0}")]
     Io(String),
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::blk::DiskError),
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,8 +160,10 @@ pub struct Platform {
     acpi_mmio: Vec<MmioDevice>,
     /// Guest memory, for devices that reach it (virtio).
     mem: GuestMemoryMmap,
-    /// The PCI root, from the first PCI device on.
+    /// The PCI root, from the first PCI device on (from the start on q35).
     pci: Option<PciHost>,
+    /// Which host bridge the PCI root gets.
+    chipset: Chipset,
     pci_windows: Option<PciWindows>,
     /// Queue notifications for the main loop.
     queue_events: Vec<QueueEvent>,
@@ -185,6 +191,7 @@ impl Platform {
             acpi_mmio: Vec::new(),
             mem: vm.mem.clone(),
             pci: None,
+            chipset: Chipset::Generic,
             pci_windows,
             queue_events: Vec::new(),
             next_source: 0,
@@ -367,10 +374,12 @@ impl Platform {
             });
         };
         let placer = Arc::new(BarPlacer::new(self.bus.clone(), self.irq.clone()));
-        let root = Arc::new(PciRoot::new(placer.clone()));
-        let bridge = Arc::new(Mutex::new(
-            self.make("pci-host-bridge", (), |()| HostBridge::new())?,
-        ));
+        let root = Arc::new(PciRoot::for_chipset(placer.clone(), self.chipset));
+        let bridge = Arc::new(Mutex::new(self.make(
+            "pci-host-bridge",
+            self.chipset,
+            HostBridge::for_chipset,
+        )?));
         root.add(0, bridge.clone());
         self.keep("pci-host-bridge", &bridge, Vec::new());
         self.attach(
@@ -389,6 +398,29 @@ impl Platform {
             windows,
         });
         Ok(root)
+    }
+
+    /// Make the machine a Q35 (`--machine q35`): the PCI root with the
+    /// MCH as its host bridge and the ICH9 LPC bridge at 00:1f.0, before
+    /// any other PCI device, so they hold their slots at boot and restore
+    /// alike.
+    pub fn attach_q35(&mut self) -> Result<(), PlatformError> {
+        if self.pci.is_some() {
+            return Err(PlatformError::Device {
+                name: "ich9-lpc".into(),
+                reason: "the chipset must come before every PCI device".into(),
+            });
+        }
+        self.chipset = Chipset::Q35;
+        let root = self.pci_root()?;
+        let lpc = Arc::new(Mutex::new(self.make(
+            "ich9-lpc",
+            devices::acpi_pm::PM_BASE,
+            Ich9Lpc::new,
+        )?));
+        root.add(q35::LPC_SLOT, lpc.clone());
+        self.keep("ich9-lpc", &lpc, Vec::new());
+        Ok(())
     }
 
     /// The slot the next PCI device goes to.

@@ -67,26 +67,33 @@ impl Drop for MmioIoEvents {
 }
 
 impl Platform {
-    /// Register virtio device `name` (a model made by `new`) on
-    /// `transport`.
+    /// Register virtio device `name` (a model made by `new(args)`, or
+    /// restored with `args`) on `transport`.
     pub fn attach_virtio<D>(
         &mut self,
         name: &str,
         transport: Transport,
-        new: fn() -> D,
+        args: D::Args,
+        new: fn(D::Args) -> D,
     ) -> Result<(), PlatformError>
     where
-        D: VirtioDevice + Persist<Args = ()> + 'static,
+        D: VirtioDevice + Persist + 'static,
+        D::Args: Clone,
     {
         match transport {
-            Transport::Mmio => self.attach_virtio_mmio(name, new),
-            Transport::Pci => self.attach_virtio_pci(name, new),
+            Transport::Mmio => self.attach_virtio_mmio(name, args, new),
+            Transport::Pci => self.attach_virtio_pci(name, args, new),
         }
     }
 
-    fn attach_virtio_mmio<D>(&mut self, name: &str, new: fn() -> D) -> Result<(), PlatformError>
+    fn attach_virtio_mmio<D>(
+        &mut self,
+        name: &str,
+        dev_args: D::Args,
+        new: fn(D::Args) -> D,
+    ) -> Result<(), PlatformError>
     where
-        D: VirtioDevice + Persist<Args = ()> + 'static,
+        D: VirtioDevice + Persist + 'static,
     {
         let (base, gsi) = {
             let mut res = lock(&self.resources);
@@ -110,9 +117,9 @@ impl Platform {
             Held::Gsi(Pool::PlatformGsi, gsi),
         ];
         let line = self.new_line();
-        let args = (self.mem.clone(), line.clone(), gsi);
-        let made = self.make::<VirtioMmio<D>>(name, args, |(mem, line, gsi)| {
-            VirtioMmio::new(new(), mem, line, gsi)
+        let args = (self.mem.clone(), line.clone(), gsi, dev_args);
+        let made = self.make::<VirtioMmio<D>>(name, args, |(mem, line, gsi, a)| {
+            VirtioMmio::new(new(a), mem, line, gsi)
         });
         let dev = match made {
             Ok(d) => Arc::new(Mutex::new(d)),
@@ -161,13 +168,19 @@ impl Platform {
         Ok(())
     }
 
-    fn attach_virtio_pci<D>(&mut self, name: &str, new: fn() -> D) -> Result<(), PlatformError>
+    fn attach_virtio_pci<D>(
+        &mut self,
+        name: &str,
+        dev_args: D::Args,
+        new: fn(D::Args) -> D,
+    ) -> Result<(), PlatformError>
     where
-        D: VirtioDevice + Persist<Args = ()> + 'static,
+        D: VirtioDevice + Persist + 'static,
+        D::Args: Clone,
     {
         let slot = self.pci_slot()?;
         // One MSI-X vector per queue and one for configuration changes.
-        let count = new().queue_max_sizes().len() + 1;
+        let count = new(dev_args.clone()).queue_max_sizes().len() + 1;
         let mut gsis = Vec::with_capacity(count);
         let mut held = Vec::new();
         for _ in 0..count {
@@ -191,10 +204,16 @@ impl Platform {
             }
         };
         let intx_gsi = layout::PCI_INTX_GSI_BASE + u32::from(slot) % 4;
-        let args = (self.mem.clone(), vectors as _, self.new_line(), intx_gsi);
+        let args = (
+            self.mem.clone(),
+            vectors as _,
+            self.new_line(),
+            intx_gsi,
+            dev_args,
+        );
         let (dev, held) =
-            self.attach_pci(name, slot, args, held, |(mem, vectors, line, gsi)| {
-                VirtioPci::new(new(), mem, vectors, line, gsi)
+            self.attach_pci(name, slot, args, held, |(mem, vectors, line, gsi, a)| {
+                VirtioPci::new(new(a), mem, vectors, line, gsi)
             })?;
         let offsets = lock(&dev).notifications();
         let mut ioevents = Vec::new();
@@ -216,7 +235,7 @@ impl Platform {
     }
 
     /// A level line of its own interrupt source (lines may be shared).
-    fn new_line(&mut self) -> Arc<dyn devices::IrqLine> {
+    pub(super) fn new_line(&mut self) -> Arc<dyn devices::IrqLine> {
         self.next_source = self.next_source.wrapping_add(1);
         self.irq.line(self.next_source)
     }
@@ -259,7 +278,7 @@ impl MutEventSubscriber for QueueNotifier {
     fn init(&mut self, ops: &mut EventOps) {
         for (i, e) in self.events.iter().enumerate() {
             if let Err(err) = ops.add(Events::with_data(&*e.fd, i as u32, EventSet::IN)) {
-                log::warn!("warning: cannot watch a queue notification: {err:?}");
+                log::warn!("cannot watch a queue notification: {err:?}");
             }
         }
     }

@@ -19,9 +19,10 @@
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_level,
-    kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_ioeventfd,
+    kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_list, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave,
 };
 use libc::*;
 
@@ -41,16 +42,19 @@ pub enum Kind {
     Scheduler,
     /// The writer of the guest's serial output (`serial_out`).
     SerialOut,
+    /// The gdb stub (`gdb`): its socket, and kicking vCPUs out of KVM_RUN.
+    Gdb,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Vmm,
         Kind::Vcpu,
         Kind::PitPolicy,
         Kind::Supervisor,
         Kind::Scheduler,
         Kind::SerialOut,
+        Kind::Gdb,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Kind {
             Kind::Supervisor => "migration supervisor",
             Kind::Scheduler => "test scheduler",
             Kind::SerialOut => "serial-out",
+            Kind::Gdb => "gdb",
         }
     }
 
@@ -74,15 +79,17 @@ impl Kind {
                 INSTALL,
                 VMM,
                 VCPU,
+                GUEST_DEBUG,
                 KVM_SNAPSHOT,
             ],
-            Kind::Vcpu => &[RUNTIME, ABORT, VCPU],
+            Kind::Vcpu => &[RUNTIME, ABORT, VCPU, GUEST_DEBUG],
             Kind::PitPolicy => &[RUNTIME, ABORT, CLOSE, PIT_POLICY],
             Kind::Supervisor => &[RUNTIME, ABORT, NEW_THREADS, FILES, SUPERVISOR],
             Kind::Scheduler => &[RUNTIME, ABORT, NEW_THREADS, FILES, SCHEDULER],
             // Writing to stdout or a file, waiting for bytes and for
             // room in a pipe, closing the file at the end.
             Kind::SerialOut => &[RUNTIME, ABORT, CLOSE, SERIAL_OUT],
+            Kind::Gdb => &[RUNTIME, ABORT, CLOSE, GDB],
         };
         groups.iter().flat_map(|g| g.iter().copied()).collect()
     }
@@ -149,6 +156,8 @@ pub const KVM_SET_SREGS: u64 = iow(0x84, size_of::<kvm_sregs>());
 pub const KVM_TRANSLATE: u64 = iowr(0x85, size_of::<kvm_translation>());
 pub const KVM_GET_MSRS: u64 = iowr(0x88, size_of::<kvm_msrs>());
 pub const KVM_GET_FPU: u64 = ior(0x8c, size_of::<kvm_fpu>());
+pub const KVM_SET_FPU: u64 = iow(0x8d, size_of::<kvm_fpu>());
+pub const KVM_SET_GUEST_DEBUG: u64 = iow(0x9b, size_of::<kvm_guest_debug>());
 pub const KVM_GET_LAPIC: u64 = ior(0x8e, size_of::<kvm_lapic_state>());
 pub const KVM_GET_CPUID2: u64 = iowr(0x91, size_of::<kvm_cpuid2>());
 pub const KVM_GET_MP_STATE: u64 = ior(0x98, size_of::<kvm_mp_state>());
@@ -250,7 +259,7 @@ const INSTALL: &[Rule] = &[
 /// reprograms them (KVM_SET_GSI_ROUTING), BARs moved with the queue
 /// notifications inside them (KVM_IOEVENTFD). A virtio queue notified
 /// through its register rather than an ioeventfd is served here:
-/// virtio-rng's getrandom.
+/// virtio-rng's getrandom, virtio-blk's DISK_IO.
 const VCPU: &[Rule] = &[
     one_of(
         SYS_ioctl,
@@ -268,6 +277,58 @@ const VCPU: &[Rule] = &[
         ],
     ),
     any(SYS_getrandom),
+    any(SYS_pread64),
+    any(SYS_pwrite64),
+    any(SYS_fdatasync),
+    DISK_ZERO,
+];
+
+/// virtio-blk's requests on its image (and snapshot overlay) beyond
+/// pread64/pwrite64/fdatasync: DISCARD punches a hole, WRITE_ZEROES
+/// zeroes a range, neither changing the file's size.
+const DISK_ZERO: Rule = one_of(
+    SYS_fallocate,
+    1,
+    &[
+        (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+        (libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+    ],
+);
+
+/// What a vCPU stopped for gdb runs for the stub (`vcpu::debug`): its
+/// registers read and written, guest debugging (breakpoints, single
+/// steps, the guest's own int3 given back). Only the guest is touched.
+const GUEST_DEBUG: &[Rule] = &[one_of(
+    SYS_ioctl,
+    1,
+    &[
+        KVM_GET_FPU,
+        KVM_SET_FPU,
+        KVM_SET_REGS,
+        KVM_SET_SREGS,
+        KVM_SET_GUEST_DEBUG,
+    ],
+)];
+
+/// The signal that kicks a vCPU (`vcpu::kick_signal()`, glibc's first
+/// real-time signal free for applications).
+const KICK: &[u64] = &[34];
+
+/// The gdb stub thread: accepting gdb and talking to it, waiting on the
+/// socket and the vCPUs' event fd, kicking vCPUs out of KVM_RUN, removing
+/// its Unix socket at the end. It starts before the VMM thread's filter,
+/// so this list is all that applies to it.
+const GDB: &[Rule] = &[
+    any(SYS_accept4),
+    any(SYS_read),
+    any(SYS_recvfrom),
+    any(SYS_sendto),
+    any(SYS_poll),
+    any(SYS_ppoll),
+    any(SYS_setsockopt),
+    any(SYS_unlink),
+    any(SYS_unlinkat),
+    one_of(SYS_tgkill, 2, KICK),
 ];
 
 /// Reading and writing files: suites, logs, reports, work directories.
@@ -302,7 +363,8 @@ const FILES: &[Rule] = &[
 
 /// The VMM thread once the guest runs: the event loop (timers, eventfds,
 /// stdin, virtio queue notifications: ioeventfd reads, virtio-rng's
-/// getrandom, interrupts as irqfd writes), the control socket, kicking
+/// getrandom, virtio-blk's pread64/pwrite64/fdatasync and DISK_ZERO,
+/// interrupts as irqfd writes), the control socket, kicking
 /// and joining vCPU threads, S3 wake-up, the terminal restored at the
 /// end, writing snapshots (`KVM_SNAPSHOT` for the KVM side), and tearing
 /// the devices down (their irqfds, MSI routes and ioeventfds).
@@ -338,6 +400,7 @@ const VMM: &[Rule] = &[
     any(SYS_newfstatat),
     any(SYS_statx),
     any(SYS_getrandom),
+    DISK_ZERO,
     one_of(
         SYS_ioctl,
         1,
@@ -462,6 +525,11 @@ mod tests {
                 r
             );
         }
+    }
+
+    #[test]
+    fn the_kick_signal_is_the_one_the_gdb_list_allows() {
+        assert_eq!(KICK, &[crate::vcpu::kick_signal() as u64]);
     }
 
     #[test]

@@ -384,7 +384,7 @@ fn install_report_handler() {
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
                 log::warn!(
-                    "warning: cannot catch SIGSYS: a forbidden system call will kill kvmrun without a report"
+                    "cannot catch SIGSYS: a forbidden system call will kill kvmrun without a report"
                 );
             }
         }

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use twox_hash::XxHash3_64;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MemoryRegionAddress,
 };
 
@@ -323,10 +323,45 @@ pub fn map(file: &File, layout: &Layout) -> Result<GuestMemoryMmap, String> {
     GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())
 }
 
+/// Read the RAM of the memory file into fresh anonymous guest RAM for
+/// `layout`: only the file's data extents are read and only non-zero pages
+/// written, so untouched RAM stays unallocated. Anonymous memory can be
+/// backed by transparent huge pages, which a private file mapping cannot:
+/// the guest then runs on large nested-paging entries at once instead of
+/// faulting in each 4 KiB page (and copying it again on its first write).
+pub fn copy(file: &File, layout: &Layout) -> Result<GuestMemoryMmap, String> {
+    let mem = crate::memory::create_guest_memory(layout).map_err(|e| e.to_string())?;
+    const CHUNK: u64 = 1 << 20;
+    let page = PAGE as u64;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut file_at = 0u64;
+    for &(start, len) in &layout.ram {
+        for (data, hole) in data_extents(file, file_at, file_at + len) {
+            let mut at = data / page * page;
+            let end = hole.div_ceil(page).saturating_mul(page).min(file_at + len);
+            while at < end {
+                let n = (end - at).min(CHUNK) as usize;
+                file.read_exact_at(&mut buf[..n], at)
+                    .map_err(|e| format!("read of {n} bytes at offset {at:#x}: {e}"))?;
+                for (i, p) in buf[..n].chunks_exact(PAGE).enumerate() {
+                    if is_zero(p) {
+                        continue;
+                    }
+                    let gpa = start + (at - file_at) + (i * PAGE) as u64;
+                    mem.write_slice(p, GuestAddress(gpa))
+                        .map_err(|e| format!("copy to guest address {gpa:#x}: {e}"))?;
+                }
+                at += n as u64;
+            }
+        }
+        file_at += len;
+    }
+    Ok(mem)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
 
     const PAGES: usize = 48;
 
@@ -441,5 +476,42 @@ mod tests {
         assert_eq!(read_trailer(&f, 0x4000).unwrap(), Some(info));
         f.write_all_at(b"X", 0x4000).unwrap();
         assert_eq!(read_trailer(&f, 0x4000).unwrap(), None);
+    }
+
+    #[test]
+    fn copy_reads_the_same_ram_as_map() {
+        let layout = Layout {
+            mem: (PAGES * PAGE) as u64,
+            ram: vec![(0, (32 * PAGE) as u64), (1 << 32, (16 * PAGE) as u64)],
+            pci: false,
+        };
+        let ram = ram();
+        let f = file_of(&ram, true);
+        for mem in [map(&f, &layout).unwrap(), copy(&f, &layout).unwrap()] {
+            let mut low = vec![0u8; 32 * PAGE];
+            let mut high = vec![0u8; 16 * PAGE];
+            mem.read_slice(&mut low, GuestAddress(0)).unwrap();
+            mem.read_slice(&mut high, GuestAddress(1 << 32)).unwrap();
+            assert_eq!(low, ram[..32 * PAGE]);
+            assert_eq!(high, ram[32 * PAGE..]);
+        }
+        // A copy is the guest's own: its writes never reach the file.
+        let mem = copy(&f, &layout).unwrap();
+        assert!(mem.iter().all(|r| r.file_offset().is_none()));
+        mem.write_slice(&[0xff; 8], GuestAddress(0)).unwrap();
+        let mut back = [0u8; 8];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back[..], ram[..8]);
+    }
+
+    #[test]
+    fn copy_of_a_short_file_names_the_offset() {
+        let layout = Layout::new((PAGES * PAGE) as u64);
+        let f = tempfile::tempfile().unwrap();
+        f.set_len((PAGES * PAGE) as u64).unwrap();
+        f.write_all_at(&[1u8; PAGE], 0).unwrap();
+        f.set_len(PAGE as u64 / 2).unwrap();
+        let e = copy(&f, &layout).unwrap_err();
+        assert!(e.contains("offset 0x0"), "{e}");
     }
 }

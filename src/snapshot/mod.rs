@@ -94,7 +94,7 @@ pub enum SnapshotError {
     },
     #[error("cannot draw a random snapshot id: {0}")]
     Random(std::io::Error),
-    #[error("{}: cannot map guest memory: {reason}", path.display())]
+    #[error("{}: cannot make guest memory of it: {reason}", path.display())]
     Map { path: PathBuf, reason: String },
     #[error("cannot encode the state: {0}")]
     Encode(String),
@@ -274,14 +274,49 @@ pub fn decode_state(bytes: &[u8], path: &Path) -> Result<MachineState, SnapshotE
     Ok(state)
 }
 
+/// How restore makes guest RAM of the memory file (`--memory`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryLoad {
+    /// Map the file copy-on-write: nothing is read before the guest runs,
+    /// pages come in as the guest touches them.
+    #[default]
+    Map,
+    /// Read the file's data into anonymous RAM before the guest runs:
+    /// restore takes longer, the guest then runs on (possibly huge)
+    /// anonymous pages, as after a boot.
+    Copy,
+}
+
+impl std::str::FromStr for MemoryLoad {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "map" => Ok(MemoryLoad::Map),
+            "copy" => Ok(MemoryLoad::Copy),
+            _ => Err(format!("invalid --memory '{s}': expected map or copy")),
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemoryLoad::Map => "map",
+            MemoryLoad::Copy => "copy",
+        })
+    }
+}
+
 /// Open `dir/memory`, check its size and trailer against `info` (the
 /// state's), with `verify` also its RAM against the digest (this reads
-/// the whole file), and map it copy-on-write as guest RAM for `layout`.
+/// the whole file), and make it guest RAM for `layout` as `load` says.
 pub fn map_memory(
     dir: &Path,
     layout: &Layout,
     info: &MemoryInfo,
     verify: bool,
+    load: MemoryLoad,
 ) -> Result<GuestMemoryMmap, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let f = File::open(&path).map_err(io(&path))?;
@@ -338,7 +373,11 @@ pub fn map_memory(
             });
         }
     }
-    memory::map(&f, layout).map_err(|reason| SnapshotError::Map { path, reason })
+    match load {
+        MemoryLoad::Map => memory::map(&f, layout),
+        MemoryLoad::Copy => memory::copy(&f, layout),
+    }
+    .map_err(|reason| SnapshotError::Map { path, reason })
 }
 
 #[cfg(test)]

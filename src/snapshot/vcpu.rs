@@ -231,7 +231,7 @@ impl VcpuState {
             if host != Some(khz) {
                 if let Err(e) = fd.set_tsc_khz(khz) {
                     log::warn!(
-                        "warning: vCPU {id}: cannot set the saved TSC frequency {khz} kHz (KVM runs it at {}): {e}; guest time may drift",
+                        "vCPU {id}: cannot set the saved TSC frequency {khz} kHz (KVM runs it at {}): {e}; guest time may drift",
                         host.map_or("an unknown rate".to_string(), |h| format!("{h} kHz"))
                     );
                 }

@@ -297,7 +297,7 @@ mod tests {
              [check_bad]\nfile = t.flat\ncheck = {g}=Y {g}=N\n\
              [check_missing]\nfile = t.flat\ncheck = /nonexistent/x=1\n\
              [no_file]\nfile = missing.flat\n\
-             [device]\nfile = t.flat\nqemu_params = -device edu\n",
+             [device]\nfile = t.flat\nqemu_params = -device hyperv-testdev\n",
             g = good.display()
         );
         let s = specs(&text, &opts(dir.path()));
@@ -327,7 +327,10 @@ mod tests {
                 dir.path().join("missing.flat").display()
             )
         );
-        assert_eq!(skip_reason(by("device")), "untranslated: -device edu");
+        assert_eq!(
+            skip_reason(by("device")),
+            "untranslated: -device hyperv-testdev"
+        );
     }
 
     #[test]

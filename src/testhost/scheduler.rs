@@ -382,6 +382,44 @@ fn judge(rs: &RunSpec, raw: RawExit, serial: &str, stderr: &str) -> Outcome {
     }
 }
 
+/// Run failed test `name` again in the foreground, stopped before its
+/// first instruction with a gdb stub at a socket in the output directory,
+/// after printing the gdb command line that attaches with the image's
+/// symbols; no timeout, no migration. Its exit status, when it ends.
+pub fn rerun_for_gdb(name: &str, rs: &RunSpec, opts: &SuiteOptions) -> io::Result<i32> {
+    let stem = file_stem(name);
+    // The caller made `out_dir` absolute, so gdb may attach from anywhere.
+    let sock = opts.out_dir.join(format!("{stem}.gdb"));
+    let env = rs
+        .env_file
+        .as_ref()
+        .map(|_| opts.out_dir.join(format!("{stem}.env")));
+    let plain = RunSpec {
+        timeout_secs: None,
+        migrate: false,
+        ..rs.clone()
+    };
+    let plain_opts = SuiteOptions {
+        migrate_every: None,
+        ..opts.clone()
+    };
+    let mut cmd = Command::new(&opts.kvmrun);
+    cmd.args(child_args(&plain, &plain_opts, env.as_deref()))
+        .arg("--gdb")
+        .arg(&sock)
+        .arg("--gdb-wait")
+        .stdin(Stdio::null());
+    let address = crate::gdb::Address::Unix(sock);
+    println!(
+        "{name} failed; it runs again, waiting for gdb:\n  {}",
+        crate::gdb::gdb_command(&address, &rs.image)
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let status = crate::sandbox::spawn(cmd)?.wait()?;
+    Ok(status.code().unwrap_or(-1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,7 +54,15 @@ pub fn shell_words(text: &str, env: &[(String, String)]) -> Result<Vec<String>, 
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut words: Vec<String> = stdout.split('\0').map(str::to_string).collect();
     words.pop(); // after the last NUL
-    words.remove(0); // the "x"
+                 // Without the "x", the text sent printf's output elsewhere (a
+                 // redirection) or ended the shell before it.
+    if words.first().map(String::as_str) != Some("x") {
+        return Err(TranslateError::Shell {
+            text: text.to_string(),
+            why: "the shell printed no words (a redirection or an exit in the text?)".into(),
+        });
+    }
+    words.remove(0);
     Ok(words)
 }
 
@@ -80,6 +88,8 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     let mut cpu: Option<String> = None;
     let mut no_pit = false;
     let mut cpu_pm = false;
+    let mut q35 = false;
+    let mut edus = 0usize;
     let mut bad: Vec<String> = Vec::new();
 
     let mut i = 0;
@@ -132,19 +142,29 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
             "machine" | "M" => {
                 let mut ok = true;
                 let mut pit_off = false;
-                for prop in value.split(',') {
+                let mut machine = None;
+                for (i, prop) in value.split(',').enumerate() {
                     match prop {
                         "pit=off" => pit_off = true,
                         "accel=kvm" => {}
+                        // The type comes first, bare or as type=.
+                        "pc" | "q35" if i == 0 => machine = Some(prop == "q35"),
+                        "type=pc" | "type=q35" => machine = Some(prop == "type=q35"),
                         _ => ok = false,
                     }
                 }
                 if ok {
                     no_pit |= pit_off;
+                    // QEMU keeps the last type given.
+                    q35 = machine.unwrap_or(q35);
                 } else {
                     bad.push(flag);
                 }
             }
+            "device" => match value.as_str() {
+                "edu" => edus += 1,
+                _ => bad.push(flag),
+            },
             "accel" if value == "kvm" => {}
             // QEMU's cpu-pm=on lets the guest run MWAIT, HLT, PAUSE and
             // C-states without exits: KVM_CAP_X86_DISABLE_EXITS with every
@@ -161,6 +181,9 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         return Err(TranslateError::Untranslated(bad.join(" ")));
     }
     let mut args = Vec::new();
+    if q35 {
+        args.push("--machine=q35".to_string());
+    }
     if let Some(n) = smp {
         args.push(format!("--smp={n}"));
     }
@@ -179,6 +202,7 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     if cpu_pm {
         args.push("--kvm-cap=X86_DISABLE_EXITS".to_string());
     }
+    args.extend(std::iter::repeat_n("--edu".to_string(), edus));
     if let Some(a) = append {
         args.push(format!("--append={a}"));
     }
@@ -232,6 +256,10 @@ mod tests {
             shell_words("`exit 3`; (", &[]),
             Err(TranslateError::Shell { .. })
         ));
+        // The `kut_cfg` fuzz target's first crash: words sent elsewhere
+        // by a redirection.
+        let e = shell_words("$X > /dev/null", &[]).unwrap_err().to_string();
+        assert!(e.contains("printed no words"), "{e}");
     }
 
     #[test]
@@ -278,6 +306,16 @@ mod tests {
             ]
         );
         assert_eq!(t("-overcommit cpu-pm=off").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            t("-M q35 -device edu -smp 4").unwrap(),
+            ["--machine=q35", "--smp=4", "--edu"]
+        );
+        assert_eq!(
+            t("-machine type=q35,accel=kvm -device edu -device edu").unwrap(),
+            ["--machine=q35", "--edu", "--edu"]
+        );
+        assert_eq!(t("-M q35 -M pc").unwrap(), Vec::<String>::new());
+        assert_eq!(t("-M q35,pit=off").unwrap(), ["--machine=q35", "--no-pit"]);
         // Arguments that look like flags stay arguments.
         assert_eq!(
             t("-append '-pause_filter_test -x'").unwrap(),
@@ -295,10 +333,20 @@ mod tests {
             u("-cpu max -device hyperv-testdev"),
             "-device hyperv-testdev"
         );
+        // intel_iommu: the edu device translates, the split irqchip and
+        // the IOMMU do not yet.
         assert_eq!(
             u("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu"),
-            "-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu"
+            "-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off"
         );
+        assert_eq!(u("-M pc,q35"), "-M pc,q35");
+        assert_eq!(u("-M q35-8.2"), "-M q35-8.2");
+        assert_eq!(u("-machine microvm"), "-machine microvm");
+        assert_eq!(
+            u("-device edu,dma_mask=0xffff"),
+            "-device edu,dma_mask=0xffff"
+        );
+        assert_eq!(u("-device"), "-device");
         assert_eq!(u("-machine vmport=on -cpu max"), "-machine vmport=on");
         assert_eq!(
             u("-machine pit=off,vmport=on"),

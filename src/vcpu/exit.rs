@@ -16,6 +16,8 @@ pub(crate) enum Outcome {
     Crash(String),
     /// KVM_EXIT_INTERNAL_ERROR: the caller reads the details from kvm_run.
     InternalError,
+    /// KVM_EXIT_DEBUG, which only comes while gdb debugs the guest.
+    Debug(kvm_bindings::kvm_debug_exit_arch),
 }
 
 /// Handle one exit of vCPU `id`; `None` means run on.
@@ -52,6 +54,7 @@ pub(crate) fn dispatch(exit: VcpuExit<'_>, bus: &IoBus, id: u32) -> Option<Outco
         }
         VcpuExit::SystemEvent(kind, _) => return Some(system_event(kind)),
         VcpuExit::InternalError => return Some(Outcome::InternalError),
+        VcpuExit::Debug(arch) => return Some(Outcome::Debug(arch)),
         VcpuExit::FailEntry(reason, cpu) => {
             return Some(Outcome::Crash(format!(
                 "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
@@ -213,8 +216,12 @@ mod tests {
             d(VcpuExit::FailEntry(0x21, 3)),
             Some(Outcome::Crash(w)) if w.contains("0x21") && w.contains("CPU 3")
         ));
+        assert!(matches!(
+            d(VcpuExit::Debug(Default::default())),
+            Some(Outcome::Debug(_))
+        ));
         assert!(
-            matches!(d(VcpuExit::Debug(Default::default())), Some(Outcome::Crash(w)) if w.contains("unhandled exit"))
+            matches!(d(VcpuExit::Unknown), Some(Outcome::Crash(w)) if w.contains("unhandled exit"))
         );
         assert_eq!(d(VcpuExit::Intr), None);
     }

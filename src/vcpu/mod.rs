@@ -1,6 +1,7 @@
 //! One vCPU: its KVM state at creation and its thread's run loop; the
 //! dispatch of every exit to the bus or the shutdown path is `exit`.
 
+pub mod debug;
 mod exit;
 
 use std::panic::AssertUnwindSafe;
@@ -24,6 +25,7 @@ use crate::diag;
 use crate::memory::BOOT_GDT_ADDR;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vm::Vm;
+use debug::DebugHub;
 use exit::Outcome;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +57,7 @@ pub fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
-            log::warn!("warning: cannot install the vCPU kick handler: {e}");
+            log::warn!("cannot install the vCPU kick handler: {e}");
         }
     });
 }
@@ -284,6 +286,7 @@ impl Vcpu {
         bus: Arc<IoBus>,
         shutdown: Arc<Shutdown>,
         halt: Arc<HaltWatch>,
+        debug: Option<Arc<DebugHub>>,
     ) -> std::io::Result<Running> {
         let immediate_exit = self.immediate_exit();
         let thread = std::thread::Builder::new()
@@ -296,8 +299,9 @@ impl Vcpu {
                 // Keep the vCPU, and with it the kvm_run mapping a `Kick`
                 // writes to, alive until the thread is joined, even when
                 // the loop panics.
-                let ran =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| self.run(&bus, &shutdown, &halt)));
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.run(&bus, &shutdown, &halt, debug.as_deref())
+                }));
                 if ran.is_err() {
                     shutdown.request(ExitReason::Error(format!("vCPU {} panicked", self.id)));
                 }
@@ -311,8 +315,26 @@ impl Vcpu {
     }
 
     /// The vCPU thread's loop: run until the VM shuts down or must stop.
-    fn run(&mut self, bus: &IoBus, shutdown: &Shutdown, halt: &HaltWatch) {
+    /// With gdb (`debug`), park whenever the stub holds this vCPU.
+    fn run(
+        &mut self,
+        bus: &IoBus,
+        shutdown: &Shutdown,
+        halt: &HaltWatch,
+        debug: Option<&DebugHub>,
+    ) {
         while !shutdown.must_stop() {
+            if let Some(hub) = debug.filter(|h| h.must_park(self.id)) {
+                match hub.park(self) {
+                    Some((d, step)) => {
+                        if let Err(e) = self.set_guest_debug(&d, step, false) {
+                            shutdown.request(ExitReason::Error(format!("gdb: {e}")));
+                        }
+                    }
+                    None => break,
+                }
+                continue;
+            }
             let outcome = match self.fd.run() {
                 Ok(exit) => exit::dispatch(exit, bus, self.id),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -336,6 +358,12 @@ impl Vcpu {
                     let what = self.internal_error();
                     self.crash(shutdown, what)
                 }
+                Some(Outcome::Debug(d)) => match debug {
+                    Some(hub) => {
+                        hub.debug_exit(self, &d);
+                    }
+                    None => self.crash(shutdown, format!("unhandled exit Debug({d:?})")),
+                },
             }
         }
     }

@@ -90,7 +90,7 @@ impl Interrupts {
         // Every write reaches KVM, as a raise of a raised line did before
         // lines were shared; KVM finds the edges itself.
         if let Err(e) = self.fd.set_irq_line(gsi, after) {
-            log::warn!("warning: KVM_IRQ_LINE gsi {gsi} level {after}: {e}");
+            log::warn!("KVM_IRQ_LINE gsi {gsi} level {after}: {e}");
         }
     }
 
@@ -243,14 +243,14 @@ impl MsiVectors for KvmMsiVectors {
             return;
         };
         if let Err(e) = self.irq.set_msi_route(gsi, msg) {
-            log::warn!("warning: MSI vector {index} (GSI {gsi}): {e}");
+            log::warn!("MSI vector {index} (GSI {gsi}): {e}");
         }
     }
 
     fn trigger(&self, index: u16) {
         if let Some(fd) = self.fds.get(usize::from(index)) {
             if let Err(e) = fd.write(1) {
-                log::warn!("warning: MSI vector {index}: irqfd write: {e}");
+                log::warn!("MSI vector {index}: irqfd write: {e}");
             }
         }
     }

@@ -40,7 +40,7 @@ impl MutEventSubscriber for HaltPoll {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
-            log::warn!("warning: cannot watch for halted guests: {e:?}");
+            log::warn!("cannot watch for halted guests: {e:?}");
         }
     }
 }

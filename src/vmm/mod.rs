@@ -11,7 +11,7 @@ use devices::serial::SerialDevice;
 use crate::api::ApiError;
 use crate::boot::{self, linux, multiboot, BootError};
 use crate::bus::BusError;
-use crate::config::{ConfigError, SerialOutput, VmConfig};
+use crate::config::{ConfigError, DeviceConfig, SerialOutput, VmConfig};
 use crate::cpu::msrs::{self, MsrError};
 use crate::cpu::{self, CpuError};
 use crate::kvmcaps::CapError;
@@ -62,8 +62,12 @@ pub enum VmmError {
     Platform(#[from] PlatformError),
     #[error("{}: {what}", path.display())]
     Restore { path: PathBuf, what: String },
+    #[error("cannot snapshot: disk {} is in snapshot mode and its overlay of guest writes is not saved; use a read-write or ro disk", .0.display())]
+    OverlayDisk(PathBuf),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Gdb(#[from] crate::gdb::GdbError),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
@@ -127,6 +131,7 @@ enum Origin<'a> {
         dir: &'a Path,
         state: &'a MachineState,
         verify: bool,
+        load: snapshot::MemoryLoad,
     },
 }
 
@@ -145,8 +150,13 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
     let layout = Layout::new(cfg.mem_bytes).with_pci(cfg.has_pci());
     let vm = match origin {
         Origin::Boot => Vm::new(layout.clone(), cfg.pit_enabled())?,
-        Origin::Snapshot { dir, state, verify } => {
-            let mem = snapshot::map_memory(dir, &layout, &state.memory, verify)?;
+        Origin::Snapshot {
+            dir,
+            state,
+            verify,
+            load,
+        } => {
+            let mem = snapshot::map_memory(dir, &layout, &state.memory, verify, load)?;
             Vm::with_memory(layout.clone(), cfg.pit_enabled(), mem)?
         }
     };
@@ -342,6 +352,16 @@ impl Machine {
 
     /// Write a snapshot of the stopped VM into `dir`.
     fn snapshot(&self, vcpus: &mut [Vcpu], dir: &Path) -> Result<WriteStats, VmmError> {
+        // The overlay of a snapshot-mode disk lives in an unnamed file
+        // that goes with the process: a restore could not find the
+        // guest's writes.
+        let overlay = self.cfg.devices.iter().find_map(|d| match d {
+            DeviceConfig::Disk(d) if d.snapshot && !d.read_only => Some(d.path.clone()),
+            _ => None,
+        });
+        if let Some(path) = overlay {
+            return Err(VmmError::OverlayDisk(path));
+        }
         let started = Instant::now();
         let mut state = self.save(vcpus)?;
         let mut stats = snapshot::write(dir, &mut state, &self.vm.mem)?;
@@ -374,6 +394,8 @@ fn start_time() -> Instant {
 pub struct RunOptions {
     /// Serve the control socket (`--api`) at this path.
     pub api: Option<PathBuf>,
+    /// Serve a gdb stub (`--gdb`).
+    pub gdb: Option<crate::gdb::GdbOptions>,
 }
 
 /// Build the VM described by `cfg`, run it to the end, and say why it ended.
@@ -393,6 +415,7 @@ pub fn restore(
     serial: SerialOutput,
     timeout_secs: Option<f64>,
     verify_memory: bool,
+    load: snapshot::MemoryLoad,
     opts: &RunOptions,
 ) -> Result<ExitReason, VmmError> {
     let started = start_time();
@@ -406,6 +429,7 @@ pub fn restore(
         dir,
         state: &state,
         verify: verify_memory,
+        load,
     };
     let machine = build(&cfg, &shutdown, origin)?;
     log::debug!("VM restored in {:?}", started.elapsed());

@@ -16,14 +16,17 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::events::{HaltPoll, ShutdownWatch, StdinToSerial, TickDeadline, Timeout, HALT_POLL};
-use super::{lock, sys, Machine, RunOptions, VmmError};
+use super::{host, lock, sys, Machine, RunOptions, VmmError};
 use crate::api::{self, ApiServer, Control, Request};
 use crate::boot;
 use crate::bus::IoBus;
 use crate::config::SerialOutput;
+use crate::gdb::{self, GdbOptions};
 use crate::platform::virtio::QueueNotifier;
+use crate::shutdown::STATUS_ERROR;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::term::RawTerminal;
+use crate::vcpu::debug::{DebugHub, KvmBackend};
 use crate::vcpu::{self, HaltWatch, Kick, Running, Vcpu};
 use crate::vm::Vm;
 
@@ -42,6 +45,8 @@ struct Runner {
     kicks: Arc<Mutex<Vec<Kick>>>,
     /// Set when the vCPUs must wait for the PIT policy switch.
     tick_hold: Arc<AtomicBool>,
+    /// Where vCPUs stop for gdb (`--gdb`).
+    debug: Option<Arc<DebugHub>>,
     paused: bool,
     started: Instant,
 }
@@ -74,6 +79,10 @@ pub(super) fn run_machine(
     if !queue_events.is_empty() {
         em.add_subscriber(Arc::new(Mutex::new(QueueNotifier::new(queue_events))));
     }
+    let gdb = match &opts.gdb {
+        Some(g) => Some(start_gdb(g, &machine, &kicks, &shutdown)?),
+        None => None,
+    };
     let vcpus = std::mem::take(&mut machine.vcpus);
     let mut r = Runner {
         machine,
@@ -84,6 +93,7 @@ pub(super) fn run_machine(
         halt,
         kicks,
         tick_hold,
+        debug: gdb.as_ref().map(|g| g.0.clone()),
         paused: false,
         started,
     };
@@ -91,7 +101,48 @@ pub(super) fn run_machine(
     // allows (each vCPU thread narrows them further for itself).
     crate::sandbox::enter(crate::sandbox::Kind::Vmm)?;
     r.run_rounds();
+    if let Some((hub, thread)) = gdb {
+        // gdb hears the exit status ('W') before kvmrun exits.
+        hub.end(r.shutdown.reason().map_or(STATUS_ERROR, |x| x.status()));
+        let _ = thread.join();
+    }
     Ok(r.finish())
+}
+
+/// Bind `--gdb`'s socket and start the stub's thread (before the VMM
+/// thread's filter, so the stub's own list is all that applies to it).
+fn start_gdb(
+    g: &GdbOptions,
+    machine: &Machine,
+    kicks: &Arc<Mutex<Vec<Kick>>>,
+    shutdown: &Arc<Shutdown>,
+) -> Result<(Arc<DebugHub>, std::thread::JoinHandle<()>), VmmError> {
+    let listener = gdb::Listener::bind(&g.address)?;
+    let n = machine.cfg.vcpus;
+    let hub = Arc::new(
+        DebugHub::new(n, g.wait, kicks.clone(), shutdown.clone()).map_err(host("eventfd"))?,
+    );
+    let layout = gdb::layout_for(g.arch, &machine.cfg.image);
+    let backend = KvmBackend::new(hub.clone(), machine.vm.mem.clone(), n);
+    let target = gdb::target::GdbTarget::new(backend, layout);
+    let events = hub.event_fd();
+    let thread = std::thread::Builder::new()
+        .name("gdb".into())
+        .spawn(move || {
+            if let Err(e) = crate::sandbox::enter(crate::sandbox::Kind::Gdb) {
+                eprintln!("kvmrun: gdb: {e}");
+                return;
+            }
+            gdb::serve(listener, target, events)
+        })
+        .map_err(host("gdb thread"))?;
+    if g.wait {
+        eprintln!(
+            "kvmrun: waiting for gdb: {}",
+            gdb::gdb_command(&g.address, &machine.cfg.image)
+        );
+    }
+    Ok((hub, thread))
 }
 
 /// The exit event, the `--timeout` timer, stdin to COM1 and the control
@@ -209,6 +260,7 @@ impl Runner {
             self.machine.platform.bus(),
             &self.shutdown,
             &self.halt,
+            &self.debug,
         );
         if std::mem::take(first_round) {
             log::debug!(
@@ -219,6 +271,9 @@ impl Runner {
         *lock(&self.kicks) = threads.iter().map(Running::kick).collect();
         while !self.shutdown.must_stop() {
             self.poll_events();
+        }
+        if let Some(hub) = &self.debug {
+            hub.wake();
         }
         lock(&self.kicks).clear();
         self.vcpus = stop_vcpus(threads);
@@ -264,6 +319,15 @@ impl Runner {
                 Request::Resume {} => {
                     self.paused = false;
                     Ok(serde_json::json!({}))
+                }
+                Request::Snapshot { .. }
+                    if self.debug.as_ref().is_some_and(|h| h.is_attached()) =>
+                {
+                    Err(
+                        "cannot snapshot while gdb is attached: breakpoints and vCPUs stopped \
+                         by gdb are not VM state; detach gdb first"
+                            .to_string(),
+                    )
                 }
                 Request::Snapshot { dir, stop } => {
                     match self.machine.snapshot(&mut self.vcpus, &dir) {
@@ -314,10 +378,11 @@ fn start_vcpus(
     bus: &Arc<IoBus>,
     shutdown: &Arc<Shutdown>,
     halt: &Arc<HaltWatch>,
+    debug: &Option<Arc<DebugHub>>,
 ) -> Vec<Running> {
     let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {
-        match v.start(bus.clone(), shutdown.clone(), halt.clone()) {
+        match v.start(bus.clone(), shutdown.clone(), halt.clone(), debug.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 shutdown.request(ExitReason::Error(format!(

@@ -53,9 +53,29 @@ pub struct Batch {
     pub done: bool,
     pub console: PathBuf,
     pub wall_seconds: f64,
+    /// L1 boots it took (`scripts/amdv --boots`).
+    pub boots: u32,
+    /// Why each lost L1 was stopped early, as far as L1 said
+    /// (`@@l1-unsound`).
+    pub unsound: Vec<String>,
 }
 
 impl Batch {
+    /// The checks run twice (a crashed or stalled guest the first time),
+    /// with the first run's status line.
+    pub fn second_runs(&self) -> Vec<(String, String)> {
+        self.checks
+            .values()
+            .filter_map(|c| {
+                let first = c.files.get("first-attempt")?;
+                Some((
+                    c.name.clone(),
+                    first.lines().next().unwrap_or("").to_string(),
+                ))
+            })
+            .collect()
+    }
+
     /// A check by name; a check that never reported fails the test with the
     /// end of L1's console, where the reason is.
     pub fn check(&self, name: &str) -> &Check {
@@ -70,6 +90,21 @@ impl Batch {
             )
         })
     }
+}
+
+/// The L1 boots in the results port's text (one `@@batch` each) and the
+/// reasons L1s were lost (`@@l1-unsound`).
+pub fn boots(text: &str) -> (u32, Vec<String>) {
+    let mut n = 0;
+    let mut unsound = Vec::new();
+    for line in text.split('\n') {
+        if line.starts_with("@@batch ") {
+            n += 1;
+        } else if let Some(why) = line.strip_prefix("@@l1-unsound ") {
+            unsound.push(why.to_string());
+        }
+    }
+    (n, unsound)
 }
 
 /// Parse the results port's text (`resources/amdv/run-batch` writes it).
@@ -143,12 +178,16 @@ pub fn run_batch(batch: &str) -> Result<Batch, String> {
     if let Some(earlier) = std::env::var_os("KVMRUN_AMDV_RESULTS") {
         let text = std::fs::read(&earlier)
             .map_err(|e| format!("KVMRUN_AMDV_RESULTS={}: {e}", earlier.to_string_lossy()))?;
-        let (checks, done) = parse(&String::from_utf8_lossy(&text));
+        let text = String::from_utf8_lossy(&text);
+        let (checks, done) = parse(&text);
+        let (boots, unsound) = boots(&text);
         return Ok(Batch {
             checks,
             done,
             console,
             wall_seconds: 0.0,
+            boots,
+            unsound,
         });
     }
     eprintln!(
@@ -157,7 +196,10 @@ pub fn run_batch(batch: &str) -> Result<Batch, String> {
     );
     let t0 = Instant::now();
     let mut cmd = Command::new(root.join("scripts/amdv"));
-    cmd.args(["--batch", batch, "--results"])
+    // A backstop under CI's 90 minutes for all L1 boots together: the
+    // batch takes 9-17 minutes in one boot; lost L1s (docs/TESTHOST.md,
+    // "Failures of the platform") cost a boot each and the checks rerun.
+    cmd.args(["--batch", batch, "--timeout", "3000", "--results"])
         .arg(&results)
         .arg("--console")
         .arg(&console);
@@ -180,20 +222,34 @@ pub fn run_batch(batch: &str) -> Result<Batch, String> {
     if out.status.code() == Some(3) {
         return Err(stderr.trim().to_string());
     }
+    // Its account of the boots: which L1 was lost, why, what ran again.
+    eprint!("{stderr}");
     let text =
         std::fs::read(&results).map_err(|e| format!("{}: {e}\n{stderr}", results.display()))?;
-    let (checks, done) = parse(&String::from_utf8_lossy(&text));
-    eprintln!(
-        "amdv: batch {batch}: {} checks in {wall_seconds:.0} s{}",
-        checks.len(),
-        if done { "" } else { " (did not finish)" }
-    );
-    Ok(Batch {
+    let text = String::from_utf8_lossy(&text);
+    let (checks, done) = parse(&text);
+    let (boots, unsound) = boots(&text);
+    let b = Batch {
         checks,
         done,
         console,
         wall_seconds,
-    })
+        boots,
+        unsound,
+    };
+    eprintln!(
+        "amdv: batch {batch}: {} checks in {wall_seconds:.0} s, {} L1 boot(s){}",
+        b.checks.len(),
+        b.boots,
+        if b.done { "" } else { " (did not finish)" }
+    );
+    for why in &b.unsound {
+        eprintln!("amdv: an L1 was lost: its kernel logged {why}");
+    }
+    for (name, first) in b.second_runs() {
+        eprintln!("amdv: check {name} ran twice: the first run ended with {first}");
+    }
+    Ok(b)
 }
 
 /// Whether the batch was asked for (`make test-amdv` sets KVMRUN_AMDV=1).

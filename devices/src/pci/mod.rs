@@ -6,7 +6,9 @@
 //! here never place themselves.
 
 pub mod config;
+pub mod msi;
 pub mod msix;
+pub mod q35;
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -27,13 +29,18 @@ pub trait PciDevice: Send {
     fn config_mut(&mut self) -> &mut PciConfig;
     /// A guest's configuration write; the default takes the writable bits.
     /// Devices with capabilities that act (MSI-X) look at them after.
-    fn write_config(&mut self, offset: usize, data: &[u8]);
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.config_mut().write(offset, data);
+    }
     fn read_config(&mut self, offset: usize, data: &mut [u8]) {
         self.config().read(offset, data);
     }
-    /// An access to BAR `bar` at `offset` from its start.
-    fn read_bar(&mut self, bar: u8, offset: u64, data: &mut [u8]);
-    fn write_bar(&mut self, bar: u8, offset: u64, data: &[u8]);
+    /// An access to BAR `bar` at `offset` from its start; the defaults
+    /// suit a function without BARs (bridges): reads float, writes drop.
+    fn read_bar(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write_bar(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
 }
 
 /// The VMM's side of BAR placement.
@@ -53,14 +60,25 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct PciRoot {
     slots: RwLock<Vec<Option<SharedPciDevice>>>,
     host: Arc<dyn BarHost>,
+    chipset: Chipset,
 }
 
 impl PciRoot {
+    /// The default machine's root bus.
     pub fn new(host: Arc<dyn BarHost>) -> Self {
+        Self::for_chipset(host, Chipset::Generic)
+    }
+
+    pub fn for_chipset(host: Arc<dyn BarHost>, chipset: Chipset) -> Self {
         PciRoot {
             slots: RwLock::new(vec![None; SLOTS]),
             host,
+            chipset,
         }
+    }
+
+    pub fn chipset(&self) -> Chipset {
+        self.chipset
     }
 
     /// Put `dev` in `slot`; false if the slot is taken.
@@ -123,19 +141,37 @@ impl PciRoot {
     }
 }
 
-/// The host bridge at 00:00.0: a header and nothing else. Its identity
-/// is QEMU's generic PCIe host bridge, which no OS applies quirks to.
+/// Which chipset the host bridge is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chipset {
+    /// QEMU's generic PCIe host bridge (1b36:0008), which no OS applies
+    /// quirks to: the default machine's.
+    #[default]
+    Generic,
+    /// The Q35 MCH (8086:29c0), for `--machine q35`.
+    Q35,
+}
+
+/// The host bridge at 00:00.0: a header and nothing else.
 pub struct HostBridge {
     config: PciConfig,
 }
 
 impl HostBridge {
+    /// The default machine's bridge.
     pub fn new() -> Self {
-        let id = PciId {
-            vendor: 0x1b36,
-            device: 0x0008,
-            class: (0x06, 0x00, 0x00),
-            ..Default::default()
+        Self::for_chipset(Chipset::Generic)
+    }
+
+    pub fn for_chipset(chipset: Chipset) -> Self {
+        let id = match chipset {
+            Chipset::Generic => PciId {
+                vendor: 0x1b36,
+                device: 0x0008,
+                class: (0x06, 0x00, 0x00),
+                ..Default::default()
+            },
+            Chipset::Q35 => q35::MCH_ID,
         };
         HostBridge {
             config: PciConfig::new(id, false),
@@ -156,26 +192,19 @@ impl PciDevice for HostBridge {
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
     }
-    fn write_config(&mut self, offset: usize, data: &[u8]) {
-        self.config.write(offset, data);
-    }
-    fn read_bar(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn write_bar(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
 }
 
 impl Persist for HostBridge {
     type State = PciConfigState;
-    type Args = ();
+    type Args = Chipset;
     type Error = RestoreError;
 
     fn save(&self) -> PciConfigState {
         self.config.state()
     }
 
-    fn restore(_: (), state: &PciConfigState) -> Result<Self, RestoreError> {
-        let mut b = HostBridge::new();
+    fn restore(chipset: Chipset, state: &PciConfigState) -> Result<Self, RestoreError> {
+        let mut b = HostBridge::for_chipset(chipset);
         b.config
             .restore(state)
             .map_err(|reason| RestoreError::Invalid {
@@ -189,6 +218,12 @@ impl Persist for HostBridge {
 /// Configuration mechanism #1: the address port 0xCF8 and the data ports
 /// 0xCFC-0xCFF (PCI Local Bus specification, "Configuration Mechanism
 /// #1"). Registered at 0xCF8 for 8 ports.
+///
+/// On q35 the address register keeps its low two bits and they select
+/// the byte within the register, as QEMU's host bridges do:
+/// kvm-unit-tests' lib/pci.c reads a word at offset 2 with the offset in
+/// 0xCF8 and an access to 0xCFC. The default machine keeps the PCI
+/// specification's reading (those bits reserved, read as 0).
 pub struct PciConfigIo {
     root: Arc<PciRoot>,
     address: u32,
@@ -199,6 +234,14 @@ const CONFIG_ENABLE: u32 = 1 << 31;
 impl PciConfigIo {
     pub fn new(root: Arc<PciRoot>) -> Self {
         PciConfigIo { root, address: 0 }
+    }
+
+    /// The bits of the address register that hold.
+    fn address_mask(&self) -> u32 {
+        match self.root.chipset() {
+            Chipset::Generic => 0x80ff_fffc,
+            Chipset::Q35 => 0x80ff_ffff,
+        }
     }
 
     /// The function and register the latched address selects, plus
@@ -213,7 +256,7 @@ impl PciConfigIo {
             ((a >> 11) & 0x1f) as u8,
             ((a >> 8) & 0x7) as u8,
         );
-        Some((bdf, (a & 0xfc) as usize + byte))
+        Some((bdf, (a & 0xff) as usize | byte))
     }
 }
 
@@ -237,9 +280,10 @@ impl MutDevicePio for PciConfigIo {
         let port = base.0.wrapping_add(offset);
         match (port & 7, data.len()) {
             (0, 4) => {
-                // Reserved bits 24-30 and the register's low two bits read 0.
+                // Reserved bits 24-30 (and, but on q35, the register's low
+                // two bits) read 0.
                 let v = u32::from_le_bytes(data.try_into().unwrap_or([0; 4]));
-                self.address = v & 0x80ff_fffc;
+                self.address = v & self.address_mask();
             }
             (p @ 4..=7, n) if usize::from(p - 4) + n <= 4 => {
                 if let Some((bdf, reg)) = self.target(usize::from(p - 4)) {
@@ -268,10 +312,9 @@ impl Persist for PciConfigIo {
     }
 
     fn restore(root: Arc<PciRoot>, state: &PciConfigIoState) -> Result<Self, RestoreError> {
-        Ok(PciConfigIo {
-            root,
-            address: state.address & 0x80ff_fffc,
-        })
+        let mut io = PciConfigIo::new(root);
+        io.address = state.address & io.address_mask();
+        Ok(io)
     }
 }
 
@@ -471,6 +514,40 @@ mod tests {
                 (3, Some(m(0xc000_2000)), None)
             ]
         );
+    }
+
+    #[test]
+    fn q35_config_address_selects_bytes_as_qemu() {
+        let rec = Arc::new(MoveRecorder::default());
+        let root = Arc::new(PciRoot::for_chipset(rec, Chipset::Q35));
+        assert!(root.add(
+            0,
+            Arc::new(Mutex::new(HostBridge::for_chipset(Chipset::Q35)))
+        ));
+        let mut io = PciConfigIo::new(root);
+        // The device ID: offset 2 in the address, a word at 0xCFC.
+        io.pio_write(PioAddress(0xcf8), 0, &(CONFIG_ENABLE | 2).to_le_bytes());
+        let mut w = [0u8; 2];
+        io.pio_read(PioAddress(0xcf8), 4, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x29c0);
+        // The same through 0xCFE.
+        io.pio_read(PioAddress(0xcf8), 6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x29c0);
+        let mut d = [0u8; 4];
+        io.pio_read(PioAddress(0xcf8), 0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), CONFIG_ENABLE | 2);
+    }
+
+    #[test]
+    fn q35_bridge_is_the_mch_and_refuses_a_generic_state() {
+        let b = HostBridge::for_chipset(Chipset::Q35);
+        let mut d = [0u8; 4];
+        b.config().read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x29c0_8086);
+        b.config().read(8, &mut d);
+        assert_eq!(u32::from_le_bytes(d) >> 8, 0x06_0000);
+        assert!(HostBridge::restore(Chipset::Q35, &HostBridge::new().save()).is_err());
+        assert!(HostBridge::restore(Chipset::Q35, &b.save()).is_ok());
     }
 
     #[test]

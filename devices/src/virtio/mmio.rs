@@ -173,10 +173,11 @@ pub struct VirtioMmioState<S> {
     pub device: S,
 }
 
-impl<D: VirtioDevice + Persist<Args = ()>> Persist for VirtioMmio<D> {
+impl<D: VirtioDevice + Persist> Persist for VirtioMmio<D> {
     type State = VirtioMmioState<D::State>;
-    /// Guest memory, the interrupt line and its GSI.
-    type Args = (GuestMemoryMmap, Arc<dyn IrqLine>, u32);
+    /// Guest memory, the interrupt line, its GSI and the device model's
+    /// arguments.
+    type Args = (GuestMemoryMmap, Arc<dyn IrqLine>, u32, D::Args);
     type Error = RestoreError;
 
     fn save(&self) -> Self::State {
@@ -188,12 +189,12 @@ impl<D: VirtioDevice + Persist<Args = ()>> Persist for VirtioMmio<D> {
     }
 
     fn restore(args: Self::Args, state: &Self::State) -> Result<Self, RestoreError> {
-        let (mem, irq, gsi) = args;
+        let (mem, irq, gsi, dev_args) = args;
         let bad = |reason: String| RestoreError::Invalid {
             device: "virtio-mmio",
             reason,
         };
-        let dev = D::restore((), &state.device).map_err(|e| bad(e.to_string()))?;
+        let dev = D::restore(dev_args, &state.device).map_err(|e| bad(e.to_string()))?;
         let mut t = VirtioMmio::new(dev, mem, irq, gsi);
         t.core.restore(&state.core).map_err(bad)?;
         t.interrupt_status = state.interrupt_status;
@@ -299,7 +300,7 @@ mod tests {
         // Saved and restored: the queue goes on where it was.
         let s = t.save();
         let irq2 = Arc::new(IrqRecorder::default());
-        let mut t2 = VirtioMmio::<Rng>::restore((mem.clone(), irq2, 20), &s).unwrap();
+        let mut t2 = VirtioMmio::<Rng>::restore((mem.clone(), irq2, 20, ()), &s).unwrap();
         assert_eq!(t2.save(), s);
         mock.add_desc_chains(&[RawDescriptor::from(d)], 1).unwrap();
         t2.notify_queue(0);
@@ -335,7 +336,7 @@ mod tests {
         assert_eq!(s.core.queues[0].size, 16);
         assert_eq!(s.core.queues[0].desc_table, mock.desc_table_addr().0);
         let irq2 = Arc::new(IrqRecorder::default());
-        VirtioMmio::<Rng>::restore((mem, irq2, 20), &s).unwrap();
+        VirtioMmio::<Rng>::restore((mem, irq2, 20, ()), &s).unwrap();
     }
 
     #[test]
@@ -366,6 +367,6 @@ mod tests {
         let mut s = t.save();
         s.core.queues.push(QueueState::default());
         let irq2 = Arc::new(IrqRecorder::default());
-        assert!(VirtioMmio::<Rng>::restore((memory(), irq2, 20), &s).is_err());
+        assert!(VirtioMmio::<Rng>::restore((memory(), irq2, 20, ()), &s).is_err());
     }
 }

@@ -9,6 +9,7 @@
 //! queue notifications go through the transports to traits the VMM
 //! implements (and ioeventfds it registers), so no KVM fd is held here.
 
+pub mod blk;
 pub mod mmio;
 pub mod pci;
 pub mod rng;
@@ -30,7 +31,7 @@ pub const STATUS_FAILED: u8 = 0x80;
 
 /// A virtio device model.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (4: entropy source).
+    /// The virtio device ID (2: block device, 4: entropy source).
     fn device_type(&self) -> u32;
     /// Features offered, `VIRTIO_F_VERSION_1` included.
     fn features(&self) -> u64;
@@ -247,7 +248,7 @@ impl<D: VirtioDevice> VirtioCore<D> {
             return;
         };
         if ready && !rings_in_memory(q, &mem) {
-            log::warn!("warning: virtio: queue rings outside guest memory; queue left disabled");
+            log::warn!("virtio: queue rings outside guest memory; queue left disabled");
             return;
         }
         q.set_ready(ready);

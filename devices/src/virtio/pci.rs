@@ -352,7 +352,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
 
     fn read_bar(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if bar != BAR {
+        // An empty access (the configuration window read with no bytes)
+        // must not reach the ISR, which a read acknowledges.
+        if bar != BAR || data.is_empty() {
             return;
         }
         match offset {
@@ -412,10 +414,17 @@ pub struct VirtioPciState<S> {
     pub device: S,
 }
 
-impl<D: VirtioDevice + Persist<Args = ()>> Persist for VirtioPci<D> {
+impl<D: VirtioDevice + Persist> Persist for VirtioPci<D> {
     type State = VirtioPciState<D::State>;
-    /// Guest memory, the MSI vectors, the INTx line and its GSI.
-    type Args = (GuestMemoryMmap, Arc<dyn MsiVectors>, Arc<dyn IrqLine>, u32);
+    /// Guest memory, the MSI vectors, the INTx line, its GSI and the
+    /// device model's arguments.
+    type Args = (
+        GuestMemoryMmap,
+        Arc<dyn MsiVectors>,
+        Arc<dyn IrqLine>,
+        u32,
+        D::Args,
+    );
     type Error = RestoreError;
 
     fn save(&self) -> Self::State {
@@ -431,12 +440,12 @@ impl<D: VirtioDevice + Persist<Args = ()>> Persist for VirtioPci<D> {
     }
 
     fn restore(args: Self::Args, s: &Self::State) -> Result<Self, RestoreError> {
-        let (mem, vectors, intx, gsi) = args;
+        let (mem, vectors, intx, gsi, dev_args) = args;
         let bad = |reason: String| RestoreError::Invalid {
             device: "virtio-pci",
             reason,
         };
-        let dev = D::restore((), &s.device).map_err(|e| bad(e.to_string()))?;
+        let dev = D::restore(dev_args, &s.device).map_err(|e| bad(e.to_string()))?;
         let mut t = VirtioPci::new(dev, mem, vectors, intx, gsi);
         if s.queue_vectors.len() != t.queue_vectors.len() {
             return Err(bad(format!(
@@ -601,7 +610,7 @@ mod tests {
         let s = d.save();
         let msi2 = Arc::new(MsiRecorder::default());
         let irq2 = Arc::new(IrqRecorder::default());
-        let d2 = VirtioPci::<Rng>::restore((mem.clone(), msi2.clone(), irq2, 17), &s).unwrap();
+        let d2 = VirtioPci::<Rng>::restore((mem.clone(), msi2.clone(), irq2, 17, ()), &s).unwrap();
         assert_eq!(d2.save(), s);
         assert_eq!(msi2.routes.lock().unwrap().len(), 1);
         assert_eq!(d2.config().mappings()[0].addr, 0xc000_0000);
@@ -619,6 +628,12 @@ mod tests {
         let mut v = [0u8; 4];
         d.read_config(at + 16, &mut v);
         assert_eq!(u32::from_le_bytes(v), 1);
+        // The pci_config fuzz target's crash: an empty read through a
+        // window on the ISR.
+        d.write_config(at + 8, &(ISR as u32).to_le_bytes());
+        d.write_config(at + 12, &1u32.to_le_bytes());
+        d.read_config(at + 16, &mut []);
+        d.read_bar(BAR, ISR, &mut []);
     }
 
     #[test]

@@ -155,12 +155,12 @@ impl VirtioDevice for Rng {
             let (len, err) = self.serve(chain, mem);
             if let Some(e) = err {
                 if self.bad_requests == 0 {
-                    log::warn!("warning: virtio-rng: malformed request (head {head}): {e}");
+                    log::warn!("virtio-rng: malformed request (head {head}): {e}");
                 }
                 self.bad_requests += 1;
             }
             if let Err(e) = queue.add_used(mem, head, len) {
-                log::warn!("warning: virtio-rng: cannot return request {head}: {e}");
+                log::warn!("virtio-rng: cannot return request {head}: {e}");
                 break;
             }
             used = true;

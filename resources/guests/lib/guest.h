@@ -197,8 +197,13 @@ struct virtio_dev {
 	u64 common;	/* virtio-pci common configuration, or the virtio-mmio window */
 	u64 notify;	/* queue 0's notification address */
 	u64 isr;	/* virtio-pci ISR */
+	u64 device;	/* the device-specific configuration */
+	u32 features;	/* feature word 0 both sides took */
 	u16 last_used;
 };
+/* Feature bits of word 0 the next init takes when the device offers
+ * them (none unless set; VERSION_1 is always taken). */
+void virtio_want_features(u32 word0);
 /* Bring up device type `type` with queue 0; `msix_vector` (pci, or 0xffff)
  * is queue 0's MSI-X vector. False (with a message) on failure. */
 bool virtio_pci_init(struct virtio_dev *d, u16 bdf, u32 type, u16 msix_vector);

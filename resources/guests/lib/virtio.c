@@ -47,6 +47,13 @@ static struct {
 #define C_QDRIVER 0x28
 #define C_QDEVICE 0x30
 
+static u32 want_word0;
+
+void virtio_want_features(u32 word0)
+{
+	want_word0 = word0;
+}
+
 static void rings_reset(struct virtio_dev *d)
 {
 	memset(descs, 0, sizeof(descs));
@@ -78,6 +85,8 @@ bool virtio_pci_init(struct virtio_dev *d, u16 bdf, u32 type, u16 msix_vector)
 			notify_mult = pci_read32(bdf, c + 16);
 		} else if (cfg_type == 3)
 			d->isr = bar + off;
+		else if (cfg_type == 4)
+			d->device = bar + off;
 	}
 	if (!d->common || !notify_off) {
 		printf("virtio-pci: capabilities missing\n");
@@ -92,8 +101,10 @@ bool virtio_pci_init(struct virtio_dev *d, u16 bdf, u32 type, u16 msix_vector)
 		printf("virtio-pci: no VIRTIO_F_VERSION_1\n");
 		return false;
 	}
+	mmio_write32(c + C_DFSEL, 0);
+	d->features = mmio_read32(c + C_DF) & want_word0;
 	mmio_write32(c + C_GFSEL, 0);
-	mmio_write32(c + C_GF, 0);
+	mmio_write32(c + C_GF, d->features);
 	mmio_write32(c + C_GFSEL, 1);
 	mmio_write32(c + C_GF, VERSION_1_HI);
 	mmio_write8(c + C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
@@ -144,6 +155,7 @@ bool virtio_mmio_init(struct virtio_dev *d, u64 base, u32 type)
 	}
 	memset(d, 0, sizeof(*d));
 	d->common = base;
+	d->device = base + 0x100;
 	mmio_write32(base + M_STATUS, 0);
 	mmio_write32(base + M_STATUS, S_ACK | S_DRIVER);
 	mmio_write32(base + M_DFSEL, 1);
@@ -151,8 +163,10 @@ bool virtio_mmio_init(struct virtio_dev *d, u64 base, u32 type)
 		printf("virtio-mmio: no VIRTIO_F_VERSION_1\n");
 		return false;
 	}
+	mmio_write32(base + M_DFSEL, 0);
+	d->features = mmio_read32(base + M_DF) & want_word0;
 	mmio_write32(base + M_GFSEL, 0);
-	mmio_write32(base + M_GF, 0);
+	mmio_write32(base + M_GF, d->features);
 	mmio_write32(base + M_GFSEL, 1);
 	mmio_write32(base + M_GF, VERSION_1_HI);
 	mmio_write32(base + M_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
