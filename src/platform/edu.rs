@@ -24,9 +24,10 @@ impl Platform {
             }
         };
         let intx_gsi = layout::PCI_INTX_GSI_BASE + u32::from(slot) % 4;
-        let args = (self.mem.clone(), vectors as _, self.new_line(), intx_gsi);
-        let (dev, held) = self.attach_pci(name, slot, args, held, |(mem, v, line, g)| {
-            Edu::new(mem, v, line, g)
+        let dma = Arc::new(devices::DirectDma);
+        let args = (self.mem.clone(), dma as _, vectors as _, self.new_line(), intx_gsi);
+        let (dev, held) = self.attach_pci(name, slot, args, held, |(mem, d, v, line, g)| {
+            Edu::new(mem, d, v, line, g)
         })?;
         self.place_pci(name, slot, dev, held, Vec::new());
         Ok(())
