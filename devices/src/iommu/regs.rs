@@ -321,7 +321,15 @@ impl Registers {
         if let Some((i, true)) = self.record(offset) {
             if offset & 4 != 0 && v & (RECORD_F >> 32) as u32 != 0 {
                 self.records[i][1] &= !RECORD_F;
+                self.settle_fault_event();
             }
+        }
+    }
+
+    /// With nothing left to report, a pending fault event goes.
+    fn settle_fault_event(&mut self) {
+        if self.fault_status() & (FSTS_W1C | FSTS_PPF) == 0 {
+            self.fectl &= !CTL_IP;
         }
     }
 
@@ -369,10 +377,7 @@ impl Registers {
     fn clear_fault_status(&mut self, v: u32) -> Action {
         let had_iqe = self.fsts & FSTS_IQE != 0;
         self.fsts &= !(v & FSTS_W1C);
-        if self.fault_status() & (FSTS_W1C | FSTS_PPF) == 0 {
-            // Nothing left to report: a pending event goes.
-            self.fectl &= !CTL_IP;
-        }
+        self.settle_fault_event();
         if had_iqe && self.fsts & FSTS_IQE == 0 {
             return Action::RunQueue;
         }
@@ -512,9 +517,11 @@ mod tests {
         assert_eq!(r.write32(FSTS, FSTS_IQE), Action::RunQueue);
         assert_eq!(r.write32(FSTS, FSTS_PFO | FSTS_PPF), Action::None);
         assert_eq!(r.read32(FSTS), FSTS_PPF | 0x200);
-        // F of record 1 (at FRCD + 16 + 12).
+        // F of record 1 (at FRCD + 16 + 12); the pending event goes too.
+        r.fectl |= CTL_IP;
         r.write32(FRCD + 16 + 12, 0x8000_0000);
         assert_eq!(r.read32(FSTS), 0x200);
+        assert_eq!(r.read32(FECTL), CTL_IM);
         assert_eq!(r.records[1][1], 5);
     }
 }
