@@ -167,7 +167,8 @@ fn pci_enumerates_sizes_moves_a_bar_and_takes_msix() {
 
 /// The Intel IOMMU in front of edu: the DMAR table names it, DMA goes
 /// through root, context and second-level tables, a blocked write fills
-/// a fault record, and edu's MSI goes through an IRTE.
+/// a fault record, edu's MSI goes through an IRTE, and the unit's fault
+/// and invalidation events reach the guest.
 #[test]
 fn iommu_translates_edu_dma_and_remaps_its_msi() {
     if !kvm_available() {
@@ -186,7 +187,9 @@ fn iommu_translates_edu_dma_and_remaps_its_msi() {
             .expect(PASS)
             .has("PASS: vtd-blocked-write-recorded")
             .has("PASS: vtd-msi-remapped")
-            .has("SUMMARY: 8 tests, 0 unexpected failures");
+            .has("PASS: vtd-fault-event")
+            .has("PASS: vtd-invalidation-event")
+            .has("SUMMARY: 10 tests, 0 unexpected failures");
     }
 }
 

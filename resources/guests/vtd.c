@@ -12,6 +12,8 @@
  * fault record and its queue as it left them, queues another wait
  * descriptor, DMAs through the same tables and takes another remapped
  * MSI, so a restored VM passes only with the unit's state restored.
+ * Both ways it ends taking the unit's own interrupts: the fault event
+ * held pending since the blocked write, and an invalidation wait's.
  */
 #include "guest.h"
 
@@ -23,9 +25,15 @@
 #define RTADDR 0x20
 #define FSTS 0x34
 #define FECTL 0x38
+#define FEDATA 0x3c
+#define FEADDR 0x40
 #define IQH 0x80
 #define IQT 0x88
 #define IQA 0x90
+#define ICS 0x9c
+#define IECTL 0xa0
+#define IEDATA 0xa4
+#define IEADDR 0xa8
 #define IRTA 0xb8
 #define FRCD 0x220
 
@@ -50,6 +58,8 @@
 #define PCI_CAP_MSI 0x05
 
 #define MSI_VEC 0x53
+#define FAULT_VEC 0x54
+#define INV_VEC 0x55
 #define IRTE_INDEX 5
 /* The I/O virtual addresses: a read-write page and a read-only one. */
 #define IOVA_RW 0x1000ul
@@ -66,7 +76,7 @@ static u8 page_ro[4096] PAGE;
 static volatile u32 wait_status;
 
 static u64 bar;
-static volatile u32 msi_count;
+static volatile u32 msi_count, fault_events, invalidation_events;
 
 static u32 rd(u32 reg) { return mmio_read32(VTD_BASE + reg); }
 static u64 rdq(u32 reg) { return mmio_read64(VTD_BASE + reg); }
@@ -99,15 +109,19 @@ static void dma(u64 from, u64 to, u64 count, u32 cmd)
 		;
 }
 
+static void fault_handler(struct intr_frame *f) { (void)f; fault_events++; lapic_eoi(); }
+static void inv_handler(struct intr_frame *f) { (void)f; invalidation_events++; lapic_eoi(); }
+
 /* Queue a global context-cache and IOTLB invalidation and a wait that
- * writes `status`; true once the unit has run them all. */
-static bool invalidate(u32 status)
+ * writes `status` (and with `irq`, interrupts); true once the unit has
+ * run them all. */
+static bool invalidate_irq(u32 status, bool irq)
 {
 	u64 tail = rdq(IQT) >> 4;
 	u64 descs[3][2] = {
 		{0x11, 0},
 		{0x12, 0},
-		{(u64)status << 32 | 0x25, (u64)&wait_status},
+		{(u64)status << 32 | 0x25 | (irq ? 0x10 : 0), (u64)&wait_status},
 	};
 	for (int i = 0; i < 3; i++) {
 		queue[tail * 2] = descs[i][0];
@@ -116,6 +130,30 @@ static bool invalidate(u32 status)
 	}
 	wrq(IQT, tail << 4);
 	return wait_status == status && rdq(IQH) == tail << 4;
+}
+
+static bool invalidate(u32 status) { return invalidate_irq(status, false); }
+
+/* The unit's own interrupts: the pending fault event goes when its mask
+ * is cleared, and a wait descriptor with its interrupt flag raises the
+ * invalidation event. Neither is remapped. */
+static void events(u32 status)
+{
+	u32 to_me = 0xfee00000u | lapic_id() << 12;
+	wr(FEDATA, FAULT_VEC);
+	wr(FEADDR, to_me);
+	wr(FECTL, 0);
+	while (!fault_events)
+		;
+	report(fault_events == 1 && !(rd(FECTL) & CTL_IP), "vtd-fault-event");
+	wr(IEDATA, INV_VEC);
+	wr(IEADDR, to_me);
+	wr(IECTL, 0);
+	bool ran = invalidate_irq(status, true);
+	while (!invalidation_events)
+		;
+	report(ran && invalidation_events == 1 && (rd(ICS) & 1), "vtd-invalidation-event");
+	wr(ICS, 1);
 }
 
 /* Root, context and a 3-level second-level table for `bdf`. */
@@ -195,6 +233,8 @@ int main(void)
 	wr(GCMD, rd(GSTS) | GCMD_SIRTP);
 	gcmd(GCMD_IRE);
 	set_irq_handler(MSI_VEC, msi_handler);
+	set_irq_handler(FAULT_VEC, fault_handler);
+	set_irq_handler(INV_VEC, inv_handler);
 	outb(0x21, 0xff);
 	outb(0xa1, 0xff);
 	lapic_enable();
@@ -202,8 +242,10 @@ int main(void)
 	sti();
 	take_msi(1);
 	report(msi_count == 1, "vtd-msi-remapped");
-	if (!arg_str("wait"))
+	if (!arg_str("wait")) {
+		events(3);
 		return report_summary();
+	}
 
 	printf("waiting for a key\n");
 	while (!(inb(0x3fd) & 1))
@@ -219,6 +261,7 @@ int main(void)
 	report(dma_round_trip(2), "vtd-dma-after");
 	take_msi(2);
 	report(msi_count == 2, "vtd-msi-remapped-after");
+	events(3);
 	/* Software clears the record: nothing is pending any more. */
 	wr(FRCD + 12, 0x80000000u);
 	report(!(rd(FSTS) & FSTS_PPF) && !(rd(FECTL) & CTL_IP), "vtd-fault-cleared");

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::iommu::{self, DmaPort, RemappedVectors, Vtd};
+use devices::iommu::{self, DmaPort, InterruptRemap, RemappedVectors, Vtd};
 use devices::{DirectDma, DmaSpace, MsiVectors};
 
 use super::{lock, Attach, Held, Platform, PlatformError, Pool};
@@ -60,11 +60,27 @@ impl Platform {
             }
         };
         self.hold(name, gsis_held(&gsis));
+        if cfg.intremap {
+            // Until the IOAPIC is kvmrun's (a split irqchip) and calls
+            // interrupt_remapper(), KVM's IOAPIC delivers its entries
+            // as it reads them.
+            log::warn!(
+                "--iommu=intremap=on: the in-kernel IOAPIC's interrupts are not remapped, \
+                 only MSIs of the PCI devices"
+            );
+        }
         self.iommu = Some(IommuHandle {
             unit,
             intremap: cfg.intremap,
         });
         Ok(())
+    }
+
+    /// The IOMMU's interrupt remapping, for interrupt sources outside
+    /// PCI (an IOAPIC in kvmrun), if the machine has it.
+    pub fn interrupt_remapper(&self) -> Option<Arc<dyn InterruptRemap>> {
+        let h = self.iommu.as_ref().filter(|h| h.intremap)?;
+        Some(h.unit.clone())
     }
 
     /// How the PCI function at `slot` (bus 0, function 0) reaches memory
