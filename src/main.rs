@@ -343,6 +343,19 @@ struct RunArgs {
     /// repeatable, up to 4.
     #[arg(long = "edu", action = clap::ArgAction::Count)]
     edu: u8,
+    /// Add an Intel IOMMU (VT-d) at 0xfed90000, described by the ACPI
+    /// DMAR table, in front of every PCI device (--machine q35 only):
+    /// DMA remapping, queued invalidation, fault recording, and with
+    /// intremap=on interrupt remapping in xAPIC mode (eim=off), as
+    /// QEMU's -device intel-iommu.
+    #[arg(
+        long = "iommu",
+        value_name = "intremap=on|off[,eim=off]",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    iommu: Option<config::IommuConfig>,
     /// Machine type: pc (kvmrun's PC, PCI only with a PCI device) or q35
     /// (the Q35 chipset: MCH host bridge 8086:29c0, ICH9 LPC 8086:2918
     /// at 00:1f.0, always PCI with ECAM).
@@ -389,6 +402,7 @@ impl RunArgs {
                     DeviceConfig::Edu,
                     usize::from(self.edu),
                 ))
+                .chain(self.iommu.map(DeviceConfig::Iommu))
                 .collect(),
         };
         (cfg, opts)

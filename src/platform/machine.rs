@@ -97,10 +97,14 @@ pub fn attach(
     if cfg.machine() == Machine::Q35 {
         p.attach_q35()?;
     }
+    // The IOMMU before the devices behind it.
+    if let Some(iommu) = cfg.iommu() {
+        p.attach_iommu(iommu)?;
+    }
     let (mut rngs, mut disks, mut edus) = (0, 0, 0);
     for d in &cfg.devices {
         match d {
-            DeviceConfig::Q35 => {}
+            DeviceConfig::Q35 | DeviceConfig::Iommu(_) => {}
             DeviceConfig::Edu => {
                 p.attach_edu(&format!("edu{edus}"))?;
                 edus += 1;

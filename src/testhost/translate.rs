@@ -90,6 +90,7 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     let mut cpu_pm = false;
     let mut q35 = false;
     let mut edus = 0usize;
+    let mut iommu: Option<String> = None;
     let mut bad: Vec<String> = Vec::new();
 
     let mut i = 0;
@@ -161,8 +162,12 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                     bad.push(flag);
                 }
             }
-            "device" => match value.as_str() {
-                "edu" => edus += 1,
+            "device" => match value.split_once(',').unwrap_or((&value, "")) {
+                ("edu", "") => edus += 1,
+                // kvmrun's --iommu takes QEMU's properties as they are.
+                ("intel-iommu", props) if props.parse::<config::IommuConfig>().is_ok() => {
+                    iommu = Some(props.to_string())
+                }
                 _ => bad.push(flag),
             },
             "accel" if value == "kvm" => {}
@@ -203,6 +208,11 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         args.push("--kvm-cap=X86_DISABLE_EXITS".to_string());
     }
     args.extend(std::iter::repeat_n("--edu".to_string(), edus));
+    match iommu.as_deref() {
+        Some("") => args.push("--iommu".to_string()),
+        Some(props) => args.push(format!("--iommu={props}")),
+        None => {}
+    }
     if let Some(a) = append {
         args.push(format!("--append={a}"));
     }
@@ -314,6 +324,14 @@ mod tests {
             t("-machine type=q35,accel=kvm -device edu -device edu").unwrap(),
             ["--machine=q35", "--edu", "--edu"]
         );
+        assert_eq!(
+            t("-M q35 -device intel-iommu,intremap=on,eim=off -device edu").unwrap(),
+            ["--machine=q35", "--edu", "--iommu=intremap=on,eim=off"]
+        );
+        assert_eq!(
+            t("-M q35 -device intel-iommu").unwrap(),
+            ["--machine=q35", "--iommu"]
+        );
         assert_eq!(t("-M q35 -M pc").unwrap(), Vec::<String>::new());
         assert_eq!(t("-M q35,pit=off").unwrap(), ["--machine=q35", "--no-pit"]);
         // Arguments that look like flags stay arguments.
@@ -333,11 +351,15 @@ mod tests {
             u("-cpu max -device hyperv-testdev"),
             "-device hyperv-testdev"
         );
-        // intel_iommu: the edu device translates, the split irqchip and
-        // the IOMMU do not yet.
+        // intel_iommu: the edu device and the IOMMU translate, the split
+        // irqchip does not yet.
         assert_eq!(
             u("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu"),
-            "-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off"
+            "-M q35,kernel-irqchip=split"
+        );
+        assert_eq!(
+            u("-device intel-iommu,eim=on"),
+            "-device intel-iommu,eim=on"
         );
         assert_eq!(u("-M pc,q35"), "-M pc,q35");
         assert_eq!(u("-M q35-8.2"), "-M q35-8.2");
