@@ -10,6 +10,7 @@
 //! implements (and ioeventfds it registers), so no KVM fd is held here.
 
 pub mod blk;
+pub mod fs;
 pub mod mmio;
 pub mod pci;
 pub mod rng;
