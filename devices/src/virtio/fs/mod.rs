@@ -115,6 +115,10 @@ impl VirtioDevice for Fs {
         data[..n].copy_from_slice(&src[..n]);
     }
 
+    fn serves_on_vmm_thread(&self) -> bool {
+        true
+    }
+
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         // At most one pass over the ring per notification.

@@ -361,6 +361,10 @@ impl Share {
         };
         let no_reply = matches!(h.opcode, op::FORGET | op::BATCH_FORGET);
         let reply = match self.read_only {
+            // The passthrough answers LSEEK only on an open handle, and
+            // there are none (no_open); ENOSYS makes Linux seek by
+            // itself, SEEK_DATA and SEEK_HOLE included.
+            _ if h.opcode == op::LSEEK => error_reply(h.unique, libc::ENOSYS),
             true if writes(&h, &req) => error_reply(h.unique, libc::EROFS),
             true => {
                 read_only_flags(&h, &mut req);

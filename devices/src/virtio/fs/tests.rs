@@ -470,3 +470,75 @@ fn an_unterminated_chain_is_returned() {
     assert!(fs.process_queue(1, &mut q, &mem));
     assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 0);
 }
+
+/// What a guest's `ls -l`, `cp`, `mv`, `rm -r`, `touch`, `chmod`, `df`
+/// and `sync` send (the system calls these make are the ones the
+/// seccomp lists allow the thread serving the share).
+#[test]
+fn serves_a_guests_everyday_operations() {
+    let (_t, dir) = tree();
+    let mut c = client(&dir, false);
+    let sub = c.lookup(ROOT, "sub").node();
+    // READDIRPLUS from offset 0, 4 KiB of entries.
+    let mut rd = vec![0u8; 40];
+    rd[16..20].copy_from_slice(&4096u32.to_le_bytes());
+    let r = c.call(44, sub, &rd);
+    assert_eq!(r.error, 0);
+    assert!(r.body.windows(5).any(|w| w == b"inner"));
+    assert_eq!(c.call(17, ROOT, &[]).error, 0, "STATFS");
+    let f = c.create(ROOT, "f").node();
+    assert_eq!(c.write(f, b"data").error, 0);
+    assert_eq!(c.call(20, f, &[0u8; 16]).error, 0, "FSYNC");
+    // SETATTR: mode 0600 (FATTR_MODE), then size 2 (FATTR_SIZE).
+    let mut sa = vec![0u8; 88];
+    sa[0..4].copy_from_slice(&1u32.to_le_bytes());
+    sa[68..72].copy_from_slice(&0o100600u32.to_le_bytes());
+    assert_eq!(c.call(4, f, &sa).error, 0, "SETATTR mode");
+    let mut sa = vec![0u8; 88];
+    sa[0..4].copy_from_slice(&8u32.to_le_bytes());
+    sa[16..24].copy_from_slice(&2u64.to_le_bytes());
+    assert_eq!(c.call(4, f, &sa).error, 0, "SETATTR size");
+    assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"da");
+    let mut mv = sub.to_le_bytes().to_vec();
+    mv.extend_from_slice(&cstr("f"));
+    mv.extend_from_slice(&cstr("g"));
+    assert_eq!(c.call(12, ROOT, &mv).error, 0, "RENAME");
+    assert_eq!(std::fs::read(dir.join("sub/g")).unwrap(), b"da");
+    assert_eq!(c.call(10, sub, &cstr("g")).error, 0, "UNLINK");
+    assert_eq!(c.call(10, sub, &cstr("inner")).error, 0, "UNLINK");
+    assert_eq!(c.call(11, ROOT, &cstr("sub")).error, 0, "RMDIR");
+    assert!(!dir.join("sub").exists());
+    let mut rn2 = ROOT.to_le_bytes().to_vec();
+    rn2.extend_from_slice(&0u32.to_le_bytes());
+    rn2.extend_from_slice(&0u32.to_le_bytes());
+    rn2.extend_from_slice(&cstr("file"));
+    rn2.extend_from_slice(&cstr("file2"));
+    assert_eq!(c.call(45, ROOT, &rn2).error, 0, "RENAME2");
+    // The passthrough has no SYNCFS; Linux stops sending it.
+    assert_eq!(c.call(50, ROOT, &[0u8; 8]).error, -libc::ENOSYS, "SYNCFS");
+}
+
+/// A notification written to the register (on a vCPU thread, whose
+/// filter cannot open files) goes to the queue's event fd for the VMM
+/// thread, on either transport.
+#[test]
+fn register_notifications_are_handed_to_the_vmm_thread() {
+    use vm_device::bus::MmioAddress;
+    use vm_device::MutDeviceMmio;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let (_t, dir) = tree();
+    let irq = Arc::new(crate::test_utils::IrqRecorder::default());
+    let mut t = crate::virtio::mmio::VirtioMmio::new(device(&dir), memory(), irq, 5);
+    let fds: Vec<_> = (0..2)
+        .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+        .collect();
+    t.set_handoff(fds.clone());
+    t.mmio_write(
+        MmioAddress(0),
+        crate::virtio::mmio::QUEUE_NOTIFY,
+        &1u32.to_le_bytes(),
+    );
+    assert_eq!(fds[1].read().unwrap(), 1);
+    assert!(fds[0].read().is_err(), "queue 0 was not notified");
+}
