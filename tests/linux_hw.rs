@@ -278,7 +278,9 @@ fn an_ext4_disk_keeps_its_data_across_a_restart() {
 /// refused with EROFS and the directory is unchanged.
 #[test]
 fn a_stock_kernel_mounts_a_share_over_virtio_fs() {
-    let Some(c) = check("share-virtiofs") else { return };
+    let Some(c) = check("share-virtiofs") else {
+        return;
+    };
     let r = c.run();
     r.expect(0)
         // /init's status 0 of each command is kvmrun's 1.

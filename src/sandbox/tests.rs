@@ -212,16 +212,15 @@ fn modes_parse() {
         .contains("on, log or off"));
 }
 
-/// A FUSE request as the guest's virtio-fs driver sends it, from a
-/// guest user (uid and gid 1000, so the share switches to them to create
-/// files).
-fn fuse(opcode: u32, node: u64, body: &[u8]) -> Vec<u8> {
+/// A FUSE request as the guest's virtio-fs driver sends it, from guest
+/// user `user` (its uid and gid).
+fn fuse(opcode: u32, node: u64, user: u32, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::new();
     m.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
     m.extend_from_slice(&opcode.to_le_bytes());
     m.extend_from_slice(&u64::from(opcode).to_le_bytes());
     m.extend_from_slice(&node.to_le_bytes());
-    for v in [1000u32, 1000, 1, 0] {
+    for v in [user, user, 1, 0] {
         m.extend_from_slice(&v.to_le_bytes());
     }
     m.extend_from_slice(body);
@@ -259,10 +258,20 @@ fn the_vmm_thread_serves_a_share() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let share = Share::open(dir.path(), false).unwrap();
     let program = compile(Kind::Vmm, Mode::On).unwrap();
+    // A guest user the share switches to to create files when kvmrun may
+    // (as root), else the guest's root (files are then kvmrun's user's).
+    // SAFETY: geteuid has no preconditions.
+    let user: u32 = if unsafe { libc::geteuid() } == 0 {
+        1000
+    } else {
+        0
+    };
+    // SAFETY: as above.
+    let me = u64::from(unsafe { libc::geteuid() }) | u64::from(unsafe { libc::getegid() }) << 32;
     let worker = std::thread::spawn(move || {
         install(Kind::Vmm, &program).unwrap();
         let call = |op, node, b: &[u8]| {
-            let r = share.handle(fuse(op, node, b), MAX_MESSAGE);
+            let r = share.handle(fuse(op, node, user, b), MAX_MESSAGE);
             // Every request reached the file system (LSEEK is answered
             // before it, FORGET has no reply).
             assert!(matches!(op, 2 | 46) || r[4..8] == [0; 4], "{op}: {r:?}");
@@ -286,8 +295,14 @@ fn the_vmm_thread_serves_a_share() {
         let link = node_of(&call(6, 1, &body(&[], &["l", "file"])));
         call(5, link, &[]);
         call(13, sub, &body(&[created], &["hard"]));
-        // SETATTR mode, size, times, owner; FALLOCATE; FSYNC; LSEEK.
-        for (valid, at, v) in [(1u64, 68, 0o100600u64), (8, 16, 2), (48, 24, 1), (6, 76, 0)] {
+        // SETATTR mode, size, times, owner (to kvmrun's IDs, which any
+        // user may give); FALLOCATE; FSYNC; LSEEK.
+        for (valid, at, v) in [
+            (1u64, 68, 0o100600u64),
+            (8, 16, 2),
+            (48, 32, 1),
+            (6, 76, me),
+        ] {
             let mut sa = vec![0u8; 88];
             sa[0..8].copy_from_slice(&valid.to_le_bytes());
             sa[at..at + 8].copy_from_slice(&v.to_le_bytes());
