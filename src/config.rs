@@ -24,6 +24,10 @@ pub const MAX_RNGS: usize = 4;
 /// interrupt lines.
 pub const MAX_DISKS: usize = 8;
 
+/// Most shared directories: each takes a PCI slot or one of the four
+/// virtio-mmio interrupt lines.
+pub const MAX_SHARES: usize = 8;
+
 /// Most edu devices: kvm-unit-tests uses one; each takes a PCI slot and
 /// an MSI route.
 pub const MAX_EDUS: usize = 4;
@@ -127,6 +131,8 @@ pub enum DeviceConfig {
     /// An Intel IOMMU (VT-d) in front of the PCI devices (`--iommu`,
     /// QEMU's `-device intel-iommu`); Q35 only.
     Iommu(IommuConfig),
+    /// virtio-fs (`--share DIR[,tag=T][,ro][,transport=pci|mmio]`).
+    Share(ShareConfig),
 }
 
 /// The Intel IOMMU's options (`--iommu[=intremap=on|off][,eim=off]`).
@@ -170,6 +176,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Rng(t) => *t,
             DeviceConfig::Disk(d) => d.transport,
+            DeviceConfig::Share(s) => s.transport,
             DeviceConfig::Q35 | DeviceConfig::Edu | DeviceConfig::Iommu(_) => Transport::Pci,
         }
     }
@@ -217,6 +224,79 @@ impl std::str::FromStr for DiskConfig {
             }
         }
         Ok(d)
+    }
+}
+
+/// A host directory as a virtio-fs share. A snapshot stores it, and a
+/// restore opens the directory again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareConfig {
+    pub path: PathBuf,
+    /// What the guest mounts it by (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// The guest may only read (`ro`).
+    pub read_only: bool,
+    pub transport: Transport,
+}
+
+/// The tag of a share of `path` with none given: its last name, or
+/// `root` for `/`.
+fn default_tag(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into())
+}
+
+impl std::str::FromStr for ShareConfig {
+    type Err = ConfigError;
+
+    /// `DIR[,tag=T][,ro][,transport=pci|mmio]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Share(s.to_string(), why);
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("no directory named".into()));
+        }
+        let mut c = ShareConfig {
+            path: PathBuf::from(path),
+            tag: default_tag(path),
+            read_only: false,
+            transport: Transport::Pci,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => c.read_only = true,
+                Some(("tag", t)) => c.tag = t.to_string(),
+                Some(("transport", t)) => c.transport = t.parse().map_err(bad)?,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{opt}': expected tag=T, ro or transport=pci|mmio"
+                    )))
+                }
+            }
+        }
+        c.check_tag().map_err(bad)?;
+        Ok(c)
+    }
+}
+
+impl ShareConfig {
+    /// The tag fits the configuration space (virtio 1.2, "File System
+    /// Device": 36 bytes) and is one word a mount command can name.
+    pub fn check_tag(&self) -> Result<(), String> {
+        let t = &self.tag;
+        if t.is_empty() || t.len() > devices::virtio::fs::TAG_LEN {
+            return Err(format!(
+                "tag '{t}' must be 1 to {} bytes; name one with tag=",
+                devices::virtio::fs::TAG_LEN
+            ));
+        }
+        if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("tag '{t}' has a space or a control character"));
+        }
+        Ok(())
     }
 }
 
@@ -325,6 +405,11 @@ impl VmConfig {
                 MAX_DISKS,
                 "disks",
             ),
+            (
+                count(|d| matches!(d, DeviceConfig::Share(_))),
+                MAX_SHARES,
+                "shared directories",
+            ),
             (count(|d| *d == DeviceConfig::Edu), MAX_EDUS, "edu devices"),
             (count(|d| *d == DeviceConfig::Q35), 1, "Q35 chipsets"),
             (count(|d| matches!(d, DeviceConfig::Iommu(_))), 1, "IOMMUs"),
@@ -342,7 +427,10 @@ impl VmConfig {
         // virtio's queues reach guest memory directly: a guest that maps
         // their DMA would see it ignored.
         let virtio_pci = self.devices.iter().any(|d| {
-            matches!(d, DeviceConfig::Rng(_) | DeviceConfig::Disk(_))
+            matches!(
+                d,
+                DeviceConfig::Rng(_) | DeviceConfig::Disk(_) | DeviceConfig::Share(_)
+            )
                 && d.transport() == Transport::Pci
         });
         if self.iommu().is_some() && virtio_pci {
@@ -351,6 +439,29 @@ impl VmConfig {
                  go through it); use transport=mmio"
                     .into(),
             ));
+        }
+        self.check_shares()
+    }
+
+    /// Every share's tag is valid and its own: the guest mounts by tag.
+    fn check_shares(&self) -> Result<(), ConfigError> {
+        let shares: Vec<&ShareConfig> = self
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                DeviceConfig::Share(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        for (i, s) in shares.iter().enumerate() {
+            let bad = |why: String| ConfigError::Share(s.path.display().to_string(), why);
+            s.check_tag().map_err(bad)?;
+            if shares[..i].iter().any(|o| o.tag == s.tag) {
+                return Err(bad(format!(
+                    "tag '{}' is taken by another share; name another with tag=",
+                    s.tag
+                )));
+            }
         }
         Ok(())
     }
@@ -386,6 +497,8 @@ pub enum ConfigError {
     Disk(String, String),
     #[error("invalid --iommu '{0}': {1}")]
     Iommu(String, String),
+    #[error("invalid --share '{0}': {1}")]
+    Share(String, String),
 }
 
 /// Parse a memory size the way QEMU's `-m` does: a bare number is MiB, a
@@ -447,6 +560,27 @@ mod tests {
         assert!(e("a.img,rw").contains("unknown option 'rw'"));
         assert!(e("a.img,transport=usb").contains("unknown virtio transport 'usb'"));
         assert!(e(",ro").contains("no file named"));
+    }
+
+    #[test]
+    fn share_options_parse() {
+        let s: ShareConfig = "/srv/data".parse().unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only), ("data", false));
+        assert_eq!("/".parse::<ShareConfig>().unwrap().tag, "root");
+        let s: ShareConfig = "d,tag=t1,ro,transport=mmio".parse().unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only), ("t1", true));
+        assert_eq!(s.transport, Transport::Mmio);
+        let e = |s: &str| s.parse::<ShareConfig>().unwrap_err().to_string();
+        assert!(e("d,rw").contains("unknown option 'rw'"));
+        assert!(e(",ro").contains("no directory named"));
+        assert!(e("d,tag=").contains("1 to 36 bytes"));
+        assert!(e(&format!("d,tag={}", "x".repeat(37))).contains("1 to 36 bytes"));
+        assert!(e("d,tag=a b").contains("a space"));
+        let mut c = VmConfig::new("x".into());
+        let a: ShareConfig = "/a/x".parse().unwrap();
+        c.devices = vec![DeviceConfig::Share(a.clone()), DeviceConfig::Share(a)];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("tag 'x' is taken"), "{e}");
     }
 
     #[test]

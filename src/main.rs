@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
-use kvmrun::config::{self, DeviceConfig, DiskConfig, Machine, SerialOutput, Transport, VmConfig};
+use kvmrun::config::{
+    self, DeviceConfig, DiskConfig, Machine, SerialOutput, ShareConfig, Transport, VmConfig,
+};
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
 use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
@@ -338,6 +340,12 @@ struct RunArgs {
         value_name = "FILE[,ro][,snapshot][,transport=pci|mmio]"
     )]
     disk: Vec<DiskConfig>,
+    /// Share a host directory over virtio-fs (repeatable, up to 8); the
+    /// guest mounts it with `mount -t virtiofs TAG DIR`. The tag is the
+    /// directory's name unless `tag=` gives one; `ro` refuses every
+    /// change with EROFS. Transport as for --rng, virtio-pci by default.
+    #[arg(long = "share", value_name = "DIR[,tag=T][,ro][,transport=pci|mmio]")]
+    share: Vec<ShareConfig>,
     /// Add QEMU's edu device (a PCI function with a factorial unit, a DMA
     /// engine, INTx and MSI; kvm-unit-tests' intel_iommu drives it);
     /// repeatable, up to 4.
@@ -403,6 +411,10 @@ impl RunArgs {
                     usize::from(self.edu),
                 ))
                 .chain(self.iommu.map(DeviceConfig::Iommu))
+                .chain(self.share.into_iter().map(|s| {
+                    let path = std::path::absolute(&s.path).unwrap_or(s.path);
+                    DeviceConfig::Share(ShareConfig { path, ..s })
+                }))
                 .collect(),
         };
         (cfg, opts)

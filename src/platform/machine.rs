@@ -13,6 +13,7 @@ use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
 use devices::virtio::blk::{Blk, Disk, DiskMode};
+use devices::virtio::fs::{Fs, FsArgs, Share};
 use devices::virtio::rng::Rng;
 use devices::VmRequests;
 
@@ -101,7 +102,7 @@ pub fn attach(
     if let Some(iommu) = cfg.iommu() {
         p.attach_iommu(iommu)?;
     }
-    let (mut rngs, mut disks, mut edus) = (0, 0, 0);
+    let (mut rngs, mut disks, mut edus, mut shares) = (0, 0, 0, 0);
     for d in &cfg.devices {
         match d {
             DeviceConfig::Q35 | DeviceConfig::Iommu(_) => {}
@@ -121,6 +122,14 @@ pub fn attach(
                 let opened = Arc::new(Disk::open(&disk.path, mode)?);
                 p.attach_virtio(&format!("disk{disks}"), disk.transport, opened, Blk::new)?;
                 disks += 1;
+            }
+            DeviceConfig::Share(s) => {
+                let args = FsArgs {
+                    tag: s.tag.clone(),
+                    share: Arc::new(Share::open(&s.path, s.read_only)?),
+                };
+                p.attach_virtio(&format!("share{shares}"), s.transport, args, Fs::new)?;
+                shares += 1;
             }
         }
     }

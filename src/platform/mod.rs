@@ -73,6 +73,8 @@ pub enum PlatformError {
     Io(String),
     #[error(transparent)]
     Disk(#[from] devices::virtio::blk::DiskError),
+    #[error("--share {0}")]
+    Share(#[from] devices::virtio::fs::ShareError),
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

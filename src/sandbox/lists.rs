@@ -79,6 +79,7 @@ impl Kind {
                 INSTALL,
                 VMM,
                 VCPU,
+                SHARE,
                 GUEST_DEBUG,
                 KVM_SNAPSHOT,
             ],
@@ -259,7 +260,8 @@ const INSTALL: &[Rule] = &[
 /// reprograms them (KVM_SET_GSI_ROUTING), BARs moved with the queue
 /// notifications inside them (KVM_IOEVENTFD). A virtio queue notified
 /// through its register rather than an ioeventfd is served here:
-/// virtio-rng's getrandom, virtio-blk's DISK_IO.
+/// virtio-rng's getrandom, virtio-blk's DISK_IO (virtio-fs opens files:
+/// its queues are handed to the VMM thread, `serves_on_vmm_thread()`).
 const VCPU: &[Rule] = &[
     one_of(
         SYS_ioctl,
@@ -281,6 +283,52 @@ const VCPU: &[Rule] = &[
     any(SYS_pwrite64),
     any(SYS_fdatasync),
     DISK_ZERO,
+];
+
+/// virtio-fs (`devices::virtio::fs`): fuse-backend-rs's passthrough file
+/// system serving a guest's FUSE requests on the shared directory. Every
+/// path is resolved with the `*at()` calls from a descriptor the share
+/// holds (or the share's `/proc/self/fd`), never from the working
+/// directory: openat, statx/newfstatat, getdents64, readlinkat and the
+/// calls that change the tree (mkdirat, mknodat, symlinkat, linkat,
+/// unlinkat, renameat2, fchmodat/fchmod, fchownat, utimensat,
+/// ftruncate, fallocate in any mode on the guest's files); file data
+/// with preadv/pwritev, fsync/fdatasync, fstatfs, lseek and dup. The
+/// reply goes to a memfd (writev, lseek, pread64, in RUNTIME or here).
+/// umask is cleared around each request so the guest's modes are kept;
+/// setresuid and setresgid switch the serving thread's effective IDs to
+/// the guest caller's for creating files (the passthrough's own calls,
+/// `syscall()` on this thread only) and back.
+const SHARE: &[Rule] = &[
+    any(SYS_openat),
+    any(SYS_close),
+    any(SYS_dup),
+    any(SYS_fcntl),
+    any(SYS_lseek),
+    any(SYS_statx),
+    any(SYS_newfstatat),
+    any(SYS_getdents64),
+    any(SYS_readlinkat),
+    any(SYS_mkdirat),
+    any(SYS_mknodat),
+    any(SYS_symlinkat),
+    any(SYS_linkat),
+    any(SYS_unlinkat),
+    any(SYS_renameat2),
+    any(SYS_fchmodat),
+    any(SYS_fchmod),
+    any(SYS_fchownat),
+    any(SYS_utimensat),
+    any(SYS_ftruncate),
+    any(SYS_fallocate),
+    any(SYS_preadv),
+    any(SYS_pwritev),
+    any(SYS_writev),
+    any(SYS_fsync),
+    any(SYS_fstatfs),
+    any(SYS_umask),
+    any(SYS_setresuid),
+    any(SYS_setresgid),
 ];
 
 /// virtio-blk's requests on its image (and snapshot overlay) beyond
@@ -364,7 +412,7 @@ const FILES: &[Rule] = &[
 /// The VMM thread once the guest runs: the event loop (timers, eventfds,
 /// stdin, virtio queue notifications: ioeventfd reads, virtio-rng's
 /// getrandom, virtio-blk's pread64/pwrite64/fdatasync and DISK_ZERO,
-/// interrupts as irqfd writes), the control socket, kicking
+/// virtio-fs's SHARE, interrupts as irqfd writes), the control socket, kicking
 /// and joining vCPU threads, S3 wake-up, the terminal restored at the
 /// end, writing snapshots (`KVM_SNAPSHOT` for the KVM side), and tearing
 /// the devices down (their irqfds, MSI routes and ioeventfds).

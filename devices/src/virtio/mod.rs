@@ -10,13 +10,17 @@
 //! implements (and ioeventfds it registers), so no KVM fd is held here.
 
 pub mod blk;
+pub mod fs;
 pub mod mmio;
 pub mod pci;
 pub mod rng;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bits (virtio 1.2, "Reserved Feature Bits").
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -48,6 +52,13 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// Back to the state after reset.
     fn reset(&mut self) {}
+    /// Whether the device's work must not run on a vCPU thread (it
+    /// opens files, which a vCPU thread's seccomp filter refuses): a
+    /// notification through the register is then handed to the queue's
+    /// event fd, which the VMM thread serves.
+    fn serves_on_vmm_thread(&self) -> bool {
+        false
+    }
 }
 
 /// A transport the driver notifies of new buffers in a queue, through the
@@ -91,6 +102,8 @@ pub struct VirtioCore<D> {
     queue_sel: u16,
     queues: Vec<Queue>,
     config_generation: u8,
+    /// Each queue's event fd, for `serves_on_vmm_thread()` devices.
+    handoff: Vec<Arc<EventFd>>,
 }
 
 fn new_queues(sizes: &[u16]) -> Vec<Queue> {
@@ -128,6 +141,29 @@ impl<D: VirtioDevice> VirtioCore<D> {
             queue_sel: 0,
             queues,
             config_generation: 0,
+            handoff: Vec::new(),
+        }
+    }
+
+    /// The event fds the VMM thread watches, one per queue in order.
+    pub fn set_handoff(&mut self, fds: Vec<Arc<EventFd>>) {
+        self.handoff = fds;
+    }
+
+    /// A notification that reached the registers (on a vCPU thread):
+    /// true if it was handed to the VMM thread instead of being served.
+    pub fn hand_off(&self, index: u16) -> bool {
+        if !self.dev.serves_on_vmm_thread() {
+            return false;
+        }
+        match self.handoff.get(usize::from(index)) {
+            Some(fd) => {
+                if let Err(e) = fd.write(1) {
+                    log::warn!("virtio: cannot hand queue {index} to the VMM thread: {e}");
+                }
+                true
+            }
+            None => false,
         }
     }
 
