@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
-use kvmrun::config::{self, DeviceConfig, DiskConfig, Machine, SerialOutput, Transport, VmConfig};
+use kvmrun::config::{
+    self, DeviceConfig, DiskConfig, Irqchip, Machine, SerialOutput, Transport, VmConfig,
+};
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
 use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
@@ -348,6 +350,11 @@ struct RunArgs {
     /// at 00:1f.0, always PCI with ECAM).
     #[arg(long, value_name = "pc|q35", default_value = "pc")]
     machine: Machine,
+    /// Interrupt controllers: kernel (KVM's PICs, IOAPIC and PIT) or
+    /// split (KVM_CAP_SPLIT_IRQCHIP: local APICs in KVM, the IOAPIC,
+    /// PICs and PIT in kvmrun; QEMU's -machine kernel-irqchip=split).
+    #[arg(long, value_name = "kernel|split", default_value = "kernel")]
+    irqchip: Irqchip,
     /// Guest arguments, appended to the command line.
     #[arg(last = true)]
     args: Vec<String>,
@@ -369,6 +376,7 @@ impl RunArgs {
             base_cmdline: self.cmdline,
             cmdline: words.join(" "),
             pit: !self.no_pit,
+            irqchip: self.irqchip,
             serial: self.io.serial,
             timeout_secs: self.io.timeout,
             cpu: self.cpu.cpu,

@@ -15,6 +15,7 @@ use devices::debug_exit::DebugExit;
 use devices::edu::Edu;
 use devices::fw_cfg::FwCfg;
 use devices::i8042::I8042;
+use devices::ioapic::{Ioapic, IOAPIC_PINS};
 use devices::pci::q35::Ich9Lpc;
 use devices::pci::{Chipset, HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
 use devices::rtc::Rtc;
@@ -81,6 +82,11 @@ fn restore_devices(state: &MachineState) {
                     read_clock(rtc);
                 }
             }
+            "ioapic" => {
+                if let Some(apic) = restore_one::<Ioapic>(saved, fakes::msi_sink()) {
+                    interrupt(apic);
+                }
+            }
             "pci-host-bridge" => {
                 for chipset in [Chipset::Generic, Chipset::Q35] {
                     restore_one::<HostBridge>(saved, chipset);
@@ -114,6 +120,16 @@ fn restore_devices(state: &MachineState) {
                 restore_one::<VirtioPci<Rng>>(saved, args);
             }
         }
+    }
+}
+
+/// A restored IOAPIC takes every line and every EOI.
+fn interrupt(mut apic: Ioapic) {
+    for pin in 0..IOAPIC_PINS {
+        apic.set_irq(pin, true);
+    }
+    for vector in 0..=u8::MAX {
+        apic.end_of_interrupt(vector);
     }
 }
 

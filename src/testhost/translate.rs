@@ -89,6 +89,7 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     let mut no_pit = false;
     let mut cpu_pm = false;
     let mut q35 = false;
+    let mut split = false;
     let mut edus = 0usize;
     let mut bad: Vec<String> = Vec::new();
 
@@ -143,9 +144,12 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                 let mut ok = true;
                 let mut pit_off = false;
                 let mut machine = None;
+                let mut irqchip = None;
                 for (i, prop) in value.split(',').enumerate() {
                     match prop {
                         "pit=off" => pit_off = true,
+                        "kernel-irqchip=split" => irqchip = Some(true),
+                        "kernel-irqchip=on" => irqchip = Some(false),
                         "accel=kvm" => {}
                         // The type comes first, bare or as type=.
                         "pc" | "q35" if i == 0 => machine = Some(prop == "q35"),
@@ -157,6 +161,7 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                     no_pit |= pit_off;
                     // QEMU keeps the last type given.
                     q35 = machine.unwrap_or(q35);
+                    split = irqchip.unwrap_or(split);
                 } else {
                     bad.push(flag);
                 }
@@ -195,6 +200,9 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         // --cpu-lenient, with a line that says "warning".
         args.push(format!("--cpu={c}"));
         args.push("--cpu-lenient".to_string());
+    }
+    if split {
+        args.push("--irqchip=split".to_string());
     }
     if no_pit {
         args.push("--no-pit".to_string());
@@ -316,6 +324,14 @@ mod tests {
         );
         assert_eq!(t("-M q35 -M pc").unwrap(), Vec::<String>::new());
         assert_eq!(t("-M q35,pit=off").unwrap(), ["--machine=q35", "--no-pit"]);
+        assert_eq!(
+            t("-M q35,kernel-irqchip=split").unwrap(),
+            ["--machine=q35", "--irqchip=split"]
+        );
+        assert_eq!(
+            t("-M kernel-irqchip=split -M kernel-irqchip=on").unwrap(),
+            Vec::<String>::new()
+        );
         // Arguments that look like flags stay arguments.
         assert_eq!(
             t("-append '-pause_filter_test -x'").unwrap(),
@@ -333,12 +349,13 @@ mod tests {
             u("-cpu max -device hyperv-testdev"),
             "-device hyperv-testdev"
         );
-        // intel_iommu: the edu device translates, the split irqchip and
-        // the IOMMU do not yet.
+        // intel_iommu: the edu device and the split irqchip translate,
+        // the IOMMU does not yet.
         assert_eq!(
             u("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu"),
-            "-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off"
+            "-device intel-iommu,intremap=on,eim=off"
         );
+        assert_eq!(u("-M kernel-irqchip=off"), "-M kernel-irqchip=off");
         assert_eq!(u("-M pc,q35"), "-M pc,q35");
         assert_eq!(u("-M q35-8.2"), "-M q35-8.2");
         assert_eq!(u("-machine microvm"), "-machine microvm");
