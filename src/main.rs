@@ -208,6 +208,10 @@ struct TestArgs {
     /// into a new VM process) every SECS seconds (`run --migrate-every`).
     #[arg(long, value_name = "SECS", value_parser = parse_migrate_every)]
     migrate_every: Option<f64>,
+    /// Run every test with this irqchip (`run --irqchip`; split also
+    /// means `--no-pit`, as the split irqchip has no PIT yet).
+    #[arg(long, value_name = "kernel|split", default_value = "kernel")]
+    irqchip: Irqchip,
     /// Write a TAP 13 report here.
     #[arg(long)]
     tap: Option<PathBuf>,
@@ -602,6 +606,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         kvmrun: std::env::current_exe()?,
         kill_grace: 5.0,
         migrate_every: a.migrate_every,
+        split_irqchip: a.irqchip == Irqchip::Split,
     };
     let bar = match a.progress {
         ProgressMode::Auto => std::io::stdout().is_terminal(),
