@@ -56,6 +56,30 @@ impl std::str::FromStr for Machine {
     }
 }
 
+/// Where the interrupt controllers live (`--irqchip`, QEMU's
+/// `-machine kernel-irqchip=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Irqchip {
+    /// KVM's PICs, IOAPIC and local APICs (KVM_CREATE_IRQCHIP).
+    #[default]
+    Kernel,
+    /// KVM's local APICs, kvmrun's IOAPIC, PICs and PIT
+    /// (KVM_CAP_SPLIT_IRQCHIP).
+    Split,
+}
+
+impl std::str::FromStr for Irqchip {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "kernel" => Ok(Irqchip::Kernel),
+            "split" => Ok(Irqchip::Split),
+            _ => Err(ConfigError::Irqchip(s.to_string())),
+        }
+    }
+}
+
 /// Where the guest's COM1 output goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SerialOutput {
@@ -96,6 +120,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// In-kernel PIT (QEMU's `-machine pit=off` turns it off).
     pub pit: bool,
+    /// Where the interrupt controllers live (`--irqchip`).
+    pub irqchip: Irqchip,
     pub serial: SerialOutput,
     /// Wall-clock limit in seconds; the VM ends with status 124 when it expires.
     pub timeout_secs: Option<f64>,
@@ -311,6 +337,7 @@ impl VmConfig {
             base_cmdline: None,
             cmdline: String::new(),
             pit: true,
+            irqchip: Irqchip::Kernel,
             serial: SerialOutput::Stdio,
             timeout_secs: None,
             cpu: CpuSpec::default(),
@@ -393,6 +420,9 @@ impl VmConfig {
             return Err(ConfigError::MsrFilterRanges(self.msr_filter.len()));
         }
         msrs::initial(&self.msrs)?;
+        if self.irqchip == Irqchip::Split && self.pit_enabled() {
+            return Err(ConfigError::SplitPit);
+        }
         let count = |f: fn(&DeviceConfig) -> bool| self.devices.iter().filter(|d| f(d)).count();
         for (n, max, what) in [
             (
@@ -430,8 +460,7 @@ impl VmConfig {
             matches!(
                 d,
                 DeviceConfig::Rng(_) | DeviceConfig::Disk(_) | DeviceConfig::Share(_)
-            )
-                && d.transport() == Transport::Pci
+            ) && d.transport() == Transport::Pci
         });
         if self.iommu().is_some() && virtio_pci {
             return Err(ConfigError::Devices(
@@ -491,6 +520,10 @@ pub enum ConfigError {
     MsrFilterRanges(usize),
     #[error("invalid machine '{0}': expected pc or q35")]
     Machine(String),
+    #[error("invalid --irqchip '{0}': expected kernel or split")]
+    Irqchip(String),
+    #[error("--irqchip split has no PIT (KVM's needs KVM's PICs): add --no-pit")]
+    SplitPit,
     #[error("invalid devices: {0}")]
     Devices(String),
     #[error("invalid --disk '{0}': {1}")]
@@ -733,6 +766,20 @@ mod tests {
         assert_eq!("pc".parse::<Machine>().unwrap(), Machine::Pc);
         let e = "q35,kernel-irqchip=split".parse::<Machine>().unwrap_err();
         assert!(e.to_string().contains("expected pc or q35"), "{e}");
+    }
+
+    #[test]
+    fn irqchip_parses_and_split_has_no_pit() {
+        assert_eq!("kernel".parse::<Irqchip>().unwrap(), Irqchip::Kernel);
+        assert_eq!("split".parse::<Irqchip>().unwrap(), Irqchip::Split);
+        let e = "off".parse::<Irqchip>().unwrap_err().to_string();
+        assert!(e.contains("expected kernel or split"), "{e}");
+        let mut c = VmConfig::new("x".into());
+        assert_eq!(c.irqchip, Irqchip::Kernel);
+        c.irqchip = Irqchip::Split;
+        assert!(matches!(c.validate(), Err(ConfigError::SplitPit)));
+        c.pit = false;
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
 use kvmrun::config::{
-    self, DeviceConfig, DiskConfig, Machine, SerialOutput, ShareConfig, Transport, VmConfig,
+    self, DeviceConfig, DiskConfig, Irqchip, Machine, SerialOutput, ShareConfig, Transport,
+    VmConfig,
 };
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
@@ -208,6 +209,10 @@ struct TestArgs {
     /// into a new VM process) every SECS seconds (`run --migrate-every`).
     #[arg(long, value_name = "SECS", value_parser = parse_migrate_every)]
     migrate_every: Option<f64>,
+    /// Run every test with this irqchip (`run --irqchip`; split also
+    /// means `--no-pit`, as the split irqchip has no PIT yet).
+    #[arg(long, value_name = "kernel|split", default_value = "kernel")]
+    irqchip: Irqchip,
     /// Write a TAP 13 report here.
     #[arg(long)]
     tap: Option<PathBuf>,
@@ -369,6 +374,11 @@ struct RunArgs {
     /// at 00:1f.0, always PCI with ECAM).
     #[arg(long, value_name = "pc|q35", default_value = "pc")]
     machine: Machine,
+    /// Interrupt controllers: kernel (KVM's PICs, IOAPIC and PIT) or
+    /// split (KVM_CAP_SPLIT_IRQCHIP: local APICs in KVM, the IOAPIC,
+    /// PICs and PIT in kvmrun; QEMU's -machine kernel-irqchip=split).
+    #[arg(long, value_name = "kernel|split", default_value = "kernel")]
+    irqchip: Irqchip,
     /// Guest arguments, appended to the command line.
     #[arg(last = true)]
     args: Vec<String>,
@@ -390,6 +400,7 @@ impl RunArgs {
             base_cmdline: self.cmdline,
             cmdline: words.join(" "),
             pit: !self.no_pit,
+            irqchip: self.irqchip,
             serial: self.io.serial,
             timeout_secs: self.io.timeout,
             cpu: self.cpu.cpu,
@@ -620,6 +631,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         kvmrun: std::env::current_exe()?,
         kill_grace: 5.0,
         migrate_every: a.migrate_every,
+        split_irqchip: a.irqchip == Irqchip::Split,
     };
     let bar = match a.progress {
         ProgressMode::Auto => std::io::stdout().is_terminal(),

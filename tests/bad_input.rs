@@ -173,4 +173,8 @@ fn bad_device_flags() {
         let r = run_args(&["run", img, "--machine", m]);
         assert_clean_error(&r, "expected pc or q35");
     }
+    for chip in ["off", "on", ""] {
+        let r = run_args(&["run", img, "--irqchip", chip]);
+        assert_clean_error(&r, "expected kernel or split");
+    }
 }

@@ -85,6 +85,28 @@ fn testdev_scratch_iomem_and_irq_lines() {
     run_guest("testdev", &[]).expect(PASS);
 }
 
+/// With the split irqchip, kvmrun's IOAPIC takes the interrupt lines
+/// (pc-testdev's, edu's INTx, virtio-mmio's) and KVM's local APICs the
+/// rest: the SMP and interrupt guests pass as with KVM's irqchip.
+#[test]
+fn the_split_irqchip_runs_the_smp_and_interrupt_guests() {
+    if !kvm_available() {
+        return;
+    }
+    let split = ["--irqchip", "split", "--no-pit"];
+    for (name, args) in [
+        ("testdev", &[][..]),
+        ("smp", &["--smp", "4", "--", "cpus=4"][..]),
+        ("edu", &["--edu", "--smp", "2"][..]),
+        ("rng", &["--rng=mmio", "--", "transport=mmio"][..]),
+        ("checksum", &["--smp", "2"][..]),
+    ] {
+        run_guest(name, &[&split[..], args].concat())
+            .expect(PASS)
+            .has("0 unexpected failures");
+    }
+}
+
 #[test]
 fn cpuid_apic_ids_match_on_every_cpu() {
     if !kvm_available() {

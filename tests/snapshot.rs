@@ -973,3 +973,33 @@ fn virtio_fs_survives_save_and_restore_on_both_transports() {
         assert_eq!(std::fs::read_to_string(&file).unwrap(), both, "{transport}");
     }
 }
+
+/// The split irqchip, snapshotted while a level interrupt is in flight:
+/// kvmrun's IOAPIC holds Remote IRR and the raised line, KVM's local
+/// APIC the pending vector. Both the original and the restored VM take
+/// the interrupt once and see the EOI clear Remote IRR, which needs the
+/// IOAPIC's routes back in KVM after the restore.
+#[test]
+fn the_split_irqchip_survives_save_and_restore_mid_interrupt() {
+    if !kvm_available() {
+        return;
+    }
+    let split = ["--irqchip", "split", "--no-pit"];
+    let d = tempfile::tempdir().unwrap();
+    let (vm, dir) = snapshot_at_key(d.path(), "testdev", &split, &[]);
+    for r in [vm.finish(), restore(&dir, &[])] {
+        r.expect(PASS)
+            .has("PASS: irq-level-once")
+            .has("PASS: irq-level-remote-irr-clear")
+            .has("SUMMARY: 18 tests, 0 unexpected failures");
+    }
+    // Two vCPUs with their local APIC timers ticking across the snapshot.
+    let d = tempfile::tempdir().unwrap();
+    let smp = [&split[..], &["--smp", "2"]].concat();
+    let (vm, dir) = snapshot_at_key(d.path(), "checksum", &smp, &[]);
+    let original = vm.finish();
+    original.expect(PASS);
+    let restored = restore(&dir, &[]);
+    restored.expect(PASS);
+    assert_eq!(final_lines(&restored), final_lines(&original));
+}

@@ -14,6 +14,7 @@ pub mod debug_exit;
 pub mod edu;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod ioapic;
 pub mod iommu;
 pub mod pci;
 pub mod rtc;
@@ -113,6 +114,17 @@ impl DmaSpace for DirectDma {
     }
 }
 
+/// Where an interrupt controller of kvmrun's (the split irqchip's I/O
+/// APIC) sends its interrupts as MSIs to KVM's local APICs.
+pub trait MsiSink: Send + Sync {
+    /// Deliver `msg` once (KVM_SIGNAL_MSI).
+    fn send(&self, msg: MsiMessage);
+    /// Pin `pin` now delivers as `msg`: the VMM mirrors it in a GSI route
+    /// so KVM knows which vectors are level-triggered and reports their
+    /// EOI.
+    fn route_pin(&self, pin: u8, msg: MsiMessage);
+}
+
 /// Something a device asks of the whole VM, not of itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmRequest {
@@ -171,7 +183,37 @@ pub(crate) fn le_value(data: &[u8]) -> Option<u64> {
 pub(crate) mod test_utils {
     use std::sync::Mutex;
 
-    use super::{IrqLine, PageFlusher, VmRequest, VmRequests};
+    use super::{IrqLine, MsiMessage, MsiSink, PageFlusher, VmRequest, VmRequests};
+
+    /// Records the messages sent and the pin routes announced, in order.
+    #[derive(Default)]
+    pub(crate) struct MsiRecorder {
+        sent: Mutex<Vec<MsiMessage>>,
+        routes: Mutex<Vec<(u8, MsiMessage)>>,
+    }
+
+    impl MsiRecorder {
+        pub(crate) fn take_sent(&self) -> Vec<MsiMessage> {
+            std::mem::take(&mut *self.sent.lock().expect("recorder lock poisoned"))
+        }
+
+        pub(crate) fn take_routes(&self) -> Vec<(u8, MsiMessage)> {
+            std::mem::take(&mut *self.routes.lock().expect("recorder lock poisoned"))
+        }
+    }
+
+    impl MsiSink for MsiRecorder {
+        fn send(&self, msg: MsiMessage) {
+            self.sent.lock().expect("recorder lock poisoned").push(msg);
+        }
+
+        fn route_pin(&self, pin: u8, msg: MsiMessage) {
+            self.routes
+                .lock()
+                .expect("recorder lock poisoned")
+                .push((pin, msg));
+        }
+    }
 
     /// Records every request in order.
     #[derive(Default)]

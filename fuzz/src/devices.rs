@@ -22,6 +22,7 @@ use devices::acpi_pm::{self, AcpiPm};
 use devices::debug_exit::{self, DebugExit};
 use devices::fw_cfg::{self, FwCfg};
 use devices::i8042::{self, I8042};
+use devices::ioapic::{self, Ioapic};
 use devices::iommu::Vtd;
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
@@ -373,4 +374,41 @@ pub fn iommu(data: &[u8]) {
     let intremap = data.first().is_some_and(|b| b & 1 != 0);
     let unit = Vtd::new(mem.clone(), fakes::msi(), intremap);
     drive(&mut IommuBench(unit, mem), data);
+}
+
+/// The split irqchip's IOAPIC: its registers, and from the host side
+/// line changes (`arg[0]`: pin and level) and EOIs (`arg[1]`: vector).
+struct IoapicBench(Ioapic);
+
+impl Bench for IoapicBench {
+    fn windows(&self) -> &'static [Window] {
+        const W: [Window; 1] = [Window {
+            base: ioapic::IOAPIC_BASE,
+            len: ioapic::IOAPIC_SIZE,
+            mmio: true,
+        }];
+        &W
+    }
+    fn read(&mut self, w: Window, offset: u64, data: &mut [u8]) {
+        self.0.mmio_read(MmioAddress(w.base), offset, data);
+    }
+    fn write(&mut self, w: Window, offset: u64, data: &[u8]) {
+        self.0.mmio_write(MmioAddress(w.base), offset, data);
+    }
+    fn host(&mut self, arg: &[u8]) {
+        if let Some(&b) = arg.first() {
+            // Pins past the table (up to 63) must be ignored.
+            self.0.set_irq(usize::from(b & 0x3f), b & 0x80 != 0);
+        }
+        if let Some(&v) = arg.get(1) {
+            self.0.end_of_interrupt(v);
+        }
+    }
+    fn round_trip(&mut self) {
+        self.0 = through_snapshot(&self.0, fakes::msi_sink());
+    }
+}
+
+pub fn ioapic(data: &[u8]) {
+    drive(&mut IoapicBench(Ioapic::new(fakes::msi_sink())), data);
 }

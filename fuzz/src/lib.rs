@@ -83,6 +83,10 @@ pub const TARGETS: &[Target] = &[
         run: devices::iommu,
     },
     Target {
+        name: "dev_ioapic",
+        run: devices::ioapic,
+    },
+    Target {
         name: "dev_fw_cfg",
         run: devices::fw_cfg,
     },

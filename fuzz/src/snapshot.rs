@@ -15,6 +15,7 @@ use devices::debug_exit::DebugExit;
 use devices::edu::Edu;
 use devices::fw_cfg::FwCfg;
 use devices::i8042::I8042;
+use devices::ioapic::{Ioapic, IOAPIC_PINS};
 use devices::iommu::Vtd;
 use devices::pci::q35::Ich9Lpc;
 use devices::pci::{Chipset, HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
@@ -82,6 +83,11 @@ fn restore_devices(state: &MachineState) {
                     read_clock(rtc);
                 }
             }
+            "ioapic" => {
+                if let Some(apic) = restore_one::<Ioapic>(saved, fakes::msi_sink()) {
+                    interrupt(apic);
+                }
+            }
             "pci-host-bridge" => {
                 for chipset in [Chipset::Generic, Chipset::Q35] {
                     restore_one::<HostBridge>(saved, chipset);
@@ -142,6 +148,16 @@ fn use_iommu(mut v: Vtd) {
     // Resuming the invalidation queue.
     use vm_device::MutDeviceMmio;
     v.mmio_write(vm_device::bus::MmioAddress(0), 0x34, &0x10u32.to_le_bytes());
+}
+
+/// A restored IOAPIC takes every line and every EOI.
+fn interrupt(mut apic: Ioapic) {
+    for pin in 0..IOAPIC_PINS {
+        apic.set_irq(pin, true);
+    }
+    for vector in 0..=u8::MAX {
+        apic.end_of_interrupt(vector);
+    }
 }
 
 /// A guest reads the clock right after a restore.

@@ -9,6 +9,7 @@ use devices::acpi_pm::{self, AcpiPm};
 use devices::debug_exit::{self, DebugExit};
 use devices::fw_cfg::{self, FwCfg};
 use devices::i8042::{self, I8042};
+use devices::ioapic::{self, Ioapic};
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
@@ -18,7 +19,7 @@ use devices::virtio::rng::Rng;
 use devices::VmRequests;
 
 use super::{Attach, Platform, PlatformError};
-use crate::config::{DeviceConfig, Machine, SerialOutput, VmConfig};
+use crate::config::{DeviceConfig, Irqchip, Machine, SerialOutput, VmConfig};
 use crate::memory::Layout;
 use crate::serial_out::Output;
 use crate::vm::Vm;
@@ -42,6 +43,15 @@ pub fn attach(
     requests: &Arc<dyn VmRequests>,
     stopping: impl Fn() -> bool + Send + Sync + 'static,
 ) -> Result<Handles, PlatformError> {
+    // The interrupt controllers first: devices restored with a line
+    // raised raise it again as they attach.
+    if cfg.irqchip == Irqchip::Split {
+        let sink = p.interrupts().msi_sink();
+        let apic = p.attach(
+            Attach::new("ioapic", sink, Ioapic::new).mmio(ioapic::IOAPIC_BASE, ioapic::IOAPIC_SIZE),
+        )?;
+        p.interrupts().set_ioapic(apic);
+    }
     let irq = p.interrupts().irqfd(serial::COM1_GSI)?;
     let (out, output) = serial_output(&cfg.serial, stopping)?;
     let serial = p.attach(

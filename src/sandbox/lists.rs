@@ -20,7 +20,7 @@ use std::mem::size_of;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_ioeventfd,
-    kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state,
+    kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi,
     kvm_msr_list, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
     kvm_xcrs, kvm_xsave,
 };
@@ -170,6 +170,7 @@ pub const KVM_GET_XSAVE: u64 = ior(0xa4, size_of::<kvm_xsave>());
 pub const KVM_GET_XCRS: u64 = ior(0xa6, size_of::<kvm_xcrs>());
 pub const KVM_GET_XSAVE2: u64 = ior(0xcf, size_of::<kvm_xsave>());
 pub const KVM_IRQ_LINE: u64 = iow(0x61, size_of::<kvm_irq_level>());
+pub const KVM_SIGNAL_MSI: u64 = iow(0xa5, size_of::<kvm_msi>());
 pub const KVM_GET_IRQCHIP: u64 = iowr(0x62, size_of::<kvm_irqchip>());
 pub const KVM_GET_CLOCK: u64 = ior(0x7c, size_of::<kvm_clock_data>());
 pub const KVM_GET_PIT2: u64 = ior(0x9f, size_of::<kvm_pit_state2>());
@@ -253,7 +254,8 @@ const INSTALL: &[Rule] = &[
 
 /// A vCPU thread: KVM_RUN, the halt check, the crash report's registers
 /// and address translation, interrupt lines (pc-testdev, PCI INTx,
-/// virtio-mmio), and the page flush (mprotect, in RUNTIME). Device output
+/// virtio-mmio; with the split irqchip, the IOAPIC's KVM_SIGNAL_MSI),
+/// and the page flush (mprotect, in RUNTIME). Device output
 /// and interrupts are writes (the serial queue, an irqfd, MSI-X vectors),
 /// in RUNTIME. The PCI register accesses a guest makes from here: MSI-X
 /// vectors routed and unrouted as the guest unmasks, masks and
@@ -274,6 +276,7 @@ const VCPU: &[Rule] = &[
             KVM_GET_VCPU_EVENTS,
             KVM_TRANSLATE,
             KVM_IRQ_LINE,
+            KVM_SIGNAL_MSI,
             KVM_SET_GSI_ROUTING,
             KVM_IOEVENTFD,
         ],

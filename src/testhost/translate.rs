@@ -89,6 +89,7 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     let mut no_pit = false;
     let mut cpu_pm = false;
     let mut q35 = false;
+    let mut split = false;
     let mut edus = 0usize;
     let mut iommu: Option<String> = None;
     let mut bad: Vec<String> = Vec::new();
@@ -144,9 +145,12 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                 let mut ok = true;
                 let mut pit_off = false;
                 let mut machine = None;
+                let mut irqchip = None;
                 for (i, prop) in value.split(',').enumerate() {
                     match prop {
                         "pit=off" => pit_off = true,
+                        "kernel-irqchip=split" => irqchip = Some(true),
+                        "kernel-irqchip=on" => irqchip = Some(false),
                         "accel=kvm" => {}
                         // The type comes first, bare or as type=.
                         "pc" | "q35" if i == 0 => machine = Some(prop == "q35"),
@@ -158,6 +162,7 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                     no_pit |= pit_off;
                     // QEMU keeps the last type given.
                     q35 = machine.unwrap_or(q35);
+                    split = irqchip.unwrap_or(split);
                 } else {
                     bad.push(flag);
                 }
@@ -200,6 +205,12 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         // --cpu-lenient, with a line that says "warning".
         args.push(format!("--cpu={c}"));
         args.push("--cpu-lenient".to_string());
+    }
+    // kvmrun's split irqchip has no PIT yet (KVM's needs KVM's PICs):
+    // the test runs without one, as with QEMU's pit=off.
+    if split {
+        args.push("--irqchip=split".to_string());
+        no_pit = true;
     }
     if no_pit {
         args.push("--no-pit".to_string());
@@ -334,6 +345,30 @@ mod tests {
         );
         assert_eq!(t("-M q35 -M pc").unwrap(), Vec::<String>::new());
         assert_eq!(t("-M q35,pit=off").unwrap(), ["--machine=q35", "--no-pit"]);
+        assert_eq!(
+            t("-M q35,kernel-irqchip=split").unwrap(),
+            ["--machine=q35", "--irqchip=split", "--no-pit"]
+        );
+        // intel_iommu's whole line.
+        assert_eq!(
+            t("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu")
+                .unwrap(),
+            [
+                "--machine=q35",
+                "--irqchip=split",
+                "--no-pit",
+                "--edu",
+                "--iommu=intremap=on,eim=off"
+            ]
+        );
+        assert_eq!(
+            t("-M kernel-irqchip=split,pit=off").unwrap(),
+            ["--irqchip=split", "--no-pit"]
+        );
+        assert_eq!(
+            t("-M kernel-irqchip=split -M kernel-irqchip=on").unwrap(),
+            Vec::<String>::new()
+        );
         // Arguments that look like flags stay arguments.
         assert_eq!(
             t("-append '-pause_filter_test -x'").unwrap(),
@@ -351,16 +386,11 @@ mod tests {
             u("-cpu max -device hyperv-testdev"),
             "-device hyperv-testdev"
         );
-        // intel_iommu: the edu device and the IOMMU translate, the split
-        // irqchip does not yet.
-        assert_eq!(
-            u("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu"),
-            "-M q35,kernel-irqchip=split"
-        );
         assert_eq!(
             u("-device intel-iommu,eim=on"),
             "-device intel-iommu,eim=on"
         );
+        assert_eq!(u("-M kernel-irqchip=off"), "-M kernel-irqchip=off");
         assert_eq!(u("-M pc,q35"), "-M pc,q35");
         assert_eq!(u("-M q35-8.2"), "-M q35-8.2");
         assert_eq!(u("-machine microvm"), "-machine microvm");
