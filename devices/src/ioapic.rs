@@ -63,6 +63,9 @@ const REMOTE_IRR: u64 = 1 << 14;
 const TRIGGER_LEVEL: u64 = 1 << 15;
 const MASKED: u64 = 1 << 16;
 const DEST_SHIFT: u32 = 56;
+/// Interrupt format: the entry is in remappable format (VT-d,
+/// "Interrupt Requests in Remappable Format").
+const FORMAT_REMAPPABLE: u64 = 1 << 48;
 /// Bits the guest cannot write: delivery status and Remote IRR.
 const READ_ONLY: u64 = DELIVERY_STATUS | REMOTE_IRR;
 
@@ -91,13 +94,20 @@ impl std::fmt::Debug for Ioapic {
 
 /// The MSI a redirection entry delivers as: physical or logical
 /// destination in the address, vector, delivery mode and trigger mode
-/// in the data.
+/// in the data. An entry in remappable format carries its interrupt
+/// handle in bits 63:49 and bit 11 instead: they land in the address
+/// bits a remappable MSI holds them in (bits 19:5 and 2, the format
+/// bit 48 in bit 4), for an interrupt-remapping unit to look up.
 pub fn msi_of(entry: u64) -> MsiMessage {
-    let dest = (entry >> DEST_SHIFT) & 0xff;
+    let high = if entry & FORMAT_REMAPPABLE != 0 {
+        (entry >> 48) & 0xffff
+    } else {
+        ((entry >> DEST_SHIFT) & 0xff) << 8
+    };
     let logical = entry & DEST_MODE_LOGICAL != 0;
     let mode = (entry >> DELIVERY_MODE_SHIFT) & 7;
     MsiMessage {
-        address: MSI_ADDRESS_BASE | (dest << 12) | (u64::from(logical) << 2),
+        address: MSI_ADDRESS_BASE | (high << 4) | (u64::from(logical) << 2),
         data: ((entry & VECTOR) | (mode << 8) | (entry & TRIGGER_LEVEL)) as u32,
     }
 }
@@ -420,5 +430,16 @@ mod tests {
         let mut bad = st.clone();
         bad.table.pop();
         assert!(Ioapic::restore(rec2, &bad).is_err());
+    }
+
+    #[test]
+    fn a_remappable_entry_becomes_a_remappable_msi() {
+        // Handle 0x8001: bits 63:49 = 1, bit 11 = handle bit 15.
+        let e = (1u64 << 49) | FORMAT_REMAPPABLE | DEST_MODE_LOGICAL | TRIGGER_LEVEL | 0xed;
+        let m = msi_of(e);
+        assert_eq!(m.address, 0xfee0_0000 | (1 << 5) | (1 << 4) | (1 << 2));
+        assert_eq!(m.data, 0x80ed);
+        // Compatibility format: the destination in bits 19:12 only.
+        assert_eq!(msi_of(0x0300_0000_0000_0030).address, 0xfee0_3000);
     }
 }

@@ -10,6 +10,7 @@ use devices::debug_exit::{self, DebugExit};
 use devices::fw_cfg::{self, FwCfg};
 use devices::i8042::{self, I8042};
 use devices::ioapic::{self, Ioapic};
+use devices::iommu::RemappedSink;
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
@@ -43,10 +44,22 @@ pub fn attach(
     requests: &Arc<dyn VmRequests>,
     stopping: impl Fn() -> bool + Send + Sync + 'static,
 ) -> Result<Handles, PlatformError> {
-    // The interrupt controllers first: devices restored with a line
+    // The chipset first: its functions take slots 0 and 31 before any
+    // device is given one. The IOMMU before the devices behind it and
+    // the IOAPIC whose interrupts it remaps; neither raises a line.
+    if cfg.machine() == Machine::Q35 {
+        p.attach_q35()?;
+    }
+    if let Some(iommu) = cfg.iommu() {
+        p.attach_iommu(iommu)?;
+    }
+    // The interrupt controllers next: devices restored with a line
     // raised raise it again as they attach.
     if cfg.irqchip == Irqchip::Split {
-        let sink = p.interrupts().msi_sink();
+        let mut sink = p.interrupts().msi_sink();
+        if let Some(remapper) = p.interrupt_remapper() {
+            sink = Arc::new(RemappedSink::new(sink, remapper));
+        }
         let apic = p.attach(
             Attach::new("ioapic", sink, Ioapic::new).mmio(ioapic::IOAPIC_BASE, ioapic::IOAPIC_SIZE),
         )?;
@@ -103,15 +116,6 @@ pub fn attach(
         Attach::new("rtc", (), move |()| rtc_for(&layout, vcpus))
             .pio(rtc::RTC_INDEX_PORT, rtc::RTC_PORT_COUNT),
     )?;
-    // The chipset first: its functions take slots 0 and 31 before any
-    // device is given one.
-    if cfg.machine() == Machine::Q35 {
-        p.attach_q35()?;
-    }
-    // The IOMMU before the devices behind it.
-    if let Some(iommu) = cfg.iommu() {
-        p.attach_iommu(iommu)?;
-    }
     let (mut rngs, mut disks, mut edus, mut shares) = (0, 0, 0, 0);
     for d in &cfg.devices {
         match d {

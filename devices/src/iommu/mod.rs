@@ -29,7 +29,7 @@ use crate::{
 };
 pub use fault::{Fault, Reason};
 use regs::{Action, Registers};
-pub use remap::{InterruptRemap, RemappedVectors};
+pub use remap::{InterruptRemap, RemappedSink, RemappedVectors};
 
 /// The source-id the DMAR table gives the IOAPIC (QEMU's: the
 /// platform's pseudo bus 0xff, devfn 0).

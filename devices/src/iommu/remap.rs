@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::fault::{Fault, Reason};
 use super::regs::{Registers, GCMD_CFI, GCMD_IRE, PAGE_MASK};
-use crate::{MsiMessage, MsiVectors};
+use crate::{MsiMessage, MsiSink, MsiVectors};
 
 /// Interrupt requests are writes to 0xFEEx_xxxx.
 const INTERRUPT_WINDOW: u64 = 0xfee0_0000;
@@ -192,5 +192,69 @@ impl MsiVectors for RemappedVectors {
                 f.reason
             ),
         }
+    }
+}
+
+/// An interrupt controller's MSIs (the split irqchip's IOAPIC) behind
+/// interrupt remapping. As for [`RemappedVectors`], a message is remapped
+/// each time it is sent, and a pin's route follows the result, so KVM's
+/// end-of-interrupt tracking sees the vector and destination the remapped
+/// interrupt really has. The IOAPIC sends without a source-id (as QEMU's
+/// does).
+pub struct RemappedSink {
+    inner: Arc<dyn MsiSink>,
+    remapper: Arc<dyn InterruptRemap>,
+    /// Per pin: the message the IOAPIC asks for and the one routed.
+    pins: Mutex<Vec<(MsiMessage, Option<MsiMessage>)>>,
+}
+
+impl RemappedSink {
+    pub fn new(inner: Arc<dyn MsiSink>, remapper: Arc<dyn InterruptRemap>) -> Self {
+        RemappedSink {
+            inner,
+            remapper,
+            pins: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn pins(&self) -> std::sync::MutexGuard<'_, Vec<(MsiMessage, Option<MsiMessage>)>> {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Route `pin` as `msg` remapped now, if that changes its route.
+    fn reroute(&self, pin: usize, slot: &mut (MsiMessage, Option<MsiMessage>)) {
+        if let Ok(m) = self.remapper.remap(slot.0, None) {
+            if slot.1 != Some(m) {
+                self.inner.route_pin(pin as u8, m);
+                slot.1 = Some(m);
+            }
+        }
+    }
+}
+
+impl MsiSink for RemappedSink {
+    fn send(&self, msg: MsiMessage) {
+        let mut pins = self.pins();
+        for (pin, slot) in pins.iter_mut().enumerate() {
+            if slot.0 == msg {
+                self.reroute(pin, slot);
+            }
+        }
+        match self.remapper.remap(msg, None) {
+            Ok(m) => self.inner.send(m),
+            Err(f) => log::debug!("IOAPIC interrupt {msg:x?} blocked: {}", f.reason),
+        }
+    }
+
+    fn route_pin(&self, pin: u8, msg: MsiMessage) {
+        let mut pins = self.pins();
+        let i = usize::from(pin);
+        if pins.len() <= i {
+            pins.resize(i + 1, (msg, None));
+        }
+        pins[i].0 = msg;
+        let mut slot = pins[i];
+        self.reroute(i, &mut slot);
+        pins[i] = slot;
     }
 }

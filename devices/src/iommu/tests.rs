@@ -455,3 +455,43 @@ fn state_round_trips_and_bad_states_are_refused() {
     bad.fri = 9;
     assert!(Vtd::restore(args(true), &bad).is_err());
 }
+
+#[test]
+fn an_ioapic_entry_in_remappable_format_takes_its_irte() {
+    use crate::ioapic::{Ioapic, IOAPIC_BASE};
+    use crate::test_utils::MsiRecorder as SinkRecorder;
+    use vm_device::MutDeviceMmio;
+    let mem = memory();
+    let (v, _) = unit(&mem);
+    let v = Arc::new(Mutex::new(v));
+    let inner = Arc::new(SinkRecorder::default());
+    let mut apic = Ioapic::new(Arc::new(RemappedSink::new(inner.clone(), v.clone())));
+    irte(&mem, 1, 0xee, 1, SID);
+    enable_remapping(&mut v.lock().unwrap());
+    inner.take_routes();
+    // Pin 3: handle 1 in bits 63:49, the format bit, the same vector as
+    // the IRTE (VT-d asks for it), edge.
+    let mut w = |off: u64, val: u32| {
+        apic.mmio_write(
+            vm_device::bus::MmioAddress(IOAPIC_BASE),
+            off,
+            &val.to_le_bytes(),
+        )
+    };
+    w(0x00, 0x10 + 2 * 3 + 1);
+    w(0x10, (1 << 17) | (1 << 16));
+    w(0x00, 0x10 + 2 * 3);
+    w(0x10, 0xee);
+    let want = MsiMessage {
+        address: 0xfee0_1000,
+        data: 0xee,
+    };
+    assert_eq!(inner.take_routes().last(), Some(&(3, want)));
+    apic.set_irq(3, true);
+    assert_eq!(inner.take_sent(), [want]);
+    // A cleared IRTE blocks the interrupt.
+    put(&mem, IRT + 16, 0);
+    apic.set_irq(3, false);
+    apic.set_irq(3, true);
+    assert!(inner.take_sent().is_empty());
+}
