@@ -33,6 +33,21 @@ pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
 
+/// Serve `queue` a chain at a time with `serve_one` (false: the ring is
+/// empty), at most one pass over the ring per notification so a driver
+/// that keeps refilling it cannot hold the thread; whether any chain was
+/// used.
+pub fn serve_ring(queue: &mut Queue, mut serve_one: impl FnMut(&mut Queue) -> bool) -> bool {
+    let mut used = false;
+    for _ in 0..queue.size() {
+        if !serve_one(queue) {
+            break;
+        }
+        used = true;
+    }
+    used
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (2: block device, 4: entropy source).

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{serve_ring, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::{Persist, RestoreError};
 pub use share::{Share, ShareError, ShareState};
 
@@ -120,15 +120,7 @@ impl VirtioDevice for Fs {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        // At most one pass over the ring per notification.
-        for _ in 0..queue.size() {
-            if !self.serve_one(queue, mem) {
-                break;
-            }
-            used = true;
-        }
-        used
+        serve_ring(queue, |q| self.serve_one(q, mem))
     }
 }
 
