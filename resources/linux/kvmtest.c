@@ -151,6 +151,9 @@ int main(int argc, char **argv)
 	    byte != TEST_BYTE) {
 		fprintf(stderr, "kvmtest: FAIL (19): first exit %u (%s), expected an out of 0x%x to port 0x%x\n",
 			run->exit_reason, exit_name(run->exit_reason), TEST_BYTE, TEST_PORT);
+		if (run->exit_reason == KVM_EXIT_FAIL_ENTRY)
+			fprintf(stderr, "kvmtest: hardware entry failure reason 0x%llx\n",
+				(unsigned long long)run->fail_entry.hardware_entry_failure_reason);
 		if (run->exit_reason == KVM_EXIT_IO)
 			fprintf(stderr, "kvmtest: it was %s of size %u, count %u, port 0x%x, byte 0x%x\n",
 				run->io.direction == KVM_EXIT_IO_OUT ? "an out" : "an in", run->io.size,
