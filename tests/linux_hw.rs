@@ -86,7 +86,8 @@ const PVH: &str = "ELF kernel with a PVH entry (32-bit PVH boot) image";
 #[test]
 fn l1_is_svm_kvm_with_nested_paging() {
     let Some(c) = check("l1-kvm") else { return };
-    c.run().expect(0).has("/dev/kvm").has("\nY\n");
+    // npt Y, nested 1 (resources/amdv/init loads kvm_amd with nested=1).
+    c.run().expect(0).has("/dev/kvm").has("\nY\n1\n");
     let Some(dmesg) = check("l1-dmesg") else {
         return;
     };
@@ -380,6 +381,75 @@ fn cpuid_is_exactly_what_kvmrun_sets() {
             }
         }
     }
+}
+
+/// Nested KVM (docs/CPU.md, "Nested virtualization"): with `--cpu
+/// qemu64,+svm,+npt` the guest's own kvm-amd loads, and kvmtest runs an L3 guest
+/// to its port write and its halt; kvmtest's 0 is kvmrun's 1.
+#[test]
+fn kvm_runs_inside_a_guest_given_svm() {
+    let Some(c) = check("nested-kvm") else { return };
+    let r = c.run();
+    r.expect(1)
+        .has("kvmtest: KVM_EXIT_IO: out 0x2a to port 0x10\r\n")
+        .has("kvmtest: KVM_EXIT_HLT\r\n")
+        .has("kvmtest: PASS\r\n")
+        .has("kvmrun: exit status 0\r\n");
+    assert!(!r.stdout.contains("cannot load module"), "{}", r.stdout);
+    assert_sound_kernel(c);
+}
+
+/// Without svm (the default qemu64 model) kvm_amd finds no SVM, so there
+/// is no /dev/kvm: kvmtest's 10 is kvmrun's (10 << 1) | 1.
+#[test]
+fn without_svm_a_guest_has_no_kvm() {
+    let Some(c) = check("nested-kvm-nosvm") else {
+        return;
+    };
+    c.run()
+        .expect(21)
+        .has("kvmrun: cannot load module kvm_amd")
+        .has("kvmtest: FAIL (10): no /dev/kvm")
+        .has("kvmrun: exit status 10\r\n");
+}
+
+/// A guest with a VM of its own open is refused a snapshot (kvmrun saves
+/// no nested state) and runs on; with the VM closed, the snapshot is
+/// taken and its restore runs kvmtest to its end. kvmtest's status is on
+/// the console; each copy ends with an ACPI power-off (status 0).
+#[test]
+fn a_guest_running_a_vm_is_refused_a_snapshot_until_it_closes_it() {
+    let Some(c) = check("nested-snapshot") else {
+        return;
+    };
+    let r = c.run();
+    r.expect(0)
+        .has("held snapshot status 2\n")
+        .has("cannot snapshot: vCPU 0 has EFER.SVME set")
+        .has("closed snapshot status 0\n")
+        .has("original status 0\n")
+        .has("restored status 0\n");
+    assert!(
+        !r.stdout.contains("held snapshot has a state file"),
+        "{}",
+        r.stdout
+    );
+    let console = c.file("console");
+    for line in [
+        "kvmtest: PASS",
+        "kvmtest: VM held",
+        "kvmtest: VM closed",
+        "kvmtest status 0\r",
+        "reboot: Power down",
+    ] {
+        assert!(console.contains(line), "{line}\n{console}");
+    }
+    let restored = c.file("restored");
+    for line in ["kvmtest status 0\r", "reboot: Power down"] {
+        assert!(restored.contains(line), "{line}\n{restored}");
+    }
+    assert_sound_log(c, "console");
+    assert_sound_log(c, "restored");
 }
 
 /// Counter lines "UPTIME_L1 count N UPTIME_GUEST" of a stamped output.

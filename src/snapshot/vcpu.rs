@@ -19,6 +19,11 @@ use crate::vm::Vm;
 const MSR_BATCH: usize = 200;
 /// Size of the legacy `struct kvm_xsave`.
 const XSAVE_LEGACY_BYTES: usize = 4096;
+/// EFER.SVME: SVM instructions enabled (AMD APM, "Extended Feature Enable
+/// Register (EFER)").
+const EFER_SVME: u64 = 1 << 12;
+/// CR4.VMXE: VMX operation enabled (Intel SDM, "Control Registers").
+const CR4_VMXE: u64 = 1 << 13;
 
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
 vmm_sys_util::ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
@@ -42,6 +47,28 @@ pub enum VcpuStateError {
     Msr { id: u32, index: u32, value: u64 },
     #[error("vCPU {id}: saved xsave area has {saved} bytes, but this host's KVM uses {host}")]
     XsaveSize { id: u32, saved: usize, host: usize },
+    #[error(
+        "cannot snapshot: vCPU {id} has {bit} set (the guest runs virtual machines of its own), \
+         and kvmrun does not save nested virtualization state (KVM_GET_NESTED_STATE); \
+         snapshot once the guest's hypervisor has no VM (a Linux guest clears it when its \
+         last KVM VM closes)"
+    )]
+    Nested { id: u32, bit: &'static str },
+}
+
+/// The bit by which a vCPU's guest has turned hardware virtualization on,
+/// if it has. While it is on, KVM holds state of the guest's own
+/// hypervisor that no other ioctl reads (the nested guest's VMCB or
+/// VMCS, guest mode, GIF, the host save area): only KVM_GET_NESTED_STATE
+/// does, which kvmrun does not save, so a snapshot is refused.
+pub fn nested_virt_enabled(sregs: &kvm_sregs) -> Option<&'static str> {
+    if sregs.efer & EFER_SVME != 0 {
+        Some("EFER.SVME")
+    } else if sregs.cr4 & CR4_VMXE != 0 {
+        Some("CR4.VMXE")
+    } else {
+        None
+    }
 }
 
 /// What this VM's KVM needs to read vCPU state: the MSRs it lists and
@@ -185,12 +212,16 @@ impl VcpuState {
             .as_slice()
             .to_vec();
         let tsc_khz = fd.get_tsc_khz().ok();
+        let sregs = fd.get_sregs().map_err(kvm(id, "KVM_GET_SREGS"))?;
+        if let Some(bit) = nested_virt_enabled(&sregs) {
+            return Err(VcpuStateError::Nested { id, bit });
+        }
         Ok(VcpuState {
             id,
             cpuid,
             tsc_khz,
             regs: fd.get_regs().map_err(kvm(id, "KVM_GET_REGS"))?,
-            sregs: fd.get_sregs().map_err(kvm(id, "KVM_GET_SREGS"))?,
+            sregs,
             fpu: (&fd.get_fpu().map_err(kvm(id, "KVM_GET_FPU"))?).into(),
             xsave: get_xsave(fd, id, ctx.xsave_bytes)?,
             xcrs: if ctx.xsave_bytes > 0 {
@@ -403,6 +434,31 @@ mod tests {
             .map(|m| m.index)
             .collect();
         assert_eq!(order, vec![0x10, 0x1b, 0xc0000080, 0x6e0]);
+    }
+
+    #[test]
+    fn nested_virtualization_in_use_is_named() {
+        let mut s = kvm_sregs {
+            efer: 0xd01,
+            cr4: 0x3506f0,
+            ..Default::default()
+        };
+        assert_eq!(nested_virt_enabled(&s), None);
+        s.efer |= EFER_SVME;
+        assert_eq!(nested_virt_enabled(&s), Some("EFER.SVME"));
+        s.efer &= !EFER_SVME;
+        s.cr4 |= CR4_VMXE;
+        assert_eq!(nested_virt_enabled(&s), Some("CR4.VMXE"));
+        let e = VcpuStateError::Nested {
+            id: 1,
+            bit: "EFER.SVME",
+        }
+        .to_string();
+        assert!(
+            e.starts_with("cannot snapshot: vCPU 1 has EFER.SVME set")
+                && e.contains("KVM_GET_NESTED_STATE"),
+            "{e}"
+        );
     }
 
     #[test]
