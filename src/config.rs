@@ -420,9 +420,6 @@ impl VmConfig {
             return Err(ConfigError::MsrFilterRanges(self.msr_filter.len()));
         }
         msrs::initial(&self.msrs)?;
-        if self.irqchip == Irqchip::Split && self.pit_enabled() {
-            return Err(ConfigError::SplitPit);
-        }
         let count = |f: fn(&DeviceConfig) -> bool| self.devices.iter().filter(|d| f(d)).count();
         for (n, max, what) in [
             (
@@ -522,8 +519,6 @@ pub enum ConfigError {
     Machine(String),
     #[error("invalid --irqchip '{0}': expected kernel or split")]
     Irqchip(String),
-    #[error("--irqchip split has no PIT (KVM's needs KVM's PICs): add --no-pit")]
-    SplitPit,
     #[error("invalid devices: {0}")]
     Devices(String),
     #[error("invalid --disk '{0}': {1}")]
@@ -769,7 +764,7 @@ mod tests {
     }
 
     #[test]
-    fn irqchip_parses_and_split_has_no_pit() {
+    fn irqchip_parses_and_split_keeps_the_pit() {
         assert_eq!("kernel".parse::<Irqchip>().unwrap(), Irqchip::Kernel);
         assert_eq!("split".parse::<Irqchip>().unwrap(), Irqchip::Split);
         let e = "off".parse::<Irqchip>().unwrap_err().to_string();
@@ -777,7 +772,7 @@ mod tests {
         let mut c = VmConfig::new("x".into());
         assert_eq!(c.irqchip, Irqchip::Kernel);
         c.irqchip = Irqchip::Split;
-        assert!(matches!(c.validate(), Err(ConfigError::SplitPit)));
+        assert!(c.validate().is_ok());
         c.pit = false;
         assert!(c.validate().is_ok());
     }

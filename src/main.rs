@@ -209,8 +209,7 @@ struct TestArgs {
     /// into a new VM process) every SECS seconds (`run --migrate-every`).
     #[arg(long, value_name = "SECS", value_parser = parse_migrate_every)]
     migrate_every: Option<f64>,
-    /// Run every test with this irqchip (`run --irqchip`; split also
-    /// means `--no-pit`, as the split irqchip has no PIT yet).
+    /// Run every test with this irqchip (`run --irqchip`).
     #[arg(long, value_name = "kernel|split", default_value = "kernel")]
     irqchip: Irqchip,
     /// Write a TAP 13 report here.

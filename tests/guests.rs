@@ -93,7 +93,7 @@ fn the_split_irqchip_runs_the_smp_and_interrupt_guests() {
     if !kvm_available() {
         return;
     }
-    let split = ["--irqchip", "split", "--no-pit"];
+    let split = ["--irqchip", "split"];
     for (name, args) in [
         ("testdev", &[][..]),
         ("smp", &["--smp", "4", "--", "cpus=4"][..]),

@@ -984,7 +984,7 @@ fn the_split_irqchip_survives_save_and_restore_mid_interrupt() {
     if !kvm_available() {
         return;
     }
-    let split = ["--irqchip", "split", "--no-pit"];
+    let split = ["--irqchip", "split"];
     let d = tempfile::tempdir().unwrap();
     let (vm, dir) = snapshot_at_key(d.path(), "testdev", &split, &[]);
     for r in [vm.finish(), restore(&dir, &[])] {

@@ -14,6 +14,8 @@ pub mod debug_exit;
 pub mod edu;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod i8254;
+pub mod i8259;
 pub mod ioapic;
 pub mod iommu;
 pub mod pci;
@@ -48,6 +50,22 @@ pub trait Persist: Sized {
 /// `false` deasserts. An edge is a raise followed by a lower.
 pub trait IrqLine: Send + Sync {
     fn set_level(&self, gsi: u32, level: bool);
+}
+
+/// The wake-up of the CPU an interrupt controller's output reaches (the
+/// 8259 pair's INT, vCPU 0), so a halted or running vCPU looks for the
+/// interrupt.
+pub trait IntrKick: Send + Sync {
+    fn kick(&self);
+}
+
+/// The time and the one-shot timer a timer device runs on: nanoseconds
+/// of a monotonic clock, and an expiry the VMM calls the device back at.
+pub trait TimerClock: Send + Sync {
+    fn now_ns(&self) -> u64;
+    /// Fire at `deadline` (a `now_ns()` value), or never for `None`;
+    /// replaces any earlier setting.
+    fn arm(&self, deadline: Option<u64>);
 }
 
 /// A message-signalled interrupt: what a device writes where (PCI Local
@@ -183,7 +201,54 @@ pub(crate) fn le_value(data: &[u8]) -> Option<u64> {
 pub(crate) mod test_utils {
     use std::sync::Mutex;
 
-    use super::{IrqLine, MsiMessage, MsiSink, PageFlusher, VmRequest, VmRequests};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::{
+        IntrKick, IrqLine, MsiMessage, MsiSink, PageFlusher, TimerClock, VmRequest, VmRequests,
+    };
+
+    /// Counts kicks.
+    #[derive(Default)]
+    pub(crate) struct KickCounter(AtomicU64);
+
+    impl KickCounter {
+        pub(crate) fn count(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl IntrKick for KickCounter {
+        fn kick(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A clock the test moves by hand, recording the last deadline armed.
+    #[derive(Default)]
+    pub(crate) struct FakeClock {
+        pub(crate) now: AtomicU64,
+        pub(crate) armed: Mutex<Option<u64>>,
+    }
+
+    impl FakeClock {
+        pub(crate) fn advance(&self, ns: u64) {
+            self.now.fetch_add(ns, Ordering::SeqCst);
+        }
+
+        pub(crate) fn armed(&self) -> Option<u64> {
+            *self.armed.lock().expect("clock lock poisoned")
+        }
+    }
+
+    impl TimerClock for FakeClock {
+        fn now_ns(&self) -> u64 {
+            self.now.load(Ordering::SeqCst)
+        }
+
+        fn arm(&self, deadline: Option<u64>) {
+            *self.armed.lock().expect("clock lock poisoned") = deadline;
+        }
+    }
 
     /// Records the messages sent and the pin routes announced, in order.
     #[derive(Default)]

@@ -20,6 +20,10 @@ const SLAVE_VECTOR_BASE: u8 = 0x70;
 /// Master mask: only IRQ0 (timer) and IRQ2 (cascade) get through.
 const MASTER_IMR: u8 = !0b101;
 const SLAVE_IMR: u8 = 0xff;
+/// The vector bases, master first, for kvmrun's PIC (split irqchip).
+pub const BIOS_PIC_BASES: [u8; 2] = [MASTER_VECTOR_BASE, SLAVE_VECTOR_BASE];
+/// The masks, master first, for kvmrun's PIC (split irqchip).
+pub const BIOS_PIC_MASKS: [u8; 2] = [MASTER_IMR, SLAVE_IMR];
 
 /// Real-mode handlers: the default `iret`, and hardware IRQ handlers that
 /// send a non-specific EOI to the master (and slave) PIC first.

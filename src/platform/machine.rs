@@ -9,6 +9,8 @@ use devices::acpi_pm::{self, AcpiPm};
 use devices::debug_exit::{self, DebugExit};
 use devices::fw_cfg::{self, FwCfg};
 use devices::i8042::{self, I8042};
+use devices::i8254::{self, Pit};
+use devices::i8259::{self, Pic};
 use devices::ioapic::{self, Ioapic};
 use devices::iommu::RemappedSink;
 use devices::rtc::{self, Rtc};
@@ -20,10 +22,11 @@ use devices::virtio::rng::Rng;
 use devices::VmRequests;
 
 use super::{Attach, Platform, PlatformError};
+use crate::boot::bios::{BIOS_PIC_BASES, BIOS_PIC_MASKS};
 use crate::config::{DeviceConfig, Irqchip, Machine, SerialOutput, VmConfig};
 use crate::memory::Layout;
 use crate::serial_out::Output;
-use crate::vm::Vm;
+use crate::vm::{PitClock, Vm};
 
 /// The devices the VMM itself reaches after registration.
 pub struct Handles {
@@ -64,6 +67,7 @@ pub fn attach(
             Attach::new("ioapic", sink, Ioapic::new).mmio(ioapic::IOAPIC_BASE, ioapic::IOAPIC_SIZE),
         )?;
         p.interrupts().set_ioapic(apic);
+        attach_legacy(p, cfg, vm)?;
     }
     let irq = p.interrupts().irqfd(serial::COM1_GSI)?;
     let (out, output) = serial_output(&cfg.serial, stopping)?;
@@ -152,6 +156,37 @@ pub fn attach(
         fw_cfg,
         output,
     })
+}
+
+/// The split irqchip's 8259 pair and, unless `--no-pit`, its PIT: KVM
+/// has neither without its own PICs. Both start as a PC BIOS leaves
+/// them (`boot::bios`).
+fn attach_legacy(p: &mut Platform, cfg: &VmConfig, vm: &Vm) -> Result<(), PlatformError> {
+    let kick: Arc<dyn devices::IntrKick> = p.interrupts().extint_kick();
+    let pic = p.attach(
+        Attach::new("pic", kick, |kick| {
+            let mut pic = Pic::new(kick);
+            pic.load_bios_state(BIOS_PIC_BASES, BIOS_PIC_MASKS);
+            pic
+        })
+        .pio(i8259::PIC_MASTER_BASE, i8259::PIC_PORT_COUNT)
+        .pio(i8259::PIC_SLAVE_BASE, i8259::PIC_PORT_COUNT)
+        .pio(i8259::ELCR_BASE, i8259::ELCR_PORT_COUNT),
+    )?;
+    p.interrupts().set_pic(pic);
+    if !cfg.pit_enabled() {
+        return Ok(());
+    }
+    let clock = Arc::new(PitClock::new()?);
+    let args: (Arc<dyn devices::IrqLine>, Arc<dyn devices::TimerClock>) =
+        (vm.irq_line(), clock.clone());
+    let pit = p.attach(
+        Attach::new("pit", args, |(irq, clock)| Pit::new(irq, clock))
+            .pio(i8254::PIT_BASE, i8254::PIT_PORT_COUNT)
+            .pio(i8254::PORT_B, 1),
+    )?;
+    p.interrupts().set_pit(pit, clock);
+    Ok(())
 }
 
 /// COM1's host side: stdout or a file behind a writer thread

@@ -150,6 +150,7 @@ const fn iowr(nr: u64, size: usize) -> u64 {
     ioc(3, nr, size)
 }
 pub const KVM_RUN: u64 = io(0x80);
+pub const KVM_INTERRUPT: u64 = iow(0x86, size_of::<u32>());
 pub const KVM_GET_REGS: u64 = ior(0x81, size_of::<kvm_regs>());
 pub const KVM_SET_REGS: u64 = iow(0x82, size_of::<kvm_regs>());
 pub const KVM_GET_SREGS: u64 = ior(0x83, size_of::<kvm_sregs>());
@@ -270,6 +271,7 @@ const VCPU: &[Rule] = &[
         1,
         &[
             KVM_RUN,
+            KVM_INTERRUPT,
             KVM_GET_MP_STATE,
             KVM_GET_REGS,
             KVM_GET_SREGS,
@@ -286,6 +288,10 @@ const VCPU: &[Rule] = &[
     any(SYS_pwrite64),
     any(SYS_fdatasync),
     DISK_ZERO,
+    // The split irqchip's PIT re-arms its timer on guest writes, and its
+    // PIC kicks vCPU 0 (tgkill) when a device on any vCPU raises a line.
+    any(SYS_timerfd_settime),
+    one_of(SYS_tgkill, 2, KICK),
 ];
 
 /// virtio-fs (`devices::virtio::fs`): fuse-backend-rs's passthrough file
@@ -534,6 +540,7 @@ mod tests {
         assert_eq!(KVM_IRQ_LINE, IRQ_LINE() as u64);
         // From <linux/kvm.h> as compiled for x86-64.
         assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_INTERRUPT, 0x4004_ae86);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);

@@ -39,8 +39,7 @@ pub struct SuiteOptions {
     pub kill_grace: f64,
     /// Give every child `--migrate-every SECS` (a save/restore stress run).
     pub migrate_every: Option<f64>,
-    /// Run every test with the split irqchip (`--irqchip=split`, and
-    /// `--no-pit` as it has no PIT yet).
+    /// Run every test with the split irqchip (`--irqchip=split`).
     pub split_irqchip: bool,
 }
 
@@ -251,10 +250,8 @@ fn child_args(rs: &RunSpec, opts: &SuiteOptions, env: Option<&Path>) -> Vec<OsSt
     }
     if opts.split_irqchip {
         // Once each: a test's own flags may already say so.
-        for flag in ["--irqchip=split", "--no-pit"] {
-            if !rs.args.iter().any(|a| a == flag) {
-                args.push(flag.into());
-            }
+        if !rs.args.iter().any(|a| a == "--irqchip=split") {
+            args.push("--irqchip=split".into());
         }
     }
     args.extend(rs.args.iter().map(OsString::from));
@@ -501,11 +498,7 @@ mod tests {
             ..opts(None)
         };
         let a = args(&spec(false), &split);
-        assert!(a.ends_with(&[
-            "--irqchip=split".into(),
-            "--no-pit".into(),
-            "--smp=1".into()
-        ]));
+        assert!(a.ends_with(&["--irqchip=split".into(), "--smp=1".into()]));
         let mut own = spec(false);
         own.args = vec!["--irqchip=split".into(), "--no-pit".into()];
         let a = args(&own, &split);

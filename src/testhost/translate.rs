@@ -206,11 +206,9 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         args.push(format!("--cpu={c}"));
         args.push("--cpu-lenient".to_string());
     }
-    // kvmrun's split irqchip has no PIT yet (KVM's needs KVM's PICs):
-    // the test runs without one, as with QEMU's pit=off.
+    // kvmrun's split irqchip brings its own PIT and PICs, as QEMU's.
     if split {
         args.push("--irqchip=split".to_string());
-        no_pit = true;
     }
     if no_pit {
         args.push("--no-pit".to_string());
@@ -347,7 +345,7 @@ mod tests {
         assert_eq!(t("-M q35,pit=off").unwrap(), ["--machine=q35", "--no-pit"]);
         assert_eq!(
             t("-M q35,kernel-irqchip=split").unwrap(),
-            ["--machine=q35", "--irqchip=split", "--no-pit"]
+            ["--machine=q35", "--irqchip=split"]
         );
         // intel_iommu's whole line.
         assert_eq!(
@@ -356,7 +354,6 @@ mod tests {
             [
                 "--machine=q35",
                 "--irqchip=split",
-                "--no-pit",
                 "--edu",
                 "--iommu=intremap=on,eim=off"
             ]

@@ -27,7 +27,8 @@ pub(crate) fn dispatch(exit: VcpuExit<'_>, bus: &IoBus, id: u32) -> Option<Outco
         VcpuExit::IoOut(port, data) => bus.pio_write(port, data),
         VcpuExit::MmioRead(addr, data) => bus.mmio_read(addr, data),
         VcpuExit::MmioWrite(addr, data) => bus.mmio_write(addr, data),
-        VcpuExit::Intr => {}
+        // vCPU 0 hands the PIC's interrupt over before the next entry.
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
         // With the split irqchip: a local APIC's EOI of a level-triggered
         // vector, for kvmrun's IOAPIC, through its EOI register.
         VcpuExit::IoapicEoi(vector) => {

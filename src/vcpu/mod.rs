@@ -6,9 +6,10 @@ mod exit;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
+use devices::i8259::Pic;
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
     KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
@@ -87,6 +88,9 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// Guest memory, to read the instruction at RIP for crash reports.
     mem: GuestMemoryMmap,
+    /// On vCPU 0 with the split irqchip, kvmrun's PIC, whose interrupts
+    /// arrive as ExtINT through LINT0 (`inject_extint()`).
+    extint: Option<Arc<Mutex<Pic>>>,
 }
 
 impl Vcpu {
@@ -99,6 +103,7 @@ impl Vcpu {
             source,
         })?;
         Ok(Vcpu {
+            extint: None,
             id,
             fd,
             mem: vm.mem.clone(),
@@ -197,6 +202,7 @@ impl Vcpu {
             }
         }
         Ok(Vcpu {
+            extint: None,
             id,
             fd,
             mem: vm.mem.clone(),
@@ -273,6 +279,53 @@ impl Vcpu {
         }
     }
 
+    /// Take the interrupts of `pic` (vCPU 0 with the split irqchip).
+    pub fn set_extint(&mut self, pic: Option<Arc<Mutex<Pic>>>) {
+        self.extint = pic;
+    }
+
+    /// Hand the PIC's interrupt to KVM before entering the guest: with a
+    /// split irqchip KVM_INTERRUPT queues an ExtINT for the local APIC's
+    /// LINT0, allowed while `ready_for_interrupt_injection` says KVM has
+    /// none queued and the guest takes interrupts (KVM API documentation,
+    /// "KVM_INTERRUPT" and "KVM_CAP_SPLIT_IRQCHIP"). Otherwise ask KVM to
+    /// exit when the guest's interrupt window opens. INTA happens only
+    /// when the vector is handed over, as on the wire.
+    fn inject_extint(&mut self) {
+        let Some(pic) = self.extint.clone() else {
+            return;
+        };
+        let mut pic = pic.lock().unwrap_or_else(|e| e.into_inner());
+        let run = self.fd.get_kvm_run();
+        if !pic.output() {
+            run.request_interrupt_window = 0;
+            return;
+        }
+        if run.ready_for_interrupt_injection == 0 || run.if_flag == 0 {
+            run.request_interrupt_window = 1;
+            return;
+        }
+        run.request_interrupt_window = 0;
+        let vector = pic.acknowledge();
+        let irq = kvm_bindings::kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // kvm-ioctls has no wrapper for KVM_INTERRUPT.
+        // SAFETY: `irq` is the kvm_interrupt the ioctl reads, and the fd
+        // is this vCPU's.
+        let r = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(
+                &self.fd,
+                crate::sandbox::lists::KVM_INTERRUPT as _,
+                &irq,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            log::warn!("vCPU {}: KVM_INTERRUPT of vector {vector:#x}: {e}", self.id);
+        }
+    }
+
     /// This vCPU's `kvm_run.immediate_exit`, shared with the threads that
     /// kick it (`Kick`).
     fn immediate_exit(&mut self) -> *mut u8 {
@@ -335,6 +388,7 @@ impl Vcpu {
                 }
                 continue;
             }
+            self.inject_extint();
             let outcome = match self.fd.run() {
                 Ok(exit) => exit::dispatch(exit, bus, self.id),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

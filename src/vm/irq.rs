@@ -14,6 +14,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use devices::i8254::Pit;
+use devices::i8259::Pic;
 use devices::ioapic::Ioapic;
 use devices::{IrqLine, MsiMessage, MsiSink, MsiVectors};
 use kvm_bindings::{
@@ -23,6 +25,7 @@ use kvm_bindings::{
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::legacy::{ExtIntKick, PitClock};
 use super::VmError;
 use crate::layout::IOAPIC_PINS;
 
@@ -68,6 +71,13 @@ pub struct Interrupts {
     /// With the split irqchip, irqfds of IOAPIC pins for the main loop to
     /// relay.
     relays: Mutex<Vec<(EventFd, u32)>>,
+    /// kvmrun's 8259 pair, with the split irqchip: ISA lines (GSIs 0-15)
+    /// reach it as well as the IOAPIC, as on a PC.
+    pic: OnceLock<Arc<Mutex<Pic>>>,
+    /// What wakes vCPU 0 for the PIC's interrupts.
+    extint_kick: Arc<ExtIntKick>,
+    /// kvmrun's PIT and its timer, with the split irqchip.
+    pit: OnceLock<(Arc<Mutex<Pit>>, Arc<PitClock>)>,
 }
 
 impl Interrupts {
@@ -82,7 +92,39 @@ impl Interrupts {
             routes: Mutex::new(routes),
             ioapic: OnceLock::new(),
             relays: Mutex::new(Vec::new()),
+            pic: OnceLock::new(),
+            extint_kick: Arc::new(ExtIntKick::default()),
+            pit: OnceLock::new(),
         }
+    }
+
+    /// Send the ISA lines to kvmrun's PIC too from now on.
+    pub fn set_pic(&self, pic: Arc<Mutex<Pic>>) {
+        if self.pic.set(pic).is_err() {
+            log::warn!("a second PIC was attached; the first keeps the lines");
+        }
+    }
+
+    /// kvmrun's PIC, whose output vCPU 0 takes (split irqchip only).
+    pub fn pic(&self) -> Option<Arc<Mutex<Pic>>> {
+        self.pic.get().cloned()
+    }
+
+    /// What kvmrun's PIC kicks when its output rises.
+    pub fn extint_kick(&self) -> Arc<ExtIntKick> {
+        self.extint_kick.clone()
+    }
+
+    /// Keep kvmrun's PIT and its timer, for the main loop.
+    pub fn set_pit(&self, pit: Arc<Mutex<Pit>>, clock: Arc<PitClock>) {
+        if self.pit.set((pit, clock)).is_err() {
+            log::warn!("a second PIT was attached; its timer is not watched");
+        }
+    }
+
+    /// kvmrun's PIT and the timer the main loop must answer.
+    pub fn pit(&self) -> Option<(Arc<Mutex<Pit>>, Arc<PitClock>)> {
+        self.pit.get().cloned()
     }
 
     /// Whether the IOAPIC is kvmrun's (the split irqchip).
@@ -154,6 +196,9 @@ impl Interrupts {
         }
         let after = *held != 0;
         drop(levels);
+        if let Some(pic) = self.pic.get() {
+            lock(pic).set_irq(gsi, after);
+        }
         if let Some(ioapic) = self.ioapic.get() {
             lock(ioapic).set_irq(gsi as usize, after);
             return;

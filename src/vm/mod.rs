@@ -5,8 +5,10 @@
 use std::sync::Arc;
 
 mod irq;
+mod legacy;
 
 pub use irq::{Interrupts, IoEvent, KvmMsiVectors};
+pub use legacy::{ExtIntKick, PitClock};
 
 use devices::{IrqLine, PageFlusher};
 use kvm_bindings::{

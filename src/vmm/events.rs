@@ -16,7 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vcpu::{HaltWatch, Kick};
-use crate::vm::Interrupts;
+use crate::vm::{Interrupts, PitClock};
+use devices::i8254::Pit;
 
 /// How often the main loop checks for a guest that halted for good.
 pub(super) const HALT_POLL: Duration = Duration::from_millis(250);
@@ -176,6 +177,26 @@ impl MutEventSubscriber for PinRelay {
             if let Err(e) = ops.add(Events::with_data(fd, i as u32, EventSet::IN)) {
                 log::warn!("cannot relay the interrupts of GSI {gsi}: {e:?}");
             }
+        }
+    }
+}
+
+/// With the split irqchip, kvmrun's PIT's timer: each expiry is a
+/// channel 0 output rise (or several, coalesced by the PIT).
+pub(super) struct PitTimer {
+    pub(super) pit: Arc<Mutex<Pit>>,
+    pub(super) clock: Arc<PitClock>,
+}
+
+impl MutEventSubscriber for PitTimer {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.clock.clear();
+        self.pit.lock().unwrap_or_else(|e| e.into_inner()).expire();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.clock, EventSet::IN)) {
+            log::warn!("cannot watch the PIT's timer: {e:?}");
         }
     }
 }

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::events::{
-    HaltPoll, PinRelay, ShutdownWatch, StdinToSerial, TickDeadline, Timeout, HALT_POLL,
+    HaltPoll, PinRelay, PitTimer, ShutdownWatch, StdinToSerial, TickDeadline, Timeout, HALT_POLL,
 };
 use super::{host, lock, sys, Machine, RunOptions, VmmError};
 use crate::api::{self, ApiServer, Control, Request};
@@ -31,6 +31,7 @@ use crate::term::RawTerminal;
 use crate::vcpu::debug::{DebugHub, KvmBackend};
 use crate::vcpu::{self, HaltWatch, Kick, Running, Vcpu};
 use crate::vm::Vm;
+use devices::i8259::Pic;
 
 type Events = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -77,6 +78,9 @@ pub(super) fn run_machine(
     let kicks = Arc::new(Mutex::new(Vec::new()));
     add_halt_poll(&mut em, &halt, &kicks, &shutdown)?;
     let tick_hold = watch_tick_deadline(&mut em, &machine, &shutdown)?;
+    if let Some((pit, clock)) = machine.vm.interrupts().pit() {
+        em.add_subscriber(Arc::new(Mutex::new(PitTimer { pit, clock })));
+    }
     let relays = machine.vm.interrupts().take_relays();
     if !relays.is_empty() {
         em.add_subscriber(Arc::new(Mutex::new(PinRelay {
@@ -270,6 +274,7 @@ impl Runner {
             &self.shutdown,
             &self.halt,
             &self.debug,
+            self.machine.vm.interrupts().pic(),
         );
         if std::mem::take(first_round) {
             log::debug!(
@@ -278,6 +283,8 @@ impl Runner {
             );
         }
         *lock(&self.kicks) = threads.iter().map(Running::kick).collect();
+        let extint = self.machine.vm.interrupts().extint_kick();
+        extint.set(threads.first().map(Running::kick));
         while !self.shutdown.must_stop() {
             self.poll_events();
         }
@@ -285,6 +292,7 @@ impl Runner {
             hub.wake();
         }
         lock(&self.kicks).clear();
+        extint.set(None);
         self.vcpus = stop_vcpus(threads);
         if self.shutdown.is_requested() || self.vcpus.len() != self.machine.cfg.vcpus as usize {
             return false;
@@ -388,9 +396,13 @@ fn start_vcpus(
     shutdown: &Arc<Shutdown>,
     halt: &Arc<HaltWatch>,
     debug: &Option<Arc<DebugHub>>,
+    pic: Option<Arc<Mutex<Pic>>>,
 ) -> Vec<Running> {
     let mut threads = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
+    for mut v in vcpus {
+        if v.id == 0 {
+            v.set_extint(pic.clone());
+        }
         match v.start(bus.clone(), shutdown.clone(), halt.clone(), debug.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
