@@ -1,7 +1,8 @@
 //! virtio devices on the platform: a device model on virtio-pci or
-//! virtio-mmio, with an ioeventfd per queue notification and its
-//! interrupts wired, and the main loop's subscriber that hands a
-//! notification to its device.
+//! virtio-mmio, with an ioeventfd per queue notification (and the
+//! device's own wakers, `VirtioDevice::wakers()`) and its interrupts
+//! wired, and the main loop's subscriber that hands a notification to its
+//! device.
 
 use std::sync::{Arc, Mutex};
 
@@ -155,6 +156,8 @@ impl Platform {
                 queue: q as u16,
             });
         }
+        let wakers = lock(&dev).core().dev.wakers();
+        self.add_wakers(wakers, &dev);
         held.push(Held::Other(Box::new(MmioIoEvents {
             irq: self.irq.clone(),
             events,
@@ -230,8 +233,25 @@ impl Platform {
                 queue: q as u16,
             });
         }
+        let wakers = lock(&dev).core().dev.wakers();
+        self.add_wakers(wakers, &dev);
         self.place_pci(name, slot, dev, held, ioevents);
         Ok(())
+    }
+
+    /// Watch a device's own event fds as notifications of their queues.
+    fn add_wakers<T: QueueNotify + 'static>(
+        &mut self,
+        wakers: Vec<(u16, Arc<EventFd>)>,
+        dev: &Arc<Mutex<T>>,
+    ) {
+        for (queue, fd) in wakers {
+            self.queue_events.push(QueueEvent {
+                fd,
+                dev: dev.clone(),
+                queue,
+            });
+        }
     }
 
     /// A level line of its own interrupt source (lines may be shared).

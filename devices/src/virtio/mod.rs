@@ -10,13 +10,17 @@
 //! implements (and ioeventfds it registers), so no KVM fd is held here.
 
 pub mod blk;
+pub mod console;
 pub mod mmio;
 pub mod pci;
 pub mod rng;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bits (virtio 1.2, "Reserved Feature Bits").
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -31,7 +35,7 @@ pub const STATUS_FAILED: u8 = 0x80;
 
 /// A virtio device model.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (2: block device, 4: entropy source).
+    /// The virtio device ID (2: block device, 3: console, 4: entropy source).
     fn device_type(&self) -> u32;
     /// Features offered, `VIRTIO_F_VERSION_1` included.
     fn features(&self) -> u64;
@@ -48,6 +52,13 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// Back to the state after reset.
     fn reset(&mut self) {}
+    /// Event fds the VMM watches as if they were the notifications of
+    /// the queues paired with them: the device's own ways to have a
+    /// queue looked at again (host input arrived, room in an output,
+    /// messages to send on another queue).
+    fn wakers(&self) -> Vec<(u16, Arc<EventFd>)> {
+        Vec::new()
+    }
 }
 
 /// A transport the driver notifies of new buffers in a queue, through the
