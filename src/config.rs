@@ -124,6 +124,8 @@ pub enum DeviceConfig {
     Q35,
     /// QEMU's edu device (`--edu`).
     Edu,
+    /// virtio-console with named ports (`--vport`).
+    Console(ConsoleConfig),
 }
 
 impl DeviceConfig {
@@ -131,6 +133,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Rng(t) => *t,
             DeviceConfig::Disk(d) => d.transport,
+            DeviceConfig::Console(c) => c.transport,
             DeviceConfig::Q35 | DeviceConfig::Edu => Transport::Pci,
         }
     }
@@ -178,6 +181,100 @@ impl std::str::FromStr for DiskConfig {
             }
         }
         Ok(d)
+    }
+}
+
+/// Most ports of the console device.
+pub const MAX_PORTS: usize = devices::virtio::console::MAX_PORTS;
+/// Longest port name (the driver reads it into one control buffer).
+pub const MAX_PORT_NAME: usize = 64;
+
+/// The host side of a console port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PortHost {
+    /// The guest's output to kvmrun's stdout.
+    Stdout,
+    /// The guest's output to kvmrun's stderr.
+    Stderr,
+    /// kvmrun's stdin to the guest; the end of it closes the port.
+    Stdin,
+    /// The guest's output to a file, created (or truncated).
+    File(PathBuf),
+}
+
+/// A named console port (`--vport NAME=HOST`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub name: String,
+    pub host: PortHost,
+}
+
+impl std::str::FromStr for PortConfig {
+    type Err = ConfigError;
+
+    /// `NAME=stdout|stderr|stdin|file:PATH`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Port(s.to_string(), why.to_string());
+        let (name, host) = s
+            .split_once('=')
+            .ok_or_else(|| bad("expected NAME=stdout|stderr|stdin|file:PATH"))?;
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_PORT_NAME
+            && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+        if !name_ok {
+            return Err(bad(&format!(
+                "the name must be 1 to {MAX_PORT_NAME} printable ASCII characters, no '/'"
+            )));
+        }
+        let host = match host {
+            "stdout" => PortHost::Stdout,
+            "stderr" => PortHost::Stderr,
+            "stdin" => PortHost::Stdin,
+            _ => match host.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => PortHost::File(PathBuf::from(p)),
+                _ => return Err(bad("expected stdout, stderr, stdin or file:PATH after '='")),
+            },
+        };
+        Ok(PortConfig {
+            name: name.to_string(),
+            host,
+        })
+    }
+}
+
+/// The virtio-console device and its ports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleConfig {
+    pub ports: Vec<PortConfig>,
+    pub transport: Transport,
+}
+
+impl ConsoleConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |why: String| Err(ConfigError::Devices(format!("virtio-console: {why}")));
+        if self.ports.is_empty() || self.ports.len() > MAX_PORTS {
+            return bad(format!("{} ports, need 1 to {MAX_PORTS}", self.ports.len()));
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            if self.ports[..i].iter().any(|q| q.name == p.name) {
+                return bad(format!("port name '{}' given twice", p.name));
+            }
+        }
+        if self
+            .ports
+            .iter()
+            .filter(|p| p.host == PortHost::Stdin)
+            .count()
+            > 1
+        {
+            return bad("more than one port reads stdin".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a port reads kvmrun's stdin (COM1 then does not).
+    pub fn reads_stdin(&self) -> bool {
+        self.ports.iter().any(|p| p.host == PortHost::Stdin)
     }
 }
 
@@ -280,12 +377,28 @@ impl VmConfig {
             ),
             (count(|d| *d == DeviceConfig::Edu), MAX_EDUS, "edu devices"),
             (count(|d| *d == DeviceConfig::Q35), 1, "Q35 chipsets"),
+            (
+                count(|d| matches!(d, DeviceConfig::Console(_))),
+                1,
+                "virtio-console devices",
+            ),
         ] {
             if n > max {
                 return Err(ConfigError::Devices(format!("{n} {what}, at most {max}")));
             }
         }
+        if let Some(c) = self.console() {
+            c.validate()?;
+        }
         Ok(())
+    }
+
+    /// The virtio-console device, if there is one.
+    pub fn console(&self) -> Option<&ConsoleConfig> {
+        self.devices.iter().find_map(|d| match d {
+            DeviceConfig::Console(c) => Some(c),
+            _ => None,
+        })
     }
 }
 
@@ -317,6 +430,8 @@ pub enum ConfigError {
     Devices(String),
     #[error("invalid --disk '{0}': {1}")]
     Disk(String, String),
+    #[error("invalid --vport '{0}': {1}")]
+    Port(String, String),
 }
 
 /// Parse a memory size the way QEMU's `-m` does: a bare number is MiB, a
@@ -378,6 +493,61 @@ mod tests {
         assert!(e("a.img,rw").contains("unknown option 'rw'"));
         assert!(e("a.img,transport=usb").contains("unknown virtio transport 'usb'"));
         assert!(e(",ro").contains("no file named"));
+    }
+
+    #[test]
+    fn port_options_parse() {
+        let p: PortConfig = "kvmrun.stdout=stdout".parse().unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.host),
+            ("kvmrun.stdout", PortHost::Stdout)
+        );
+        let p: PortConfig = "log=file:/tmp/x=y".parse().unwrap();
+        assert_eq!(p.host, PortHost::File(PathBuf::from("/tmp/x=y")));
+        let e = |s: &str| s.parse::<PortConfig>().unwrap_err().to_string();
+        assert!(e("noequals").contains("expected NAME="));
+        assert!(e("=stdout").contains("the name must be"));
+        assert!(e("a b=stdout").contains("the name must be"));
+        assert!(e("a=tty").contains("expected stdout, stderr"));
+        assert!(e("a=file:").contains("expected stdout, stderr"));
+    }
+
+    #[test]
+    fn console_ports_are_checked() {
+        let port = |n: &str, host| PortConfig {
+            name: n.into(),
+            host,
+        };
+        let mut cfg = VmConfig::new("x".into());
+        let console = |ports| {
+            DeviceConfig::Console(ConsoleConfig {
+                ports,
+                transport: Transport::Pci,
+            })
+        };
+        cfg.devices = vec![console(vec![
+            port("a", PortHost::Stdout),
+            port("a", PortHost::Stderr),
+        ])];
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("'a' given twice"));
+        cfg.devices = vec![console(vec![
+            port("a", PortHost::Stdin),
+            port("b", PortHost::Stdin),
+        ])];
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than one"));
+        cfg.devices = vec![console(vec![])];
+        assert!(cfg.validate().unwrap_err().to_string().contains("0 ports"));
+        cfg.devices = vec![console(vec![port("a", PortHost::Stdin)])];
+        cfg.validate().unwrap();
+        assert!(cfg.console().unwrap().reads_stdin());
     }
 
     #[test]

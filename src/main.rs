@@ -7,7 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
-use kvmrun::config::{self, DeviceConfig, DiskConfig, Machine, SerialOutput, Transport, VmConfig};
+use kvmrun::config::{
+    self, ConsoleConfig, DeviceConfig, DiskConfig, Machine, PortConfig, PortHost, SerialOutput,
+    Transport, VmConfig,
+};
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
 use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
@@ -343,6 +346,13 @@ struct RunArgs {
     /// repeatable, up to 4.
     #[arg(long = "edu", action = clap::ArgAction::Count)]
     edu: u8,
+    /// Add a named port of a virtio-console device (repeatable, up to
+    /// 16; one device holds them all, on virtio-pci): the guest sees it
+    /// as /dev/vportNpM named NAME in /sys/class/virtio-ports/*/name;
+    /// the guest's output goes to kvmrun's stdout, stderr or a file, or
+    /// kvmrun's stdin becomes the guest's input (COM1 then gets none).
+    #[arg(long = "vport", value_name = "NAME=stdout|stderr|stdin|file:PATH")]
+    vport: Vec<PortConfig>,
     /// Machine type: pc (kvmrun's PC, PCI only with a PCI device) or q35
     /// (the Q35 chipset: MCH host bridge 8086:29c0, ICH9 LPC 8086:2918
     /// at 00:1f.0, always PCI with ECAM).
@@ -389,6 +399,12 @@ impl RunArgs {
                     DeviceConfig::Edu,
                     usize::from(self.edu),
                 ))
+                .chain((!self.vport.is_empty()).then(|| {
+                    DeviceConfig::Console(ConsoleConfig {
+                        ports: self.vport.into_iter().map(absolute_port).collect(),
+                        transport: Transport::Pci,
+                    })
+                }))
                 .collect(),
         };
         (cfg, opts)
@@ -401,6 +417,20 @@ fn absolute(d: DiskConfig) -> DiskConfig {
     match std::path::absolute(&d.path) {
         Ok(path) => DiskConfig { path, ..d },
         Err(_) => d,
+    }
+}
+
+/// A port's output file named from the root, as `absolute()`.
+fn absolute_port(p: PortConfig) -> PortConfig {
+    match &p.host {
+        PortHost::File(f) => match std::path::absolute(f) {
+            Ok(f) => PortConfig {
+                host: PortHost::File(f),
+                ..p
+            },
+            Err(_) => p,
+        },
+        _ => p,
     }
 }
 

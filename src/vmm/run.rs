@@ -15,7 +15,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::events::{HaltPoll, ShutdownWatch, StdinToSerial, TickDeadline, Timeout, HALT_POLL};
+use super::events::{
+    HaltPoll, ShutdownWatch, StdinToPort, StdinToSerial, TickDeadline, Timeout, HALT_POLL,
+};
 use super::{host, lock, sys, Machine, RunOptions, VmmError};
 use crate::api::{self, ApiServer, Control, Request};
 use crate::boot;
@@ -65,7 +67,10 @@ pub(super) fn run_machine(
     let control = Arc::new(Control::new());
     add_host_events(&mut em, &machine, &shutdown, &control, opts)?;
     // Keys go to the guest as typed while it runs; restored on return.
-    let _raw_terminal = if machine.cfg.serial == SerialOutput::Stdio {
+    // A console port reads lines: the terminal keeps its line editing
+    // (a port is no tty in the guest, which would echo nothing).
+    let _raw_terminal = if machine.cfg.serial == SerialOutput::Stdio && machine.stdin_port.is_none()
+    {
         RawTerminal::enter()
     } else {
         None
@@ -165,7 +170,9 @@ fn add_host_events(
             shutdown: shutdown.clone(),
         })));
     }
-    if machine.cfg.serial == SerialOutput::Stdio {
+    if let Some(inbox) = &machine.stdin_port {
+        em.add_subscriber(Arc::new(Mutex::new(StdinToPort::new(inbox.clone()))));
+    } else if machine.cfg.serial == SerialOutput::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
             serial: machine.serial.clone(),
         })));
@@ -362,6 +369,9 @@ impl Runner {
         let _ = self.machine.ticks.join();
         drop(self.vcpus);
         if let Some(output) = &self.machine.output {
+            output.finish();
+        }
+        for output in &self.machine.port_outputs {
             output.finish();
         }
         drop(self.machine);

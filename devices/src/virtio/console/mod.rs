@@ -247,6 +247,10 @@ impl Console {
                 let open = self.host_open(port);
                 self.state[port].host_open = open;
                 self.send(Control::new(c.id, control::PORT_OPEN, u16::from(open)), &[]);
+                // Input that came before the port was ready goes now.
+                if let Some(inbox) = &self.ports[port].input {
+                    inbox.wake();
+                }
             }
             control::PORT_OPEN if port < self.ports.len() => {
                 self.state[port].guest_open = c.value != 0;

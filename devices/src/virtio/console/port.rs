@@ -110,6 +110,11 @@ impl Inbox {
         s.eof && s.bytes.is_empty()
     }
 
+    /// Have the device look at the input again.
+    pub(super) fn wake(&self) {
+        let _ = self.waker.write(1);
+    }
+
     pub fn waker(&self) -> Arc<EventFd> {
         self.waker.clone()
     }
