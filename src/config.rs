@@ -58,6 +58,8 @@ pub enum SerialOutput {
     Stdio,
     None,
     File(PathBuf),
+    /// kvmrun's stderr (the kernel log of `run --rootfs -v`).
+    Stderr,
 }
 
 impl std::str::FromStr for SerialOutput {
@@ -67,6 +69,7 @@ impl std::str::FromStr for SerialOutput {
         match s {
             "stdio" => Ok(SerialOutput::Stdio),
             "none" => Ok(SerialOutput::None),
+            "stderr" => Ok(SerialOutput::Stderr),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(SerialOutput::File(PathBuf::from(path))),
                 _ => Err(ConfigError::Serial(s.to_string())),
@@ -410,7 +413,7 @@ pub enum ConfigError {
     Mem(u64),
     #[error("invalid vCPU count {0}: need 1 to {MAX_VCPUS}")]
     Vcpus(u32),
-    #[error("invalid serial output '{0}': expected stdio, none or file:PATH")]
+    #[error("invalid serial output '{0}': expected stdio, stderr, none or file:PATH")]
     Serial(String),
     #[error(
         "invalid timeout '{0}': expected a positive number of seconds, at most {MAX_TIMEOUT_SECS}"

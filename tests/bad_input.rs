@@ -165,3 +165,40 @@ fn bad_device_flags() {
         assert_clean_error(&r, "expected pc or q35");
     }
 }
+
+#[test]
+fn bad_rootfs_runs() {
+    let img = common::guest("hello");
+    let img = img.to_str().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    let r = run_args(&["run", img, "--rootfs", "/nonexistent/root", "--", "true"]);
+    assert_clean_error(&r, "--rootfs /nonexistent/root: not a directory");
+    let r = run_args(&["run", img, "--rootfs", dir]);
+    assert_clean_error(&r, "--rootfs needs a command after `--`");
+    let r = run_args(&["run", img, "--rootfs", "/", "--", "true"]);
+    assert_clean_error(&r, "needs a virtio-fs share");
+    let r = run_args(&[
+        "run",
+        img,
+        "--rootfs",
+        dir,
+        "--init",
+        "/nonexistent/init",
+        "--",
+        "true",
+    ]);
+    assert_clean_error(&r, "/nonexistent/init");
+    for extra in [
+        &["--vport", "a=stdout"][..],
+        &["--initrd", "x"][..],
+        &["--migrate"][..],
+    ] {
+        let mut args = vec!["run", img, "--rootfs", dir];
+        args.extend_from_slice(extra);
+        args.extend(["--", "true"]);
+        assert_clean_error(&run_args(&args), "cannot be used with");
+    }
+    let r = run_args(&["run", img, "--modules", dir]);
+    assert_clean_error(&r, "--rootfs");
+}

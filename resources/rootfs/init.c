@@ -197,6 +197,9 @@ static void switch_root(void)
 	if (chdir(NEWROOT) != 0 || mount(".", "/", NULL, MS_MOVE, NULL) != 0 || chroot(".") != 0 ||
 	    chdir("/") != 0)
 		fail("switch to the new root: %s", strerror(errno));
+	/* A read-only root without them gets none. */
+	mkdir("/tmp", 01777);
+	mkdir("/run", 0755);
 	if (mount("tmpfs", "/tmp", "tmpfs", 0, "mode=1777") != 0)
 		say("tmpfs on /tmp: %s", strerror(errno));
 	if (mount("tmpfs", "/run", "tmpfs", 0, "mode=0755") != 0)

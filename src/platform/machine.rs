@@ -207,6 +207,11 @@ fn serial_output(
                 .map_err(|e| PlatformError::Io(format!("stdout: {e}")))?,
             "stdout".into(),
         ),
+        SerialOutput::Stderr => (
+            crate::serial_out::stderr_writer()
+                .map_err(|e| PlatformError::Io(format!("stderr: {e}")))?,
+            "stderr".into(),
+        ),
         SerialOutput::File(p) => (
             Box::new(
                 File::create(p).map_err(|e| PlatformError::Io(format!("{}: {e}", p.display())))?,
