@@ -1,8 +1,9 @@
 /*
  * Drive a virtio-console with VIRTIO_CONSOLE_F_MULTIPORT through the
  * library's polling driver, as Linux's driver does: the control queues
- * first (DEVICE_READY, then PORT_READY for each DEVICE_ADD), then the
- * ports by the names the device gave them (PORT_NAME). The host names
+ * first (DEVICE_READY, then PORT_READY for each DEVICE_ADD, PORT_OPEN
+ * once named), then the ports by the names the device gave them
+ * (PORT_NAME). The host names
  * two ports: "out" (kvmrun's stdout) and "in" (kvmrun's stdin).
  *
  * The guest writes "hello from the guest" to "out", reads one line from
@@ -160,8 +161,12 @@ static bool bring_up(void)
 		for (u32 p = 0; p < nports; p++)
 			named += names[p][0] != 0;
 		if (named == nports)
-			return true;
+			break;
 	}
+	/* As a program opening each /dev/vport does: input waits for it. */
+	for (u32 p = 0; p < nports; p++)
+		send_control(p, PORT_OPEN, 1);
+	return true;
 }
 
 static void echo_line(int in, int out)

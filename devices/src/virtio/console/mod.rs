@@ -247,13 +247,14 @@ impl Console {
                 let open = self.host_open(port);
                 self.state[port].host_open = open;
                 self.send(Control::new(c.id, control::PORT_OPEN, u16::from(open)), &[]);
-                // Input that came before the port was ready goes now.
-                if let Some(inbox) = &self.ports[port].input {
-                    inbox.wake();
-                }
             }
             control::PORT_OPEN if port < self.ports.len() => {
                 self.state[port].guest_open = c.value != 0;
+                // Input waits for a reader: Linux drops what reaches a
+                // port no program has open.
+                if let Some(inbox) = self.ports[port].input.as_ref().filter(|_| c.value != 0) {
+                    inbox.wake();
+                }
             }
             _ => log::debug!("virtio-console: control message {c:?} ignored"),
         }
@@ -345,7 +346,7 @@ impl Console {
         let Some(inbox) = self.ports[port].input.clone() else {
             return false;
         };
-        if !self.state[port].ready {
+        if !self.state[port].ready || !self.state[port].guest_open {
             return false;
         }
         let mut used = false;

@@ -123,11 +123,13 @@ impl<'a> Rig<'a> {
             .collect()
     }
 
-    /// The driver's handshake: device ready, then both ports ready.
+    /// The driver's handshake: device ready, then both ports ready, and
+    /// a program opens the input port.
     fn bring_up(&mut self) -> Vec<(Control, Vec<u8>)> {
         self.driver_says(Control::new(0, DEVICE_READY, 1), 0);
         self.driver_says(Control::new(0, PORT_READY, 1), 1);
         self.driver_says(Control::new(1, PORT_READY, 1), 2);
+        self.driver_says(Control::new(1, PORT_OPEN, 1), 3);
         self.device_says(0, 8)
     }
 }
@@ -185,7 +187,6 @@ fn ports_are_added_named_and_opened() {
             (1, PORT_OPEN, 1, vec![]),
         ]
     );
-    rig.driver_says(Control::new(1, PORT_OPEN, 1), 3);
     assert!(rig.dev.port_state(1).unwrap().guest_open);
     // A port that does not exist is ignored.
     rig.driver_says(Control::new(9, PORT_READY, 1), 4);
@@ -265,6 +266,25 @@ fn input_fills_receive_buffers() {
     rig.offer(4, &[desc(BUF + 0x200, 0x10, WRITE, 0)], 2);
     assert!(!rig.run(4));
     assert_eq!(rig.queues[4].next_avail(), 2);
+}
+
+#[test]
+fn input_waits_for_a_program_to_open_the_port() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    rig.driver_says(Control::new(0, DEVICE_READY, 1), 0);
+    rig.driver_says(Control::new(1, PORT_READY, 1), 1);
+    rig.inbox.push(b"early");
+    rig.offer(4, &[desc(BUF, 8, WRITE, 0)], 0);
+    assert!(!rig.run(4));
+    rig.driver_says(Control::new(1, PORT_OPEN, 1), 2);
+    assert!(rig.run(4));
+    assert_eq!(rig.used_len(4, 0), 5);
+    // Closed again: the input waits again.
+    rig.driver_says(Control::new(1, PORT_OPEN, 0), 3);
+    rig.inbox.push(b"late");
+    rig.offer(4, &[desc(BUF, 8, WRITE, 0)], 1);
+    assert!(!rig.run(4));
 }
 
 #[test]
