@@ -10,7 +10,9 @@
  * "in" and writes it back as "echo: LINE". With `wait`, it then says
  * "waiting for a line" on COM1 and echoes one more line (a test
  * snapshots the VM there and restores it). With `eof`, it then waits
- * for the host to close "in" (PORT_OPEN 0, the end of stdin).
+ * for the host to close "in" (PORT_OPEN 0, the end of stdin). With `bye`,
+ * it makes "bye" available on "out" last, without a notification, and
+ * ends: the host must still write it.
  */
 #include "guest.h"
 
@@ -206,6 +208,20 @@ int main(void)
 		while (host_open[in])
 			poll_control();
 		report(true, "in-closed-at-eof");
+	}
+	if (arg_str("bye")) {
+		/* Made available without a notification, and not waited
+		 * for: the guest ends first, which only a last look at the
+		 * queues at the VM's end serves (Linux's port writes return
+		 * before the device took the bytes, and its power-off can
+		 * overtake the notification). */
+		static char bye[] = "bye\n";
+		struct virtq *q = &txq[out];
+		u16 slot = q->avail.idx % VIRTIO_QSIZE;
+		q->desc[slot] = (struct virtio_desc){ (u64)bye, 4, 0, 0 };
+		q->avail.ring[slot] = slot;
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		q->avail.idx++;
 	}
 	return report_summary();
 }

@@ -278,10 +278,19 @@ impl QueueNotifier {
     /// snapshot stopped the VM is not in the snapshot, and looking at a
     /// queue without new buffers does nothing.
     pub fn new(events: Vec<QueueEvent>) -> Self {
-        for e in &events {
+        let n = QueueNotifier { events };
+        n.look_at_all();
+        n
+    }
+
+    /// Hand every queue to its device once. At the end of a run this
+    /// serves what the guest queued right before it stopped: a
+    /// notification the main loop had not handed on when the VM ended
+    /// (a console port's last line, written just before a power-off).
+    pub fn look_at_all(&self) {
+        for e in &self.events {
             lock(&e.dev).notify(e.queue);
         }
-        QueueNotifier { events }
     }
 }
 

@@ -49,6 +49,8 @@ struct Runner {
     tick_hold: Arc<AtomicBool>,
     /// Where vCPUs stop for gdb (`--gdb`).
     debug: Option<Arc<DebugHub>>,
+    /// The virtio queues' notifier, looked at once more at the end.
+    queues: Option<Arc<Mutex<QueueNotifier>>>,
     paused: bool,
     started: Instant,
 }
@@ -81,8 +83,10 @@ pub(super) fn run_machine(
     add_halt_poll(&mut em, &halt, &kicks, &shutdown)?;
     let tick_hold = watch_tick_deadline(&mut em, &machine, &shutdown)?;
     let queue_events = machine.platform.take_queue_events();
-    if !queue_events.is_empty() {
-        em.add_subscriber(Arc::new(Mutex::new(QueueNotifier::new(queue_events))));
+    let queues =
+        (!queue_events.is_empty()).then(|| Arc::new(Mutex::new(QueueNotifier::new(queue_events))));
+    if let Some(q) = &queues {
+        em.add_subscriber(q.clone());
     }
     let gdb = match &opts.gdb {
         Some(g) => Some(start_gdb(g, &machine, &kicks, &shutdown)?),
@@ -99,6 +103,7 @@ pub(super) fn run_machine(
         kicks,
         tick_hold,
         debug: gdb.as_ref().map(|g| g.0.clone()),
+        queues,
         paused: false,
         started,
     };
@@ -368,6 +373,9 @@ impl Runner {
         // A failed switch has ended the VM through its `failed` callback.
         let _ = self.machine.ticks.join();
         drop(self.vcpus);
+        if let Some(q) = &self.queues {
+            lock(q).look_at_all();
+        }
         if let Some(output) = &self.machine.output {
             output.finish();
         }
