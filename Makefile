@@ -70,8 +70,10 @@ lint:
 
 # KVMRUN_AMDV=1: tests/linux_hw.rs boots the AMD-V host (QEMU TCG) once
 # and asserts on its Linux batch, about 9-13 minutes (docs/TESTHOST.md).
+# --no-fail-fast: a failing test binary does not hide the verdicts of the
+# binaries after it.
 test: deps guests init amdv build lint
-	KVMRUN_AMDV=1 $(CARGO) test --workspace
+	KVMRUN_AMDV=1 $(CARGO) test --workspace --no-fail-fast
 
 # The AMD-V host's Linux batch alone.
 test-amdv: deps guests init amdv build

@@ -24,6 +24,10 @@ pub const MAX_RNGS: usize = 4;
 /// interrupt lines.
 pub const MAX_DISKS: usize = 8;
 
+/// Most shared directories: each takes a PCI slot or one of the four
+/// virtio-mmio interrupt lines.
+pub const MAX_SHARES: usize = 8;
+
 /// Most edu devices: kvm-unit-tests uses one; each takes a PCI slot and
 /// an MSI route.
 pub const MAX_EDUS: usize = 4;
@@ -48,6 +52,30 @@ impl std::str::FromStr for Machine {
             "pc" => Ok(Machine::Pc),
             "q35" => Ok(Machine::Q35),
             _ => Err(ConfigError::Machine(s.to_string())),
+        }
+    }
+}
+
+/// Where the interrupt controllers live (`--irqchip`, QEMU's
+/// `-machine kernel-irqchip=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Irqchip {
+    /// KVM's PICs, IOAPIC and local APICs (KVM_CREATE_IRQCHIP).
+    #[default]
+    Kernel,
+    /// KVM's local APICs, kvmrun's IOAPIC, PICs and PIT
+    /// (KVM_CAP_SPLIT_IRQCHIP).
+    Split,
+}
+
+impl std::str::FromStr for Irqchip {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "kernel" => Ok(Irqchip::Kernel),
+            "split" => Ok(Irqchip::Split),
+            _ => Err(ConfigError::Irqchip(s.to_string())),
         }
     }
 }
@@ -95,6 +123,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// In-kernel PIT (QEMU's `-machine pit=off` turns it off).
     pub pit: bool,
+    /// Where the interrupt controllers live (`--irqchip`).
+    pub irqchip: Irqchip,
     pub serial: SerialOutput,
     /// Wall-clock limit in seconds; the VM ends with status 124 when it expires.
     pub timeout_secs: Option<f64>,
@@ -127,8 +157,49 @@ pub enum DeviceConfig {
     Q35,
     /// QEMU's edu device (`--edu`).
     Edu,
+    /// An Intel IOMMU (VT-d) in front of the PCI devices (`--iommu`,
+    /// QEMU's `-device intel-iommu`); Q35 only.
+    Iommu(IommuConfig),
+    /// virtio-fs (`--share DIR[,tag=T][,ro][,transport=pci|mmio]`).
+    Share(ShareConfig),
     /// virtio-console with named ports (`--vport`).
     Console(ConsoleConfig),
+}
+
+/// The Intel IOMMU's options (`--iommu[=intremap=on|off][,eim=off]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IommuConfig {
+    /// Interrupt remapping (xAPIC mode), QEMU's `intremap`; off by
+    /// default as there.
+    pub intremap: bool,
+}
+
+impl std::str::FromStr for IommuConfig {
+    type Err = ConfigError;
+
+    /// Empty, or comma-separated `intremap=on|off` and `eim=off`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Iommu(s.to_string(), why);
+        let mut c = IommuConfig::default();
+        for opt in s.split(',').filter(|o| !o.is_empty()) {
+            match opt {
+                "intremap=on" => c.intremap = true,
+                "intremap=off" => c.intremap = false,
+                "eim=off" => {}
+                "eim=on" => {
+                    return Err(bad(
+                        "eim=on (x2APIC interrupt remapping) is not supported".into()
+                    ))
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{opt}': expected intremap=on|off or eim=off"
+                    )))
+                }
+            }
+        }
+        Ok(c)
+    }
 }
 
 impl DeviceConfig {
@@ -136,8 +207,9 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Rng(t) => *t,
             DeviceConfig::Disk(d) => d.transport,
+            DeviceConfig::Share(s) => s.transport,
             DeviceConfig::Console(c) => c.transport,
-            DeviceConfig::Q35 | DeviceConfig::Edu => Transport::Pci,
+            DeviceConfig::Q35 | DeviceConfig::Edu | DeviceConfig::Iommu(_) => Transport::Pci,
         }
     }
 }
@@ -281,6 +353,79 @@ impl ConsoleConfig {
     }
 }
 
+/// A host directory as a virtio-fs share. A snapshot stores it, and a
+/// restore opens the directory again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareConfig {
+    pub path: PathBuf,
+    /// What the guest mounts it by (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// The guest may only read (`ro`).
+    pub read_only: bool,
+    pub transport: Transport,
+}
+
+/// The tag of a share of `path` with none given: its last name, or
+/// `root` for `/`.
+fn default_tag(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into())
+}
+
+impl std::str::FromStr for ShareConfig {
+    type Err = ConfigError;
+
+    /// `DIR[,tag=T][,ro][,transport=pci|mmio]`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Share(s.to_string(), why);
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("no directory named".into()));
+        }
+        let mut c = ShareConfig {
+            path: PathBuf::from(path),
+            tag: default_tag(path),
+            read_only: false,
+            transport: Transport::Pci,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => c.read_only = true,
+                Some(("tag", t)) => c.tag = t.to_string(),
+                Some(("transport", t)) => c.transport = t.parse().map_err(bad)?,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{opt}': expected tag=T, ro or transport=pci|mmio"
+                    )))
+                }
+            }
+        }
+        c.check_tag().map_err(bad)?;
+        Ok(c)
+    }
+}
+
+impl ShareConfig {
+    /// The tag fits the configuration space (virtio 1.2, "File System
+    /// Device": 36 bytes) and is one word a mount command can name.
+    pub fn check_tag(&self) -> Result<(), String> {
+        let t = &self.tag;
+        if t.is_empty() || t.len() > devices::virtio::fs::TAG_LEN {
+            return Err(format!(
+                "tag '{t}' must be 1 to {} bytes; name one with tag=",
+                devices::virtio::fs::TAG_LEN
+            ));
+        }
+        if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("tag '{t}' has a space or a control character"));
+        }
+        Ok(())
+    }
+}
+
 impl VmConfig {
     /// A configuration with QEMU's defaults for everything but the image.
     pub fn new(image: PathBuf) -> Self {
@@ -292,6 +437,7 @@ impl VmConfig {
             base_cmdline: None,
             cmdline: String::new(),
             pit: true,
+            irqchip: Irqchip::Kernel,
             serial: SerialOutput::Stdio,
             timeout_secs: None,
             cpu: CpuSpec::default(),
@@ -326,6 +472,14 @@ impl VmConfig {
         } else {
             Machine::Pc
         }
+    }
+
+    /// The Intel IOMMU's options, if the machine has one.
+    pub fn iommu(&self) -> Option<IommuConfig> {
+        self.devices.iter().find_map(|d| match d {
+            DeviceConfig::Iommu(c) => Some(*c),
+            _ => None,
+        })
     }
 
     /// Whether the machine has PCI: the host bridge comes with the first
@@ -366,6 +520,9 @@ impl VmConfig {
             return Err(ConfigError::MsrFilterRanges(self.msr_filter.len()));
         }
         msrs::initial(&self.msrs)?;
+        if self.irqchip == Irqchip::Split && self.pit_enabled() {
+            return Err(ConfigError::SplitPit);
+        }
         let count = |f: fn(&DeviceConfig) -> bool| self.devices.iter().filter(|d| f(d)).count();
         for (n, max, what) in [
             (
@@ -378,6 +535,11 @@ impl VmConfig {
                 MAX_DISKS,
                 "disks",
             ),
+            (
+                count(|d| matches!(d, DeviceConfig::Share(_))),
+                MAX_SHARES,
+                "shared directories",
+            ),
             (count(|d| *d == DeviceConfig::Edu), MAX_EDUS, "edu devices"),
             (count(|d| *d == DeviceConfig::Q35), 1, "Q35 chipsets"),
             (
@@ -385,6 +547,7 @@ impl VmConfig {
                 1,
                 "virtio-console devices",
             ),
+            (count(|d| matches!(d, DeviceConfig::Iommu(_))), 1, "IOMMUs"),
         ] {
             if n > max {
                 return Err(ConfigError::Devices(format!("{n} {what}, at most {max}")));
@@ -392,6 +555,60 @@ impl VmConfig {
         }
         if let Some(c) = self.console() {
             c.validate()?;
+        }
+        if self.iommu().is_some() && self.machine() != Machine::Q35 {
+            return Err(ConfigError::Devices(
+                "--iommu (the Intel IOMMU) needs --machine q35".into(),
+            ));
+        }
+        // The DMAR table puts every PCI device behind the unit, but
+        // virtio's queues reach guest memory directly: a guest that maps
+        // their DMA would see it ignored.
+        let virtio_pci = self.devices.iter().any(|d| {
+            matches!(
+                d,
+                DeviceConfig::Rng(_)
+                    | DeviceConfig::Disk(_)
+                    | DeviceConfig::Share(_)
+                    | DeviceConfig::Console(_)
+            ) && d.transport() == Transport::Pci
+        });
+        if self.iommu().is_some() && self.console().is_some() {
+            return Err(ConfigError::Devices(
+                "--iommu cannot be combined with --vport yet (virtio-console is on virtio-pci, \
+                 whose DMA does not go through the IOMMU)"
+                    .into(),
+            ));
+        }
+        if self.iommu().is_some() && virtio_pci {
+            return Err(ConfigError::Devices(
+                "--iommu cannot be combined with virtio-pci devices yet (their DMA does not \
+                 go through it); use transport=mmio"
+                    .into(),
+            ));
+        }
+        self.check_shares()
+    }
+
+    /// Every share's tag is valid and its own: the guest mounts by tag.
+    fn check_shares(&self) -> Result<(), ConfigError> {
+        let shares: Vec<&ShareConfig> = self
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                DeviceConfig::Share(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        for (i, s) in shares.iter().enumerate() {
+            let bad = |why: String| ConfigError::Share(s.path.display().to_string(), why);
+            s.check_tag().map_err(bad)?;
+            if shares[..i].iter().any(|o| o.tag == s.tag) {
+                return Err(bad(format!(
+                    "tag '{}' is taken by another share; name another with tag=",
+                    s.tag
+                )));
+            }
         }
         Ok(())
     }
@@ -429,12 +646,20 @@ pub enum ConfigError {
     MsrFilterRanges(usize),
     #[error("invalid machine '{0}': expected pc or q35")]
     Machine(String),
+    #[error("invalid --irqchip '{0}': expected kernel or split")]
+    Irqchip(String),
+    #[error("--irqchip split has no PIT (KVM's needs KVM's PICs): add --no-pit")]
+    SplitPit,
     #[error("invalid devices: {0}")]
     Devices(String),
     #[error("invalid --disk '{0}': {1}")]
     Disk(String, String),
     #[error("invalid --vport '{0}': {1}")]
     Port(String, String),
+    #[error("invalid --iommu '{0}': {1}")]
+    Iommu(String, String),
+    #[error("invalid --share '{0}': {1}")]
+    Share(String, String),
 }
 
 /// Parse a memory size the way QEMU's `-m` does: a bare number is MiB, a
@@ -554,6 +779,27 @@ mod tests {
     }
 
     #[test]
+    fn share_options_parse() {
+        let s: ShareConfig = "/srv/data".parse().unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only), ("data", false));
+        assert_eq!("/".parse::<ShareConfig>().unwrap().tag, "root");
+        let s: ShareConfig = "d,tag=t1,ro,transport=mmio".parse().unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only), ("t1", true));
+        assert_eq!(s.transport, Transport::Mmio);
+        let e = |s: &str| s.parse::<ShareConfig>().unwrap_err().to_string();
+        assert!(e("d,rw").contains("unknown option 'rw'"));
+        assert!(e(",ro").contains("no directory named"));
+        assert!(e("d,tag=").contains("1 to 36 bytes"));
+        assert!(e(&format!("d,tag={}", "x".repeat(37))).contains("1 to 36 bytes"));
+        assert!(e("d,tag=a b").contains("a space"));
+        let mut c = VmConfig::new("x".into());
+        let a: ShareConfig = "/a/x".parse().unwrap();
+        c.devices = vec![DeviceConfig::Share(a.clone()), DeviceConfig::Share(a)];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("tag 'x' is taken"), "{e}");
+    }
+
+    #[test]
     fn mem_sizes_follow_qemu() {
         assert_eq!(parse_mem_size("2048").unwrap(), 2048 << 20);
         assert_eq!(parse_mem_size("4g").unwrap(), 4 << 30);
@@ -653,6 +899,43 @@ mod tests {
     }
 
     #[test]
+    fn the_iommu_needs_q35_and_parses_qemus_options() {
+        let mut c = VmConfig::new("x".into());
+        let iommu = DeviceConfig::Iommu(IommuConfig::default());
+        c.devices.push(iommu.clone());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--iommu (the Intel IOMMU) needs --machine q35"),
+            "{e}"
+        );
+        c.devices.push(DeviceConfig::Q35);
+        c.validate().unwrap();
+        assert_eq!(c.iommu(), Some(IommuConfig::default()));
+        c.devices.push(DeviceConfig::Rng(Transport::Mmio));
+        c.validate().unwrap();
+        c.devices.push(DeviceConfig::Rng(Transport::Pci));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--iommu cannot be combined with virtio-pci"),
+            "{e}"
+        );
+        c.devices.pop();
+        c.devices.push(iommu);
+        assert!(c.validate().unwrap_err().to_string().contains("2 IOMMUs"));
+        let p = |s: &str| s.parse::<IommuConfig>();
+        assert!(!p("").unwrap().intremap);
+        assert!(p("intremap=on,eim=off").unwrap().intremap);
+        assert!(!p("intremap=on,intremap=off").unwrap().intremap);
+        let e = p("intremap=on,eim=on").unwrap_err().to_string();
+        assert!(
+            e.contains("eim=on (x2APIC interrupt remapping) is not supported"),
+            "{e}"
+        );
+        let e = p("caching-mode=on").unwrap_err().to_string();
+        assert!(e.contains("unknown option 'caching-mode=on'"), "{e}");
+    }
+
+    #[test]
     fn q35_is_a_pci_machine_once() {
         let mut c = VmConfig::new("x".into());
         assert_eq!(c.machine(), Machine::Pc);
@@ -666,6 +949,20 @@ mod tests {
         assert_eq!("pc".parse::<Machine>().unwrap(), Machine::Pc);
         let e = "q35,kernel-irqchip=split".parse::<Machine>().unwrap_err();
         assert!(e.to_string().contains("expected pc or q35"), "{e}");
+    }
+
+    #[test]
+    fn irqchip_parses_and_split_has_no_pit() {
+        assert_eq!("kernel".parse::<Irqchip>().unwrap(), Irqchip::Kernel);
+        assert_eq!("split".parse::<Irqchip>().unwrap(), Irqchip::Split);
+        let e = "off".parse::<Irqchip>().unwrap_err().to_string();
+        assert!(e.contains("expected kernel or split"), "{e}");
+        let mut c = VmConfig::new("x".into());
+        assert_eq!(c.irqchip, Irqchip::Kernel);
+        c.irqchip = Irqchip::Split;
+        assert!(matches!(c.validate(), Err(ConfigError::SplitPit)));
+        c.pit = false;
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -82,8 +82,11 @@ pub const PCI_MMIO32_WINDOW: (u64, u64) = (MMIO_GAP_START, 0x2000_0000);
 pub const PCI_ECAM: (u64, u64) = (0xe000_0000, 0x10_0000);
 /// The window platform (non-PCI) MMIO devices come from: virtio-mmio.
 pub const PLATFORM_MMIO_WINDOW: (u64, u64) = (0xe010_0000, 0xf0_0000);
-pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const IOAPIC_ADDR: u64 = devices::ioapic::IOAPIC_BASE;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// The Intel IOMMU's register page (`--iommu`), where QEMU's Q35 puts
+/// it and kvm-unit-tests' lib/x86/intel-iommu.h looks for it.
+pub const IOMMU_ADDR: u64 = 0xfed9_0000;
 /// The PCI configuration ports 0xCF8 (address) and 0xCFC-0xCFF (data).
 pub const PCI_CONFIG_PORTS: (u64, u64) = (0xcf8, 8);
 /// Size of the 64-bit window PCI memory BARs may come from, above RAM.
@@ -129,7 +132,8 @@ pub const FIXED: &[Range] = &[
     r(Memory, PCI_MMIO32_WINDOW.0, PCI_MMIO32_WINDOW.1, "PCI 32-bit memory BARs", Window, Pci),
     r(Memory, PCI_ECAM.0, PCI_ECAM.1, "PCI ECAM, bus 0 (ACPI MCFG)", Reserved, Pci),
     r(Memory, PLATFORM_MMIO_WINDOW.0, PLATFORM_MMIO_WINDOW.1, "virtio-mmio windows", Window, Always),
-    r(Memory, IOAPIC_ADDR, 0x1000, "IOAPIC (KVM)", Fixed, Always),
+    r(Memory, IOAPIC_ADDR, 0x1000, "IOAPIC (KVM; kvmrun with --irqchip split)", Fixed, Always),
+    r(Memory, IOMMU_ADDR, 0x1000, "Intel IOMMU (VT-d) registers, with --iommu (ACPI DMAR)", Fixed, Pci),
     r(Memory, LAPIC_ADDR, 0x1000, "LAPIC (KVM)", Fixed, Always),
     r(Memory, devices::testdev::TESTDEV_IOMEM_BASE, devices::testdev::TESTDEV_IOMEM_SIZE, "pc-testdev iomem", Fixed, Always),
     r(Memory, KVM_IDENTITY_MAP_ADDR, 0x1000, "KVM identity map page", Fixed, Always),

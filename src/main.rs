@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
 use kvmrun::config::{
-    self, ConsoleConfig, DeviceConfig, DiskConfig, Machine, PortConfig, PortHost, SerialOutput,
-    Transport, VmConfig,
+    self, ConsoleConfig, DeviceConfig, DiskConfig, Irqchip, Machine, PortConfig, PortHost,
+    SerialOutput, ShareConfig, Transport, VmConfig,
 };
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
@@ -210,6 +210,10 @@ struct TestArgs {
     /// into a new VM process) every SECS seconds (`run --migrate-every`).
     #[arg(long, value_name = "SECS", value_parser = parse_migrate_every)]
     migrate_every: Option<f64>,
+    /// Run every test with this irqchip (`run --irqchip`; split also
+    /// means `--no-pit`, as the split irqchip has no PIT yet).
+    #[arg(long, value_name = "kernel|split", default_value = "kernel")]
+    irqchip: Irqchip,
     /// Write a TAP 13 report here.
     #[arg(long)]
     tap: Option<PathBuf>,
@@ -342,11 +346,30 @@ struct RunArgs {
         value_name = "FILE[,ro][,snapshot][,transport=pci|mmio]"
     )]
     disk: Vec<DiskConfig>,
+    /// Share a host directory over virtio-fs (repeatable, up to 8); the
+    /// guest mounts it with `mount -t virtiofs TAG DIR`. The tag is the
+    /// directory's name unless `tag=` gives one; `ro` refuses every
+    /// change with EROFS. Transport as for --rng, virtio-pci by default.
+    #[arg(long = "share", value_name = "DIR[,tag=T][,ro][,transport=pci|mmio]")]
+    share: Vec<ShareConfig>,
     /// Add QEMU's edu device (a PCI function with a factorial unit, a DMA
     /// engine, INTx and MSI; kvm-unit-tests' intel_iommu drives it);
     /// repeatable, up to 4.
     #[arg(long = "edu", action = clap::ArgAction::Count)]
     edu: u8,
+    /// Add an Intel IOMMU (VT-d) at 0xfed90000, described by the ACPI
+    /// DMAR table, in front of every PCI device (--machine q35 only):
+    /// DMA remapping, queued invalidation, fault recording, and with
+    /// intremap=on interrupt remapping in xAPIC mode (eim=off), as
+    /// QEMU's -device intel-iommu.
+    #[arg(
+        long = "iommu",
+        value_name = "intremap=on|off[,eim=off]",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    iommu: Option<config::IommuConfig>,
     /// Add a named port of a virtio-console device (repeatable, up to
     /// 16; one device holds them all, on virtio-pci): the guest sees it
     /// as /dev/vportNpM named NAME in /sys/class/virtio-ports/*/name;
@@ -378,6 +401,11 @@ struct RunArgs {
     /// at 00:1f.0, always PCI with ECAM).
     #[arg(long, value_name = "pc|q35", default_value = "pc")]
     machine: Machine,
+    /// Interrupt controllers: kernel (KVM's PICs, IOAPIC and PIT) or
+    /// split (KVM_CAP_SPLIT_IRQCHIP: local APICs in KVM, the IOAPIC,
+    /// PICs and PIT in kvmrun; QEMU's -machine kernel-irqchip=split).
+    #[arg(long, value_name = "kernel|split", default_value = "kernel")]
+    irqchip: Irqchip,
     /// Guest arguments, appended to the command line.
     #[arg(last = true)]
     args: Vec<String>,
@@ -417,6 +445,7 @@ impl RunArgs {
             base_cmdline: self.cmdline,
             cmdline: words.join(" "),
             pit: !self.no_pit,
+            irqchip: self.irqchip,
             serial: self.io.serial,
             timeout_secs: self.io.timeout,
             cpu: self.cpu.cpu,
@@ -437,6 +466,11 @@ impl RunArgs {
                     DeviceConfig::Edu,
                     usize::from(self.edu),
                 ))
+                .chain(self.iommu.map(DeviceConfig::Iommu))
+                .chain(self.share.into_iter().map(|s| {
+                    let path = std::path::absolute(&s.path).unwrap_or(s.path);
+                    DeviceConfig::Share(ShareConfig { path, ..s })
+                }))
                 .chain((!self.vport.is_empty()).then(|| {
                     DeviceConfig::Console(ConsoleConfig {
                         ports: self.vport.into_iter().map(absolute_port).collect(),
@@ -666,6 +700,7 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         kvmrun: std::env::current_exe()?,
         kill_grace: 5.0,
         migrate_every: a.migrate_every,
+        split_irqchip: a.irqchip == Irqchip::Split,
     };
     let bar = match a.progress {
         ProgressMode::Auto => std::io::stdout().is_terminal(),

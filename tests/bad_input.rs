@@ -160,9 +160,32 @@ fn bad_device_flags() {
     // --edu takes no value: "pci" is then an extra word.
     let r = run_args(&["run", img, "--edu=pci"]);
     assert_clean_error(&r, "--edu");
+    // The Intel IOMMU needs the Q35 machine and takes QEMU's options.
+    let r = run_args(&["run", img, "--iommu"]);
+    assert_clean_error(&r, "--iommu (the Intel IOMMU) needs --machine q35");
+    let r = run_args(&["run", img, "--machine", "q35", "--iommu=eim=on"]);
+    assert_clean_error(&r, "eim=on (x2APIC interrupt remapping) is not supported");
+    let r = run_args(&["run", img, "--machine", "q35", "--iommu", "--rng"]);
+    assert_clean_error(&r, "--iommu cannot be combined with virtio-pci devices yet");
+    let r = run_args(&[
+        "run",
+        img,
+        "--machine",
+        "q35",
+        "--iommu",
+        "--vport",
+        "o=stdout",
+    ]);
+    assert_clean_error(&r, "--iommu cannot be combined with --vport yet");
+    let r = run_args(&["run", img, "--machine", "q35", "--iommu=caching-mode=on"]);
+    assert_clean_error(&r, "unknown option 'caching-mode=on'");
     for m in ["q35,kernel-irqchip=split", "i440fx", ""] {
         let r = run_args(&["run", img, "--machine", m]);
         assert_clean_error(&r, "expected pc or q35");
+    }
+    for chip in ["off", "on", ""] {
+        let r = run_args(&["run", img, "--irqchip", chip]);
+        assert_clean_error(&r, "expected kernel or split");
     }
 }
 

@@ -85,6 +85,28 @@ fn testdev_scratch_iomem_and_irq_lines() {
     run_guest("testdev", &[]).expect(PASS);
 }
 
+/// With the split irqchip, kvmrun's IOAPIC takes the interrupt lines
+/// (pc-testdev's, edu's INTx, virtio-mmio's) and KVM's local APICs the
+/// rest: the SMP and interrupt guests pass as with KVM's irqchip.
+#[test]
+fn the_split_irqchip_runs_the_smp_and_interrupt_guests() {
+    if !kvm_available() {
+        return;
+    }
+    let split = ["--irqchip", "split", "--no-pit"];
+    for (name, args) in [
+        ("testdev", &[][..]),
+        ("smp", &["--smp", "4", "--", "cpus=4"][..]),
+        ("edu", &["--edu", "--smp", "2"][..]),
+        ("rng", &["--rng=mmio", "--", "transport=mmio"][..]),
+        ("checksum", &["--smp", "2"][..]),
+    ] {
+        run_guest(name, &[&split[..], args].concat())
+            .expect(PASS)
+            .has("0 unexpected failures");
+    }
+}
+
 #[test]
 fn cpuid_apic_ids_match_on_every_cpu() {
     if !kvm_available() {
@@ -163,6 +185,34 @@ fn pci_enumerates_sizes_moves_a_bar_and_takes_msix() {
     run_guest("pci", &["--rng=mmio"])
         .expect(3)
         .has("FAIL: virtio-rng-found");
+}
+
+/// The Intel IOMMU in front of edu: the DMAR table names it, DMA goes
+/// through root, context and second-level tables, a blocked write fills
+/// a fault record, edu's MSI goes through an IRTE, and the unit's fault
+/// and invalidation events reach the guest.
+#[test]
+fn iommu_translates_edu_dma_and_remaps_its_msi() {
+    if !kvm_available() {
+        return;
+    }
+    for smp in ["1", "2"] {
+        let args = [
+            "--machine",
+            "q35",
+            "--edu",
+            "--iommu=intremap=on",
+            "--smp",
+            smp,
+        ];
+        run_guest("vtd", &args)
+            .expect(PASS)
+            .has("PASS: vtd-blocked-write-recorded")
+            .has("PASS: vtd-msi-remapped")
+            .has("PASS: vtd-fault-event")
+            .has("PASS: vtd-invalidation-event")
+            .has("SUMMARY: 10 tests, 0 unexpected failures");
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::process::Command;
 const ALLOWED: &[(&str, &str)] = &[
     (
         "intel_iommu",
-        "no split irqchip or VT-d yet (untranslated flags)",
+        "no split irqchip yet (kernel-irqchip=split untranslated)",
     ),
     (
         "hyperv_synic",

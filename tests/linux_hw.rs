@@ -294,6 +294,56 @@ fn an_ext4_disk_keeps_its_data_across_a_restart() {
     }
 }
 
+/// `share-virtiofs` (resources/amdv/bin/share-virtiofs): a stock kernel
+/// mounts a `--share` with `mount -t virtiofs data /mnt`, reads a host
+/// file and writes one L1 finds; a link to /etc reads as "/etc" and
+/// resolves in the guest's own namespace (L1's marker is not there), and
+/// `..` from the mount finds no `secret`. With `ro` every write is
+/// refused with EROFS and the directory is unchanged.
+#[test]
+fn a_stock_kernel_mounts_a_share_over_virtio_fs() {
+    let Some(c) = check("share-virtiofs") else {
+        return;
+    };
+    let r = c.run();
+    r.expect(0)
+        // /init's status 0 of each command is kvmrun's 1.
+        .has("rw status 1\n")
+        .has("l1 finds: written-by-l2\n")
+        .has("ro status 1\n")
+        .has("l1 after ro: hello-from-l1 etc hello written \n");
+    let rw = c.file("rw");
+    assert_sound_log(c, "rw");
+    for want in [
+        "\ndata /mnt virtiofs rw,",
+        "\nhello-from-l1\r\n",
+        "\nlink /etc\r\n",
+        "ls: /mnt/etc/kvmrun-l1-marker: No such file or directory",
+        "cat: can't open '/mnt/../secret': No such file or directory",
+        "kvmrun: exit status 0\r\n",
+    ] {
+        assert!(
+            rw.contains(want),
+            "check share-virtiofs: the rw guest lacks {want:?}\n{rw}"
+        );
+    }
+    let ro = c.file("ro");
+    assert_sound_log(c, "ro");
+    for want in [
+        "\nhello-from-l1\r\n",
+        "can't create /mnt/hello: Read-only file system",
+        "mkdir: can't create directory '/mnt/d': Read-only file system",
+        "touch: /mnt/new: Read-only file system",
+        "rm: can't remove '/mnt/hello': Read-only file system",
+        "kvmrun: exit status 0\r\n",
+    ] {
+        assert!(
+            ro.contains(want),
+            "check share-virtiofs: the ro guest lacks {want:?}\n{ro}"
+        );
+    }
+}
+
 /// `kvmrun cpuid --probe --json`: no bit differs between what kvmrun set
 /// and what each vCPU saw, and the APIC IDs match.
 fn probe(name: &str) -> Option<Value> {

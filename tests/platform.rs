@@ -44,7 +44,12 @@ fn config() -> VmConfig {
 
 fn machine(saved: Option<DeviceStates>) -> Result<(Vm, Platform), PlatformError> {
     let cfg = config();
-    let vm = Vm::new(Layout::new(cfg.mem_bytes).with_pci(cfg.has_pci()), true).unwrap();
+    let vm = Vm::new(
+        Layout::new(cfg.mem_bytes).with_pci(cfg.has_pci()),
+        true,
+        cfg.irqchip,
+    )
+    .unwrap();
     let requests: Arc<dyn devices::VmRequests> = Arc::new(Shutdown::new().unwrap());
     let mut p = Platform::new(&vm, true, saved);
     machine::attach(&mut p, &cfg, &vm, &requests, || false)?;

@@ -5,6 +5,7 @@ mod common;
 
 use common::kvm_available;
 use kvm_bindings::kvm_regs;
+use kvmrun::config::Irqchip;
 use kvmrun::memory::Layout;
 use kvmrun::snapshot::{VcpuContext, VcpuState, VmState};
 use kvmrun::vcpu::Vcpu;
@@ -44,7 +45,7 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
         return;
     }
     let layout = Layout::new(16 << 20);
-    let vm = Vm::new(layout.clone(), true).unwrap();
+    let vm = Vm::new(layout.clone(), true, Irqchip::Kernel).unwrap();
     let kvm_cpuid = kvmrun::cpu::KvmCpuid::query(&vm.kvm).unwrap();
     let cpuid = kvmrun::cpu::resolve(&Default::default(), false, &kvm_cpuid).unwrap();
     let msrs = kvmrun::cpu::msrs::initial(&[]).unwrap();
@@ -78,7 +79,7 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
     assert!(vm_saved.pit.is_some());
 
     // A fresh VM gets the state and gives back the same.
-    let vm2 = Vm::new(layout, true).unwrap();
+    let vm2 = Vm::new(layout, true, Irqchip::Kernel).unwrap();
     let ctx2 = VcpuContext::for_vm(&vm2).unwrap();
     let mut vcpus2: Vec<Vcpu> = (0..2).map(|id| Vcpu::bare(&vm2, id).unwrap()).collect();
     for (v, s) in vcpus2.iter().zip(&saved) {
@@ -96,12 +97,16 @@ fn vcpu_and_vm_state_survive_a_round_trip() {
         assert!(tsc(b) >= tsc(a));
     }
     let vm_again = VmState::save(&vm2).unwrap();
-    assert_eq!(bytes(&vm_again.pic_master), bytes(&vm_saved.pic_master));
-    assert_eq!(bytes(&vm_again.pic_slave), bytes(&vm_saved.pic_slave));
-    assert_eq!(bytes(&vm_again.ioapic), bytes(&vm_saved.ioapic));
+    let (chips, chips_saved) = (
+        vm_again.irqchip.as_ref().unwrap(),
+        vm_saved.irqchip.as_ref().unwrap(),
+    );
+    assert_eq!(bytes(&chips.pic_master), bytes(&chips_saved.pic_master));
+    assert_eq!(bytes(&chips.pic_slave), bytes(&chips_saved.pic_slave));
+    assert_eq!(bytes(&chips.ioapic), bytes(&chips_saved.ioapic));
     assert!(vm_again.clock.clock >= vm_saved.clock.clock);
 
     // A PIT-less VM refuses a state with a PIT, and the other way round.
-    let vm3 = Vm::new(Layout::new(16 << 20), false).unwrap();
+    let vm3 = Vm::new(Layout::new(16 << 20), false, Irqchip::Kernel).unwrap();
     assert!(vm_saved.restore(&vm3).is_err());
 }

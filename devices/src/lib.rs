@@ -14,6 +14,8 @@ pub mod debug_exit;
 pub mod edu;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod ioapic;
+pub mod iommu;
 pub mod pci;
 pub mod rtc;
 pub mod serial;
@@ -59,13 +61,68 @@ pub struct MsiMessage {
 
 /// The VMM's side of one device's MSI vectors: a route per vector
 /// (KVM_SET_GSI_ROUTING) raised through an irqfd, so the device holds no
-/// KVM fd. An IOMMU's interrupt remapping would sit behind `route()`.
+/// KVM fd. An IOMMU's interrupt remapping wraps it
+/// (`iommu::RemappedVectors`).
 pub trait MsiVectors: Send + Sync {
     /// Point vector `index` at `msg`, or take its route away (`None`)
     /// while it is masked or MSI-X is off.
     fn route(&self, index: u16, msg: Option<MsiMessage>);
     /// Raise vector `index` once, through its route.
     fn trigger(&self, index: u16);
+}
+
+/// Whether a DMA access reads or writes memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaAccess {
+    Read,
+    Write,
+}
+
+/// Where a DMA address lands in guest-physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaPage {
+    pub gpa: u64,
+    /// Bytes from `gpa` that the same translation covers.
+    pub len: u64,
+}
+
+/// A DMA access an IOMMU blocked (and recorded as a fault).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the IOMMU blocked DMA at {iova:#x}: {reason}")]
+pub struct DmaFault {
+    pub iova: u64,
+    pub reason: String,
+}
+
+/// A device's view of memory: the address it puts on the bus (an I/O
+/// virtual address behind an IOMMU) to guest-physical. A device
+/// translates every page of a transfer before it moves a byte, so a
+/// blocked page moves nothing.
+pub trait DmaSpace: Send + Sync {
+    fn translate(&self, iova: u64, access: DmaAccess) -> Result<DmaPage, DmaFault>;
+}
+
+/// DMA without an IOMMU: bus addresses are guest-physical.
+pub struct DirectDma;
+
+impl DmaSpace for DirectDma {
+    fn translate(&self, iova: u64, _access: DmaAccess) -> Result<DmaPage, DmaFault> {
+        Ok(DmaPage {
+            gpa: iova,
+            len: (u64::MAX - iova).saturating_add(1),
+        })
+    }
+}
+
+/// Where an interrupt controller of kvmrun's (the split irqchip's I/O
+/// APIC) sends its interrupts as MSIs to KVM's local APICs.
+pub trait MsiSink: Send + Sync {
+    /// Deliver `msg` once (KVM_SIGNAL_MSI).
+    fn send(&self, msg: MsiMessage);
+    /// Pin `pin` now delivers as `msg`: the VMM mirrors it in a GSI route
+    /// so KVM knows which vectors are level-triggered and reports their
+    /// EOI.
+    fn route_pin(&self, pin: u8, msg: MsiMessage);
 }
 
 /// Something a device asks of the whole VM, not of itself.
@@ -126,7 +183,37 @@ pub(crate) fn le_value(data: &[u8]) -> Option<u64> {
 pub(crate) mod test_utils {
     use std::sync::Mutex;
 
-    use super::{IrqLine, PageFlusher, VmRequest, VmRequests};
+    use super::{IrqLine, MsiMessage, MsiSink, PageFlusher, VmRequest, VmRequests};
+
+    /// Records the messages sent and the pin routes announced, in order.
+    #[derive(Default)]
+    pub(crate) struct MsiRecorder {
+        sent: Mutex<Vec<MsiMessage>>,
+        routes: Mutex<Vec<(u8, MsiMessage)>>,
+    }
+
+    impl MsiRecorder {
+        pub(crate) fn take_sent(&self) -> Vec<MsiMessage> {
+            std::mem::take(&mut *self.sent.lock().expect("recorder lock poisoned"))
+        }
+
+        pub(crate) fn take_routes(&self) -> Vec<(u8, MsiMessage)> {
+            std::mem::take(&mut *self.routes.lock().expect("recorder lock poisoned"))
+        }
+    }
+
+    impl MsiSink for MsiRecorder {
+        fn send(&self, msg: MsiMessage) {
+            self.sent.lock().expect("recorder lock poisoned").push(msg);
+        }
+
+        fn route_pin(&self, pin: u8, msg: MsiMessage) {
+            self.routes
+                .lock()
+                .expect("recorder lock poisoned")
+                .push((pin, msg));
+        }
+    }
 
     /// Records every request in order.
     #[derive(Default)]
@@ -231,6 +318,7 @@ mod send_tests {
         assert_send::<crate::rtc::Rtc>();
         assert_send::<crate::pci::HostBridge>();
         assert_send::<crate::edu::Edu>();
+        assert_send::<crate::iommu::Vtd>();
         assert_send::<crate::pci::q35::Ich9Lpc>();
         assert_send::<crate::pci::PciConfigIo>();
         assert_send::<crate::pci::PciConfigMmio>();

@@ -22,6 +22,8 @@ use devices::acpi_pm::{self, AcpiPm};
 use devices::debug_exit::{self, DebugExit};
 use devices::fw_cfg::{self, FwCfg};
 use devices::i8042::{self, I8042};
+use devices::ioapic::{self, Ioapic};
+use devices::iommu::Vtd;
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
@@ -306,4 +308,107 @@ impl Bench for TestDevBench {
 pub fn testdev(data: &[u8]) {
     let dev = PcTestDev::new(fakes::irq(), fakes::flusher());
     drive(&mut TestDevBench(dev, TestDevIomem::new()), data);
+}
+
+/// The Intel IOMMU: its register page, and guest memory (the second
+/// window) where the tables it walks are. A host event is a device's DMA
+/// or interrupt through the unit: 2 bytes of source-id, then an I/O
+/// virtual address or an MSI address and data.
+struct IommuBench(Vtd, vm_memory::GuestMemoryMmap);
+
+const IOMMU_MEM: u64 = 0x10_0000;
+
+impl Bench for IommuBench {
+    fn windows(&self) -> &'static [Window] {
+        static W: [Window; 2] = [
+            Window {
+                base: 0xfed9_0000,
+                len: devices::iommu::regs::SIZE,
+                mmio: true,
+            },
+            Window {
+                base: 0,
+                len: IOMMU_MEM,
+                mmio: false,
+            },
+        ];
+        &W
+    }
+    fn read(&mut self, w: Window, offset: u64, data: &mut [u8]) {
+        if w.mmio {
+            self.0.mmio_read(MmioAddress(w.base), offset, data);
+        }
+    }
+    fn write(&mut self, w: Window, offset: u64, data: &[u8]) {
+        use vm_memory::{Bytes, GuestAddress};
+        if w.mmio {
+            self.0.mmio_write(MmioAddress(w.base), offset, data);
+        } else {
+            // Table entries: 8-byte aligned.
+            let _ = self.1.write_slice(data, GuestAddress(offset & !7));
+        }
+    }
+    fn host(&mut self, arg: &[u8]) {
+        let mut input = Input::new(arg);
+        let sid = input.u16();
+        let addr = input.u64();
+        let _ = self.0.translate(sid, addr, sid & 1 != 0);
+        let msg = devices::MsiMessage {
+            address: 0xfee0_0000 | (addr & 0xf_ffff),
+            data: (addr >> 32) as u32,
+        };
+        let _ = self.0.remap_interrupt(msg, (sid & 2 != 0).then_some(sid));
+    }
+    fn round_trip(&mut self) {
+        let intremap = self.0.regs().intremap;
+        self.0 = through_snapshot(&self.0, (self.1.clone(), fakes::msi(), intremap));
+    }
+}
+
+pub fn iommu(data: &[u8]) {
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
+        vm_memory::GuestAddress(0),
+        IOMMU_MEM as usize,
+    )])
+    .expect("guest memory");
+    let intremap = data.first().is_some_and(|b| b & 1 != 0);
+    let unit = Vtd::new(mem.clone(), fakes::msi(), intremap);
+    drive(&mut IommuBench(unit, mem), data);
+}
+
+/// The split irqchip's IOAPIC: its registers, and from the host side
+/// line changes (`arg[0]`: pin and level) and EOIs (`arg[1]`: vector).
+struct IoapicBench(Ioapic);
+
+impl Bench for IoapicBench {
+    fn windows(&self) -> &'static [Window] {
+        const W: [Window; 1] = [Window {
+            base: ioapic::IOAPIC_BASE,
+            len: ioapic::IOAPIC_SIZE,
+            mmio: true,
+        }];
+        &W
+    }
+    fn read(&mut self, w: Window, offset: u64, data: &mut [u8]) {
+        self.0.mmio_read(MmioAddress(w.base), offset, data);
+    }
+    fn write(&mut self, w: Window, offset: u64, data: &[u8]) {
+        self.0.mmio_write(MmioAddress(w.base), offset, data);
+    }
+    fn host(&mut self, arg: &[u8]) {
+        if let Some(&b) = arg.first() {
+            // Pins past the table (up to 63) must be ignored.
+            self.0.set_irq(usize::from(b & 0x3f), b & 0x80 != 0);
+        }
+        if let Some(&v) = arg.get(1) {
+            self.0.end_of_interrupt(v);
+        }
+    }
+    fn round_trip(&mut self) {
+        self.0 = through_snapshot(&self.0, fakes::msi_sink());
+    }
+}
+
+pub fn ioapic(data: &[u8]) {
+    drive(&mut IoapicBench(Ioapic::new(fakes::msi_sink())), data);
 }

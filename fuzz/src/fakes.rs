@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::pci::{BarHost, BarMapping};
-use devices::{IrqLine, MsiMessage, MsiVectors, PageFlusher, VmRequest, VmRequests};
+use devices::{IrqLine, MsiMessage, MsiSink, MsiVectors, PageFlusher, VmRequest, VmRequests};
 
 #[derive(Default)]
 pub struct Sink {
@@ -61,6 +61,19 @@ impl BarHost for Sink {
     fn bar_moved(&self, _slot: u8, _from: Option<BarMapping>, _to: Option<BarMapping>) {
         self.note();
     }
+}
+
+impl MsiSink for Sink {
+    fn send(&self, _msg: MsiMessage) {
+        self.note();
+    }
+    fn route_pin(&self, _pin: u8, _msg: MsiMessage) {
+        self.note();
+    }
+}
+
+pub fn msi_sink() -> Arc<dyn MsiSink> {
+    Arc::new(Sink::default())
 }
 
 pub fn msi() -> Arc<dyn MsiVectors> {

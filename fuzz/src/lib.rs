@@ -79,6 +79,14 @@ pub const TARGETS: &[Target] = &[
         run: devices::rtc,
     },
     Target {
+        name: "dev_iommu",
+        run: devices::iommu,
+    },
+    Target {
+        name: "dev_ioapic",
+        run: devices::ioapic,
+    },
+    Target {
         name: "dev_fw_cfg",
         run: devices::fw_cfg,
     },

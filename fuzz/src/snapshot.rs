@@ -15,6 +15,8 @@ use devices::debug_exit::DebugExit;
 use devices::edu::Edu;
 use devices::fw_cfg::FwCfg;
 use devices::i8042::I8042;
+use devices::ioapic::{Ioapic, IOAPIC_PINS};
+use devices::iommu::Vtd;
 use devices::pci::q35::Ich9Lpc;
 use devices::pci::{Chipset, HostBridge, PciConfigIo, PciConfigMmio, PciRoot};
 use devices::rtc::Rtc;
@@ -82,6 +84,11 @@ fn restore_devices(state: &MachineState) {
                     read_clock(rtc);
                 }
             }
+            "ioapic" => {
+                if let Some(apic) = restore_one::<Ioapic>(saved, fakes::msi_sink()) {
+                    interrupt(apic);
+                }
+            }
             "pci-host-bridge" => {
                 for chipset in [Chipset::Generic, Chipset::Q35] {
                     restore_one::<HostBridge>(saved, chipset);
@@ -91,7 +98,17 @@ fn restore_devices(state: &MachineState) {
                 restore_one::<Ich9Lpc>(saved, 0x600);
             }
             n if n.starts_with("edu") => {
-                restore_one::<Edu>(saved, (mem.clone(), fakes::msi(), fakes::irq(), 16));
+                let dma = Arc::new(devices::DirectDma);
+                restore_one::<Edu>(saved, (mem.clone(), dma, fakes::msi(), fakes::irq(), 16));
+            }
+            "intel-iommu" => {
+                for intremap in [false, true] {
+                    if let Some(v) =
+                        restore_one::<Vtd>(saved, (mem.clone(), fakes::msi(), intremap))
+                    {
+                        use_iommu(v);
+                    }
+                }
             }
             "pci-config-io" => {
                 restore_one::<PciConfigIo>(saved, root.clone());
@@ -136,6 +153,32 @@ fn console_args() -> ConsoleArgs {
     ConsoleArgs {
         ports: vec![port("kvmrun.stdout"), port("kvmrun.stderr")],
         control_wake: std::sync::Arc::new(EventFd::new(EFD_NONBLOCK).expect("an event fd")),
+    }
+}
+
+/// Devices behind a restored IOMMU go on at once: its tables are walked
+/// with whatever the state points at.
+fn use_iommu(mut v: Vtd) {
+    for iova in [0, 0x1000, 0x20_0000, 1 << 39] {
+        let _ = v.translate(0x08, iova, true);
+    }
+    let msg = devices::MsiMessage {
+        address: 0xfee0_0050,
+        data: 0,
+    };
+    let _ = v.remap_interrupt(msg, Some(0x08));
+    // Resuming the invalidation queue.
+    use vm_device::MutDeviceMmio;
+    v.mmio_write(vm_device::bus::MmioAddress(0), 0x34, &0x10u32.to_le_bytes());
+}
+
+/// A restored IOAPIC takes every line and every EOI.
+fn interrupt(mut apic: Ioapic) {
+    for pin in 0..IOAPIC_PINS {
+        apic.set_irq(pin, true);
+    }
+    for vector in 0..=u8::MAX {
+        apic.end_of_interrupt(vector);
     }
 }
 

@@ -1,6 +1,10 @@
 /*
  * Exercise QEMU's pc-testdev: the scratch I/O port, the iomem MMIO buffer
  * and the IRQ lines, delivered through the IOAPIC to the LAPIC.
+ *
+ * With `wait`, the guest stops for a key on COM1 while a level interrupt
+ * is in flight (IOAPIC Remote IRR set, the vector pending in the LAPIC,
+ * IF=0), so a snapshot taken there must carry both controllers' state.
  */
 #include "guest.h"
 
@@ -8,6 +12,8 @@
 #define IOMEM 0xff000000ul
 #define IOMEM_SIZE 0x10000
 #define IRQ_LINE(n) (0x2000 + (n))
+#define COM1 0x3f8
+#define LSR_DR 0x01
 
 #define EDGE_GSI 14
 #define EDGE_VEC 0x40
@@ -118,6 +124,14 @@ static u32 wait_count(volatile u32 *count, u32 want)
 	return *count;
 }
 
+/* Poll COM1 for one byte. */
+static char wait_key(void)
+{
+	while (!(inb(COM1 + 5) & LSR_DR))
+		;
+	return inb(COM1);
+}
+
 static void redirect(int gsi, u32 lo)
 {
 	ioapic_write(REDIR_HI(gsi), 0 << 24); /* physical destination: APIC ID 0 */
@@ -157,6 +171,10 @@ static void test_irqs(void)
 	cli();
 	outb(IRQ_LINE(LEVEL_GSI), 1);
 	report(ioapic_read(REDIR_LO(LEVEL_GSI)) & REDIR_REMOTE_IRR, "irq-level-remote-irr-set");
+	if (arg_str("wait")) {
+		printf("waiting for a key\n");
+		printf("key: %c\n", wait_key());
+	}
 	outb(IRQ_LINE(LEVEL_GSI), 0);
 	sti();
 	n = wait_count(&level_count, 1);

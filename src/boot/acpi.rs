@@ -55,6 +55,16 @@ pub struct Description {
     /// virtio-mmio devices (`LNRO0005`), so a stock Linux finds them
     /// without `virtio_mmio.device=` on its command line.
     pub virtio_mmio: Vec<MmioDevice>,
+    /// The Intel IOMMU, which gets a DMAR table.
+    pub dmar: Option<Dmar>,
+}
+
+/// One Intel IOMMU remapping unit: where its registers are and whether
+/// it remaps interrupts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dmar {
+    pub base: u64,
+    pub intremap: bool,
 }
 
 /// Where the PCI host bridge decodes: ECAM and its BAR windows, each
@@ -200,6 +210,46 @@ fn mcfg(ecam: u64) -> Vec<u8> {
     to_bytes(&m)
 }
 
+/// DMAR flags: interrupt remapping supported.
+const DMAR_INTR_REMAP: u8 = 1 << 0;
+/// DRHD flags: the unit covers every PCI device of its segment.
+const DRHD_INCLUDE_PCI_ALL: u8 = 1 << 0;
+/// Device scope type of an IOAPIC.
+const SCOPE_IOAPIC: u8 = 3;
+
+/// The DMAR (Intel VT-d specification, "DMA Remapping Reporting
+/// Structure"): the host address width, then one DMA Remapping Hardware
+/// Unit Definition covering all of segment 0's PCI devices, with the
+/// IOAPIC (`ioapic_id`) in its scope at the source-id interrupt
+/// remapping checks it by.
+fn dmar(d: &Dmar, ioapic_id: u8) -> Vec<u8> {
+    let mut t = Sdt::new(*b"DMAR", 48, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.write_u8(36, (devices::iommu::regs::MGAW - 1) as u8);
+    t.write_u8(37, if d.intremap { DMAR_INTR_REMAP } else { 0 });
+    let sid = devices::iommu::IOAPIC_SOURCE_ID;
+    let scope = [
+        SCOPE_IOAPIC,
+        8,
+        0,
+        0,
+        ioapic_id,
+        (sid >> 8) as u8,
+        // The path: device and function on the start bus.
+        (sid as u8) >> 3,
+        (sid as u8) & 7,
+    ];
+    let mut drhd = Vec::new();
+    drhd.extend_from_slice(&0u16.to_le_bytes());
+    drhd.extend_from_slice(&(16 + scope.len() as u16).to_le_bytes());
+    drhd.push(DRHD_INCLUDE_PCI_ALL);
+    drhd.push(0);
+    drhd.extend_from_slice(&0u16.to_le_bytes());
+    drhd.extend_from_slice(&d.base.to_le_bytes());
+    drhd.extend_from_slice(&scope);
+    t.append_slice(&drhd);
+    t.as_slice().to_vec()
+}
+
 fn facs() -> Vec<u8> {
     to_bytes(&acpi_tables::facs::FACS::new())
 }
@@ -225,6 +275,11 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     to_bytes(&b.finalize())
 }
 
+/// The IOAPIC's ID: the first after the CPUs' APIC IDs.
+fn ioapic_id(vcpus: u32) -> u8 {
+    vcpus as u8
+}
+
 fn madt(vcpus: u32) -> Vec<u8> {
     let mut m = MADT::new(
         OEM_ID,
@@ -239,7 +294,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
             EnabledStatus::Enabled,
         ));
     }
-    m.add_structure(IoApic::new(vcpus as u8, layout::IOAPIC_ADDR as u32, 0));
+    m.add_structure(IoApic::new(ioapic_id(vcpus), layout::IOAPIC_ADDR as u32, 0));
     let mut bytes = to_bytes(&m);
     // The crate leaves the MADT flags at 0; say the PICs are there too.
     bytes[40..44].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
@@ -298,6 +353,9 @@ pub fn setup(
     if let Some(pci) = &desc.pci {
         xsdt.add_entry(place(&mcfg(pci.ecam.0), 16)?);
     }
+    if let Some(d) = &desc.dmar {
+        xsdt.add_entry(place(&dmar(d, ioapic_id(vcpus)), 16)?);
+    }
     place(&to_bytes(&xsdt), 16).and_then(|xsdt_at| {
         let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_at));
         mem.write_slice(&rsdp, GuestAddress(RSDP_ADDR))
@@ -330,6 +388,10 @@ mod tests {
                 len: 0x1000,
                 gsi: 20,
             }],
+            dmar: Some(Dmar {
+                base: layout::IOMMU_ADDR,
+                intremap: true,
+            }),
         }
     }
 
@@ -359,6 +421,28 @@ mod tests {
     }
 
     #[test]
+    fn dmar_has_one_unit_for_all_pci_devices_and_the_ioapic() {
+        let d = dmar(
+            &Dmar {
+                base: 0xfed9_0000,
+                intremap: true,
+            },
+            4,
+        );
+        assert_eq!(&d[..4], b"DMAR");
+        assert_eq!(d.len(), 48 + 16 + 8);
+        assert_eq!((d[36], d[37]), (47, 1));
+        // DRHD: type 0, length 24, INCLUDE_PCI_ALL, segment 0, base.
+        assert_eq!(&d[48..54], &[0, 0, 24, 0, 1, 0]);
+        assert_eq!(
+            u64::from_le_bytes(d[56..64].try_into().unwrap()),
+            0xfed9_0000
+        );
+        // IOAPIC 4 at source-id ff:00.0.
+        assert_eq!(&d[64..72], &[3, 8, 0, 0, 4, 0xff, 0, 0]);
+    }
+
+    #[test]
     fn mcfg_points_at_ecam() {
         let m = mcfg(0xe000_0000);
         assert_eq!(&m[..4], b"MCFG");
@@ -384,6 +468,7 @@ mod tests {
             }),
             dsdt(&full()),
             mcfg(0xe000_0000),
+            dmar(full().dmar.as_ref().unwrap(), 4),
             facs(),
             fadt(0x1000, 0x2000),
             madt(4),

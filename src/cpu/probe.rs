@@ -13,6 +13,7 @@ use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt;
+use crate::config::Irqchip;
 use crate::memory::Layout;
 use crate::vm::{Vm, VmError};
 
@@ -84,7 +85,7 @@ pub fn run(
     }
     let mem_bytes = RESULTS + RESULT_STRIDE * tables.len() as u64;
     let mem_bytes = mem_bytes.next_multiple_of(2 << 20).max(4 << 20);
-    let vm = Vm::new(Layout::new(mem_bytes), false)?;
+    let vm = Vm::new(Layout::new(mem_bytes), false, Irqchip::Kernel)?;
     let write = |data: &[u8], at: u64| {
         vm.mem
             .write_slice(data, GuestAddress(at))

@@ -1,6 +1,7 @@
 //! QEMU's edu device on the platform (`--edu`): a PCI function with one
 //! MSI vector (a GSI from the MSI pool behind an irqfd) and INTA on its
-//! slot's `_PRT` line.
+//! slot's `_PRT` line; its DMA and MSI go through the IOMMU if the
+//! machine has one.
 
 use std::sync::Arc;
 
@@ -24,9 +25,10 @@ impl Platform {
             }
         };
         let intx_gsi = layout::PCI_INTX_GSI_BASE + u32::from(slot) % 4;
-        let args = (self.mem.clone(), vectors as _, self.new_line(), intx_gsi);
-        let (dev, held) = self.attach_pci(name, slot, args, held, |(mem, v, line, g)| {
-            Edu::new(mem, v, line, g)
+        let (dma, vectors) = self.behind_iommu(slot, vectors);
+        let args = (self.mem.clone(), dma, vectors, self.new_line(), intx_gsi);
+        let (dev, held) = self.attach_pci(name, slot, args, held, |(mem, d, v, line, g)| {
+            Edu::new(mem, d, v, line, g)
         })?;
         self.place_pci(name, slot, dev, held, Vec::new());
         Ok(())

@@ -9,16 +9,21 @@ use devices::acpi_pm::{self, AcpiPm};
 use devices::debug_exit::{self, DebugExit};
 use devices::fw_cfg::{self, FwCfg};
 use devices::i8042::{self, I8042};
+use devices::ioapic::{self, Ioapic};
+use devices::iommu::RemappedSink;
 use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
 use devices::virtio::blk::{Blk, Disk, DiskMode};
 use devices::virtio::console::{Console, ConsoleArgs, Inbox, PortSpec};
+use devices::virtio::fs::{Fs, FsArgs, Share};
 use devices::virtio::rng::Rng;
 use devices::VmRequests;
 
 use super::{Attach, Platform, PlatformError};
-use crate::config::{ConsoleConfig, DeviceConfig, Machine, PortHost, SerialOutput, VmConfig};
+use crate::config::{
+    ConsoleConfig, DeviceConfig, Irqchip, Machine, PortHost, SerialOutput, VmConfig,
+};
 use crate::memory::Layout;
 use crate::serial_out::Output;
 use crate::vm::Vm;
@@ -46,6 +51,27 @@ pub fn attach(
     requests: &Arc<dyn VmRequests>,
     stopping: impl Fn() -> bool + Send + Sync + 'static,
 ) -> Result<Handles, PlatformError> {
+    // The chipset first: its functions take slots 0 and 31 before any
+    // device is given one. The IOMMU before the devices behind it and
+    // the IOAPIC whose interrupts it remaps; neither raises a line.
+    if cfg.machine() == Machine::Q35 {
+        p.attach_q35()?;
+    }
+    if let Some(iommu) = cfg.iommu() {
+        p.attach_iommu(iommu)?;
+    }
+    // The interrupt controllers next: devices restored with a line
+    // raised raise it again as they attach.
+    if cfg.irqchip == Irqchip::Split {
+        let mut sink = p.interrupts().msi_sink();
+        if let Some(remapper) = p.interrupt_remapper() {
+            sink = Arc::new(RemappedSink::new(sink, remapper));
+        }
+        let apic = p.attach(
+            Attach::new("ioapic", sink, Ioapic::new).mmio(ioapic::IOAPIC_BASE, ioapic::IOAPIC_SIZE),
+        )?;
+        p.interrupts().set_ioapic(apic);
+    }
     let irq = p.interrupts().irqfd(serial::COM1_GSI)?;
     let (out, output) = serial_output(&cfg.serial, stopping)?;
     let serial = p.attach(
@@ -97,16 +123,11 @@ pub fn attach(
         Attach::new("rtc", (), move |()| rtc_for(&layout, vcpus))
             .pio(rtc::RTC_INDEX_PORT, rtc::RTC_PORT_COUNT),
     )?;
-    // The chipset first: its functions take slots 0 and 31 before any
-    // device is given one.
-    if cfg.machine() == Machine::Q35 {
-        p.attach_q35()?;
-    }
-    let (mut rngs, mut disks, mut edus) = (0, 0, 0);
+    let (mut rngs, mut disks, mut edus, mut shares) = (0, 0, 0, 0);
     let (mut port_outputs, mut stdin_port) = (Vec::new(), None);
     for d in &cfg.devices {
         match d {
-            DeviceConfig::Q35 => {}
+            DeviceConfig::Q35 | DeviceConfig::Iommu(_) => {}
             DeviceConfig::Edu => {
                 p.attach_edu(&format!("edu{edus}"))?;
                 edus += 1;
@@ -123,6 +144,14 @@ pub fn attach(
                 let opened = Arc::new(Disk::open(&disk.path, mode)?);
                 p.attach_virtio(&format!("disk{disks}"), disk.transport, opened, Blk::new)?;
                 disks += 1;
+            }
+            DeviceConfig::Share(s) => {
+                let args = FsArgs {
+                    tag: s.tag.clone(),
+                    share: Arc::new(Share::open(&s.path, s.read_only)?),
+                };
+                p.attach_virtio(&format!("share{shares}"), s.transport, args, Fs::new)?;
+                shares += 1;
             }
             DeviceConfig::Console(c) => {
                 let (args, outputs, inbox) = console_ports(c)?;

@@ -15,6 +15,7 @@
 //! name.
 
 pub mod edu;
+pub mod iommu;
 pub mod machine;
 pub mod pci;
 pub mod resources;
@@ -33,7 +34,7 @@ use vm_device::{MutDeviceMmio, MutDevicePio};
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::acpi::PciWindows;
-use crate::boot::acpi::{Description, MmioDevice};
+use crate::boot::acpi::{Description, Dmar, MmioDevice};
 use crate::bus::{BusError, IoBus, MmioDevice as MmioBusDevice, PioDevice};
 use crate::layout::{self, Space};
 use crate::vm::{Interrupts, Vm, VmError};
@@ -72,6 +73,8 @@ pub enum PlatformError {
     Io(String),
     #[error(transparent)]
     Disk(#[from] devices::virtio::blk::DiskError),
+    #[error("--share {0}")]
+    Share(#[from] devices::virtio::fs::ShareError),
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -169,6 +172,8 @@ pub struct Platform {
     queue_events: Vec<QueueEvent>,
     /// The last interrupt source handed out (0 is pc-testdev's).
     next_source: u8,
+    /// The Intel IOMMU, which PCI devices registered after it sit behind.
+    iommu: Option<iommu::IommuHandle>,
 }
 
 impl Platform {
@@ -195,6 +200,7 @@ impl Platform {
             pci_windows,
             queue_events: Vec::new(),
             next_source: 0,
+            iommu: None,
         }
     }
 
@@ -274,6 +280,13 @@ impl Platform {
             save,
             held,
         });
+    }
+
+    /// Add `held` to what the registered device `name` holds.
+    fn hold(&mut self, name: &str, held: Vec<Held>) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.name == name) {
+            e.held.extend(held);
+        }
     }
 
     /// Register a device at fixed places: make it, claim its ranges and
@@ -534,6 +547,10 @@ impl Platform {
             com1,
             pci: self.pci.as_ref().map(PciHost::windows),
             virtio_mmio: self.acpi_mmio.clone(),
+            dmar: self.iommu.as_ref().map(|h| Dmar {
+                base: layout::IOMMU_ADDR,
+                intremap: h.intremap,
+            }),
         }
     }
 

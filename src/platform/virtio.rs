@@ -138,26 +138,30 @@ impl Platform {
         }
         held.push(Held::Mmio(base));
         let mut events = Vec::new();
+        let mut fds = Vec::new();
         for (off, q) in lock(&dev).notifications() {
             let fd = event_fd()?;
+            fds.push(fd.clone());
+            self.queue_events.push(QueueEvent {
+                fd: fd.clone(),
+                dev: dev.clone(),
+                queue: q as u16,
+            });
             let ev = IoEvent {
                 mmio: true,
                 addr: base + off,
                 datamatch: Some(q),
             };
-            if let Err(e) = self.irq.add_ioevent(&fd, ev) {
-                log::debug!("{name}: no ioeventfd for queue {q}: {e}");
-                continue;
+            // Without one, the write reaches the window on a vCPU thread,
+            // which serves it or hands it to this fd.
+            match self.irq.add_ioevent(&fd, ev) {
+                Ok(()) => events.push((fd, ev)),
+                Err(e) => log::debug!("{name}: no ioeventfd for queue {q}: {e}"),
             }
-            events.push((fd.clone(), ev));
-            self.queue_events.push(QueueEvent {
-                fd,
-                dev: dev.clone(),
-                queue: q as u16,
-            });
         }
         let wakers = lock(&dev).core().dev.wakers();
         self.add_wakers(wakers, &dev);
+        lock(&dev).set_handoff(fds);
         held.push(Held::Other(Box::new(MmioIoEvents {
             irq: self.irq.clone(),
             events,
@@ -220,8 +224,10 @@ impl Platform {
             })?;
         let offsets = lock(&dev).notifications();
         let mut ioevents = Vec::new();
+        let mut fds = Vec::new();
         for (q, off) in offsets.into_iter().enumerate() {
             let fd = event_fd()?;
+            fds.push(fd.clone());
             ioevents.push(BarIoEvent {
                 bar: vpci::BAR,
                 offset: off,
@@ -235,6 +241,7 @@ impl Platform {
         }
         let wakers = lock(&dev).core().dev.wakers();
         self.add_wakers(wakers, &dev);
+        lock(&dev).set_handoff(fds);
         self.place_pci(name, slot, dev, held, ioevents);
         Ok(())
     }

@@ -20,7 +20,7 @@ use std::mem::size_of;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_ioeventfd,
-    kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state,
+    kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi,
     kvm_msr_list, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
     kvm_xcrs, kvm_xsave,
 };
@@ -79,6 +79,7 @@ impl Kind {
                 INSTALL,
                 VMM,
                 VCPU,
+                SHARE,
                 GUEST_DEBUG,
                 KVM_SNAPSHOT,
             ],
@@ -169,6 +170,7 @@ pub const KVM_GET_XSAVE: u64 = ior(0xa4, size_of::<kvm_xsave>());
 pub const KVM_GET_XCRS: u64 = ior(0xa6, size_of::<kvm_xcrs>());
 pub const KVM_GET_XSAVE2: u64 = ior(0xcf, size_of::<kvm_xsave>());
 pub const KVM_IRQ_LINE: u64 = iow(0x61, size_of::<kvm_irq_level>());
+pub const KVM_SIGNAL_MSI: u64 = iow(0xa5, size_of::<kvm_msi>());
 pub const KVM_GET_IRQCHIP: u64 = iowr(0x62, size_of::<kvm_irqchip>());
 pub const KVM_GET_CLOCK: u64 = ior(0x7c, size_of::<kvm_clock_data>());
 pub const KVM_GET_PIT2: u64 = ior(0x9f, size_of::<kvm_pit_state2>());
@@ -252,14 +254,16 @@ const INSTALL: &[Rule] = &[
 
 /// A vCPU thread: KVM_RUN, the halt check, the crash report's registers
 /// and address translation, interrupt lines (pc-testdev, PCI INTx,
-/// virtio-mmio), and the page flush (mprotect, in RUNTIME). Device output
+/// virtio-mmio; with the split irqchip, the IOAPIC's KVM_SIGNAL_MSI),
+/// and the page flush (mprotect, in RUNTIME). Device output
 /// and interrupts are writes (the serial queue, an irqfd, MSI-X vectors),
 /// in RUNTIME. The PCI register accesses a guest makes from here: MSI-X
 /// vectors routed and unrouted as the guest unmasks, masks and
 /// reprograms them (KVM_SET_GSI_ROUTING), BARs moved with the queue
 /// notifications inside them (KVM_IOEVENTFD). A virtio queue notified
 /// through its register rather than an ioeventfd is served here:
-/// virtio-rng's getrandom, virtio-blk's DISK_IO.
+/// virtio-rng's getrandom, virtio-blk's DISK_IO (virtio-fs opens files:
+/// its queues are handed to the VMM thread, `serves_on_vmm_thread()`).
 const VCPU: &[Rule] = &[
     one_of(
         SYS_ioctl,
@@ -272,6 +276,7 @@ const VCPU: &[Rule] = &[
             KVM_GET_VCPU_EVENTS,
             KVM_TRANSLATE,
             KVM_IRQ_LINE,
+            KVM_SIGNAL_MSI,
             KVM_SET_GSI_ROUTING,
             KVM_IOEVENTFD,
         ],
@@ -281,6 +286,52 @@ const VCPU: &[Rule] = &[
     any(SYS_pwrite64),
     any(SYS_fdatasync),
     DISK_ZERO,
+];
+
+/// virtio-fs (`devices::virtio::fs`): fuse-backend-rs's passthrough file
+/// system serving a guest's FUSE requests on the shared directory. Every
+/// path is resolved with the `*at()` calls from a descriptor the share
+/// holds (or the share's `/proc/self/fd`), never from the working
+/// directory: openat, statx/newfstatat, getdents64, readlinkat and the
+/// calls that change the tree (mkdirat, mknodat, symlinkat, linkat,
+/// unlinkat, renameat2, fchmodat/fchmod, fchownat, utimensat,
+/// ftruncate, fallocate in any mode on the guest's files); file data
+/// with preadv/pwritev, fsync/fdatasync, fstatfs, lseek and dup. The
+/// reply goes to a memfd (writev, lseek, pread64, in RUNTIME or here).
+/// umask is cleared around each request so the guest's modes are kept;
+/// setresuid and setresgid switch the serving thread's effective IDs to
+/// the guest caller's for creating files (the passthrough's own calls,
+/// `syscall()` on this thread only) and back.
+const SHARE: &[Rule] = &[
+    any(SYS_openat),
+    any(SYS_close),
+    any(SYS_dup),
+    any(SYS_fcntl),
+    any(SYS_lseek),
+    any(SYS_statx),
+    any(SYS_newfstatat),
+    any(SYS_getdents64),
+    any(SYS_readlinkat),
+    any(SYS_mkdirat),
+    any(SYS_mknodat),
+    any(SYS_symlinkat),
+    any(SYS_linkat),
+    any(SYS_unlinkat),
+    any(SYS_renameat2),
+    any(SYS_fchmodat),
+    any(SYS_fchmod),
+    any(SYS_fchownat),
+    any(SYS_utimensat),
+    any(SYS_ftruncate),
+    any(SYS_fallocate),
+    any(SYS_preadv),
+    any(SYS_pwritev),
+    any(SYS_writev),
+    any(SYS_fsync),
+    any(SYS_fstatfs),
+    any(SYS_umask),
+    any(SYS_setresuid),
+    any(SYS_setresgid),
 ];
 
 /// virtio-blk's requests on its image (and snapshot overlay) beyond
@@ -364,7 +415,7 @@ const FILES: &[Rule] = &[
 /// The VMM thread once the guest runs: the event loop (timers, eventfds,
 /// stdin, virtio queue notifications: ioeventfd reads, virtio-rng's
 /// getrandom, virtio-blk's pread64/pwrite64/fdatasync and DISK_ZERO,
-/// interrupts as irqfd writes), the control socket, kicking
+/// virtio-fs's SHARE, interrupts as irqfd writes), the control socket, kicking
 /// and joining vCPU threads, S3 wake-up, the terminal restored at the
 /// end, writing snapshots (`KVM_SNAPSHOT` for the KVM side), tearing
 /// the devices down (their irqfds, MSI routes and ioeventfds), and after

@@ -211,3 +211,120 @@ fn modes_parse() {
         .unwrap_err()
         .contains("on, log or off"));
 }
+
+/// A FUSE request as the guest's virtio-fs driver sends it, from guest
+/// user `user` (its uid and gid).
+fn fuse(opcode: u32, node: u64, user: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
+    m.extend_from_slice(&opcode.to_le_bytes());
+    m.extend_from_slice(&u64::from(opcode).to_le_bytes());
+    m.extend_from_slice(&node.to_le_bytes());
+    for v in [user, user, 1, 0] {
+        m.extend_from_slice(&v.to_le_bytes());
+    }
+    m.extend_from_slice(body);
+    m
+}
+
+/// `words` little-endian, then `names` each with its NUL.
+fn body(words: &[u64], names: &[&str]) -> Vec<u8> {
+    let mut b: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    for n in names {
+        b.extend_from_slice(n.as_bytes());
+        b.push(0);
+    }
+    b
+}
+
+/// The node ID in a reply's `struct fuse_entry_out`.
+fn node_of(reply: &[u8]) -> u64 {
+    assert_eq!(&reply[4..8], &[0; 4], "error reply {reply:?}");
+    u64::from_le_bytes(reply[16..24].try_into().unwrap())
+}
+
+/// A virtio-fs share's every kind of request under the VMM thread's
+/// filter, as the VMM thread serves them (a forbidden call ends the
+/// test binary with the report naming it).
+#[test]
+fn the_vmm_thread_serves_a_share() {
+    use devices::virtio::fs::share::MAX_MESSAGE;
+    use devices::virtio::fs::Share;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), b"hello").unwrap();
+    // The guest user may create files in the directory.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let share = Share::open(dir.path(), false).unwrap();
+    let program = compile(Kind::Vmm, Mode::On).unwrap();
+    // A guest user the share switches to to create files when kvmrun may
+    // (as root), else the guest's root (files are then kvmrun's user's).
+    // SAFETY: geteuid has no preconditions.
+    let user: u32 = if unsafe { libc::geteuid() } == 0 {
+        1000
+    } else {
+        0
+    };
+    // SAFETY: as above.
+    let me = u64::from(unsafe { libc::geteuid() }) | u64::from(unsafe { libc::getegid() }) << 32;
+    let worker = std::thread::spawn(move || {
+        install(Kind::Vmm, &program).unwrap();
+        let call = |op, node, b: &[u8]| {
+            let r = share.handle(fuse(op, node, user, b), MAX_MESSAGE);
+            // Every request reached the file system (LSEEK is answered
+            // before it, FORGET has no reply).
+            assert!(matches!(op, 2 | 46) || r[4..8] == [0; 4], "{op}: {r:?}");
+            r
+        };
+        // INIT 7.31 with no_open and no_opendir support.
+        call(
+            26,
+            0,
+            &body(&[31 << 32 | 7, (1 << 17 | 1 << 24) << 32], &[]),
+        );
+        let file = node_of(&call(1, 1, &body(&[], &["file"])));
+        // READ 5 bytes; WRITE 3 at offset 5 (flags O_RDWR).
+        call(15, file, &body(&[0, 0, 5, 0, 0], &[]));
+        let mut w = body(&[0, 5, 3, 0, 2], &[]);
+        w.extend_from_slice(b"abc");
+        call(16, file, &w);
+        // CREATE, MKDIR, SYMLINK, LINK as the guest user.
+        let created = node_of(&call(35, 1, &body(&[0o100644 << 32 | 0o101, 0], &["new"])));
+        let sub = node_of(&call(9, 1, &body(&[0o755], &["sub"])));
+        let link = node_of(&call(6, 1, &body(&[], &["l", "file"])));
+        call(5, link, &[]);
+        call(13, sub, &body(&[created], &["hard"]));
+        // SETATTR mode, size, times, owner (to kvmrun's IDs, which any
+        // user may give); FALLOCATE; FSYNC; LSEEK.
+        for (valid, at, v) in [
+            (1u64, 68, 0o100600u64),
+            (8, 16, 2),
+            (48, 32, 1),
+            (6, 76, me),
+        ] {
+            let mut sa = vec![0u8; 88];
+            sa[0..8].copy_from_slice(&valid.to_le_bytes());
+            sa[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            call(4, created, &sa);
+        }
+        call(43, created, &body(&[0, 0, 4096, 0], &[]));
+        call(20, created, &body(&[0, 0], &[]));
+        call(46, created, &body(&[0, 0, 3], &[]));
+        // READDIRPLUS, STATFS, GETATTR, RENAME, RENAME2, UNLINK, RMDIR.
+        call(44, sub, &body(&[0, 0, 4096, 0, 0], &[]));
+        call(17, 1, &[]);
+        call(3, file, &body(&[0, 0], &[]));
+        call(12, 1, &body(&[sub], &["new", "moved"]));
+        call(45, sub, &body(&[1, 0], &["moved", "back"]));
+        call(10, 1, &body(&[], &["back"]));
+        call(10, sub, &body(&[], &["hard"]));
+        call(11, 1, &body(&[], &["sub"]));
+        // FORGET; the snapshot's paths of what the guest holds.
+        call(2, link, &body(&[1], &[]));
+        share.save()
+    });
+    let saved = worker.join().unwrap();
+    assert!(!saved.inodes.is_empty());
+    assert!(!dir.path().join("sub").exists());
+}

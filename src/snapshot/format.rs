@@ -19,7 +19,9 @@ pub const MAGIC: [u8; 8] = *b"KVMRUNSS";
 /// the memory file's id and digest, and the memory file has a trailer.
 /// 3: devices are a map from name to a versioned state, so adding a
 /// device no longer changes the format; fw_cfg keeps its items.
-pub const FORMAT_MAJOR: u16 = 3;
+/// 4: the configuration names the irqchip, and KVM's PIC and IOAPIC
+/// state is absent with the split one.
+pub const FORMAT_MAJOR: u16 = 4;
 /// Bumped on additions an older kvmrun of the same major can ignore.
 pub const FORMAT_MINOR: u16 = 0;
 

@@ -39,6 +39,9 @@ pub struct SuiteOptions {
     pub kill_grace: f64,
     /// Give every child `--migrate-every SECS` (a save/restore stress run).
     pub migrate_every: Option<f64>,
+    /// Run every test with the split irqchip (`--irqchip=split`, and
+    /// `--no-pit` as it has no PIT yet).
+    pub split_irqchip: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +249,14 @@ fn child_args(rs: &RunSpec, opts: &SuiteOptions, env: Option<&Path>) -> Vec<OsSt
     if let Some(every) = opts.migrate_every {
         args.push(format!("--migrate-every={every}").into());
     }
+    if opts.split_irqchip {
+        // Once each: a test's own flags may already say so.
+        for flag in ["--irqchip=split", "--no-pit"] {
+            if !rs.args.iter().any(|a| a == flag) {
+                args.push(flag.into());
+            }
+        }
+    }
     args.extend(rs.args.iter().map(OsString::from));
     args
 }
@@ -444,6 +455,7 @@ mod tests {
             kvmrun: "kvmrun".into(),
             kill_grace: 5.0,
             migrate_every,
+            split_irqchip: false,
         }
     }
 
@@ -480,5 +492,24 @@ mod tests {
             args(&spec(true), &opts(Some(2.0))),
             [&base[..], &["--migrate", "--migrate-every=2", "--smp=1"]].concat()
         );
+    }
+
+    #[test]
+    fn split_irqchip_reaches_the_child_once() {
+        let split = SuiteOptions {
+            split_irqchip: true,
+            ..opts(None)
+        };
+        let a = args(&spec(false), &split);
+        assert!(a.ends_with(&[
+            "--irqchip=split".into(),
+            "--no-pit".into(),
+            "--smp=1".into()
+        ]));
+        let mut own = spec(false);
+        own.args = vec!["--irqchip=split".into(), "--no-pit".into()];
+        let a = args(&own, &split);
+        assert_eq!(a.iter().filter(|x| *x == "--irqchip=split").count(), 1);
+        assert_eq!(a.iter().filter(|x| *x == "--no-pit").count(), 1);
     }
 }

@@ -89,7 +89,9 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
     let mut no_pit = false;
     let mut cpu_pm = false;
     let mut q35 = false;
+    let mut split = false;
     let mut edus = 0usize;
+    let mut iommu: Option<String> = None;
     let mut bad: Vec<String> = Vec::new();
 
     let mut i = 0;
@@ -143,9 +145,12 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                 let mut ok = true;
                 let mut pit_off = false;
                 let mut machine = None;
+                let mut irqchip = None;
                 for (i, prop) in value.split(',').enumerate() {
                     match prop {
                         "pit=off" => pit_off = true,
+                        "kernel-irqchip=split" => irqchip = Some(true),
+                        "kernel-irqchip=on" => irqchip = Some(false),
                         "accel=kvm" => {}
                         // The type comes first, bare or as type=.
                         "pc" | "q35" if i == 0 => machine = Some(prop == "q35"),
@@ -157,12 +162,17 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
                     no_pit |= pit_off;
                     // QEMU keeps the last type given.
                     q35 = machine.unwrap_or(q35);
+                    split = irqchip.unwrap_or(split);
                 } else {
                     bad.push(flag);
                 }
             }
-            "device" => match value.as_str() {
-                "edu" => edus += 1,
+            "device" => match value.split_once(',').unwrap_or((&value, "")) {
+                ("edu", "") => edus += 1,
+                // kvmrun's --iommu takes QEMU's properties as they are.
+                ("intel-iommu", props) if props.parse::<config::IommuConfig>().is_ok() => {
+                    iommu = Some(props.to_string())
+                }
                 _ => bad.push(flag),
             },
             "accel" if value == "kvm" => {}
@@ -196,6 +206,12 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         args.push(format!("--cpu={c}"));
         args.push("--cpu-lenient".to_string());
     }
+    // kvmrun's split irqchip has no PIT yet (KVM's needs KVM's PICs):
+    // the test runs without one, as with QEMU's pit=off.
+    if split {
+        args.push("--irqchip=split".to_string());
+        no_pit = true;
+    }
     if no_pit {
         args.push("--no-pit".to_string());
     }
@@ -203,6 +219,11 @@ pub fn translate(words: &[String]) -> Result<Vec<String>, TranslateError> {
         args.push("--kvm-cap=X86_DISABLE_EXITS".to_string());
     }
     args.extend(std::iter::repeat_n("--edu".to_string(), edus));
+    match iommu.as_deref() {
+        Some("") => args.push("--iommu".to_string()),
+        Some(props) => args.push(format!("--iommu={props}")),
+        None => {}
+    }
     if let Some(a) = append {
         args.push(format!("--append={a}"));
     }
@@ -314,8 +335,40 @@ mod tests {
             t("-machine type=q35,accel=kvm -device edu -device edu").unwrap(),
             ["--machine=q35", "--edu", "--edu"]
         );
+        assert_eq!(
+            t("-M q35 -device intel-iommu,intremap=on,eim=off -device edu").unwrap(),
+            ["--machine=q35", "--edu", "--iommu=intremap=on,eim=off"]
+        );
+        assert_eq!(
+            t("-M q35 -device intel-iommu").unwrap(),
+            ["--machine=q35", "--iommu"]
+        );
         assert_eq!(t("-M q35 -M pc").unwrap(), Vec::<String>::new());
         assert_eq!(t("-M q35,pit=off").unwrap(), ["--machine=q35", "--no-pit"]);
+        assert_eq!(
+            t("-M q35,kernel-irqchip=split").unwrap(),
+            ["--machine=q35", "--irqchip=split", "--no-pit"]
+        );
+        // intel_iommu's whole line.
+        assert_eq!(
+            t("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu")
+                .unwrap(),
+            [
+                "--machine=q35",
+                "--irqchip=split",
+                "--no-pit",
+                "--edu",
+                "--iommu=intremap=on,eim=off"
+            ]
+        );
+        assert_eq!(
+            t("-M kernel-irqchip=split,pit=off").unwrap(),
+            ["--irqchip=split", "--no-pit"]
+        );
+        assert_eq!(
+            t("-M kernel-irqchip=split -M kernel-irqchip=on").unwrap(),
+            Vec::<String>::new()
+        );
         // Arguments that look like flags stay arguments.
         assert_eq!(
             t("-append '-pause_filter_test -x'").unwrap(),
@@ -333,12 +386,11 @@ mod tests {
             u("-cpu max -device hyperv-testdev"),
             "-device hyperv-testdev"
         );
-        // intel_iommu: the edu device translates, the split irqchip and
-        // the IOMMU do not yet.
         assert_eq!(
-            u("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu"),
-            "-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off"
+            u("-device intel-iommu,eim=on"),
+            "-device intel-iommu,eim=on"
         );
+        assert_eq!(u("-M kernel-irqchip=off"), "-M kernel-irqchip=off");
         assert_eq!(u("-M pc,q35"), "-M pc,q35");
         assert_eq!(u("-M q35-8.2"), "-M q35-8.2");
         assert_eq!(u("-machine microvm"), "-machine microvm");

@@ -28,6 +28,12 @@ pub(crate) fn dispatch(exit: VcpuExit<'_>, bus: &IoBus, id: u32) -> Option<Outco
         VcpuExit::MmioRead(addr, data) => bus.mmio_read(addr, data),
         VcpuExit::MmioWrite(addr, data) => bus.mmio_write(addr, data),
         VcpuExit::Intr => {}
+        // With the split irqchip: a local APIC's EOI of a level-triggered
+        // vector, for kvmrun's IOAPIC, through its EOI register.
+        VcpuExit::IoapicEoi(vector) => {
+            let eoi = devices::ioapic::IOAPIC_BASE + devices::ioapic::IOAPIC_EOI;
+            bus.mmio_write(eoi, &[vector, 0, 0, 0]);
+        }
         // Only with --kvm-cap X86_USER_SPACE_MSR: an MSR KVM would fault
         // or --msr-filter denies. Inject #GP, as QEMU does for an MSR it
         // does not know.

@@ -2,13 +2,22 @@
 //! interrupt lines (KVM_IRQ_LINE), irqfds, MSI routes (KVM_SET_GSI_ROUTING)
 //! and ioeventfds. Devices get these as `devices` traits or event fds and
 //! never see the VM fd.
+//!
+//! With the split irqchip the IOAPIC is kvmrun's (`devices::ioapic`):
+//! interrupt lines drive its pins instead of KVM_IRQ_LINE, an irqfd of an
+//! IOAPIC pin is an event fd the main loop relays to the pin
+//! (`PinRelay`), and the routes of GSIs 0-23 mirror the IOAPIC's
+//! redirection table as MSIs, so KVM's local APICs report the EOIs of
+//! level-triggered vectors (KVM_EXIT_IOAPIC_EOI). The IOAPIC delivers
+//! through `KvmMsiSink` (KVM_SIGNAL_MSI).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use devices::{IrqLine, MsiMessage, MsiVectors};
+use devices::ioapic::Ioapic;
+use devices::{IrqLine, MsiMessage, MsiSink, MsiVectors};
 use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -34,33 +43,90 @@ pub struct IoEvent {
     pub datamatch: Option<u32>,
 }
 
+/// The interrupt source that relayed irqfds drive their pins as.
+const RELAY_SOURCE: u64 = 1 << 63;
+
+/// The GSI routes kvmrun sets.
+#[derive(Default)]
+struct Routes {
+    /// MSI routes by GSI; empty until a device routes a vector, so a VM
+    /// without MSIs keeps KVM's default routing untouched.
+    msi: BTreeMap<u32, MsiMessage>,
+    /// With the split irqchip, what each IOAPIC pin delivers as.
+    pins: Option<Vec<MsiMessage>>,
+}
+
 /// The VM's interrupt routing and notification fds.
 pub struct Interrupts {
     fd: Arc<VmFd>,
     /// Per GSI, the sources holding it high: a line shared by several
     /// devices stays high while any of them asserts it.
     levels: Mutex<HashMap<u32, u64>>,
-    /// MSI routes by GSI; empty until a device routes a vector, so a VM
-    /// without MSIs keeps KVM's default routing untouched.
-    msi: Mutex<BTreeMap<u32, MsiMessage>>,
+    routes: Mutex<Routes>,
+    /// kvmrun's IOAPIC, with the split irqchip, once it is attached.
+    ioapic: OnceLock<Arc<Mutex<Ioapic>>>,
+    /// With the split irqchip, irqfds of IOAPIC pins for the main loop to
+    /// relay.
+    relays: Mutex<Vec<(EventFd, u32)>>,
 }
 
 impl Interrupts {
-    pub(super) fn new(fd: Arc<VmFd>) -> Self {
+    pub(super) fn new(fd: Arc<VmFd>, split: bool) -> Self {
+        let routes = Routes {
+            msi: BTreeMap::new(),
+            pins: split.then(|| vec![MsiMessage::default(); IOAPIC_PINS as usize]),
+        };
         Interrupts {
             fd,
             levels: Mutex::new(HashMap::new()),
-            msi: Mutex::new(BTreeMap::new()),
+            routes: Mutex::new(routes),
+            ioapic: OnceLock::new(),
+            relays: Mutex::new(Vec::new()),
         }
     }
 
-    /// An event fd whose writes raise an edge on `gsi` (an irqfd).
+    /// Whether the IOAPIC is kvmrun's (the split irqchip).
+    pub fn split(&self) -> bool {
+        lock(&self.routes).pins.is_some()
+    }
+
+    /// Where kvmrun's IOAPIC delivers its interrupts.
+    pub fn msi_sink(self: &Arc<Self>) -> Arc<dyn MsiSink> {
+        Arc::new(KvmMsiSink(Arc::downgrade(self)))
+    }
+
+    /// Send the lines to kvmrun's IOAPIC from now on.
+    pub fn set_ioapic(&self, ioapic: Arc<Mutex<Ioapic>>) {
+        if self.ioapic.set(ioapic).is_err() {
+            log::warn!("a second IOAPIC was attached; the first keeps the lines");
+        }
+    }
+
+    /// An event fd whose writes raise an edge on `gsi` (an irqfd). With
+    /// the split irqchip an IOAPIC pin's is relayed by the main loop
+    /// (`take_relays()`).
     pub fn irqfd(&self, gsi: u32) -> Result<EventFd, VmError> {
         let evt = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        if self.split() && gsi < IOAPIC_PINS {
+            let relay = evt.try_clone().map_err(VmError::EventFd)?;
+            lock(&self.relays).push((relay, gsi));
+            return Ok(evt);
+        }
         self.fd
             .register_irqfd(&evt, gsi)
             .map_err(setup("KVM_IRQFD"))?;
         Ok(evt)
+    }
+
+    /// The irqfds the main loop must relay to IOAPIC pins, by pin.
+    pub fn take_relays(&self) -> Vec<(EventFd, u32)> {
+        std::mem::take(&mut *lock(&self.relays))
+    }
+
+    /// An edge on `gsi`, for a relayed irqfd.
+    pub fn pulse(&self, gsi: u32) {
+        self.set_level(RELAY_SOURCE, gsi, true);
+        self.set_level(RELAY_SOURCE, gsi, false);
     }
 
     pub fn remove_irqfd(&self, evt: &EventFd, gsi: u32) {
@@ -87,6 +153,11 @@ impl Interrupts {
             *held &= !bit;
         }
         let after = *held != 0;
+        drop(levels);
+        if let Some(ioapic) = self.ioapic.get() {
+            lock(ioapic).set_irq(gsi as usize, after);
+            return;
+        }
         // Every write reaches KVM, as a raise of a raised line did before
         // lines were shared; KVM finds the edges itself.
         if let Err(e) = self.fd.set_irq_line(gsi, after) {
@@ -97,15 +168,34 @@ impl Interrupts {
     /// Route `gsi` to `msg`, or remove its route, and load the routing
     /// table into KVM.
     pub fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), VmError> {
-        let mut msi = lock(&self.msi);
+        let mut routes = lock(&self.routes);
         let changed = match msg {
-            Some(m) => msi.insert(gsi, m) != Some(m),
-            None => msi.remove(&gsi).is_some(),
+            Some(m) => routes.msi.insert(gsi, m) != Some(m),
+            None => routes.msi.remove(&gsi).is_some(),
         };
         if !changed {
             return Ok(());
         }
-        let table = routing_table(&msi);
+        self.load_routes(&routes)
+    }
+
+    /// Mirror IOAPIC pin `pin`'s message in GSI `pin`'s route.
+    fn set_pin_route(&self, pin: u8, msg: MsiMessage) -> Result<(), VmError> {
+        let mut routes = lock(&self.routes);
+        let Some(slot) = routes
+            .pins
+            .as_mut()
+            .and_then(|p| p.get_mut(usize::from(pin)))
+        else {
+            return Ok(());
+        };
+        *slot = msg;
+        self.load_routes(&routes)
+    }
+
+    /// Load the whole routing table into KVM.
+    fn load_routes(&self, routes: &Routes) -> Result<(), VmError> {
+        let table = routing_table(routes);
         let mut routing = KvmIrqRouting::new(0).map_err(|_| VmError::Routing(table.len()))?;
         for e in &table {
             routing
@@ -151,10 +241,15 @@ impl IoEvent {
 
 /// KVM's default routes (each ISA IRQ to its PIC pin and IOAPIC pin, the
 /// other IOAPIC pins to themselves, as kvm_setup_default_irq_routing()
-/// builds them), then the MSI routes: KVM_SET_GSI_ROUTING replaces the
-/// whole table.
-fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> {
+/// builds them), or with the split irqchip the IOAPIC pins' messages;
+/// then the MSI routes: KVM_SET_GSI_ROUTING replaces the whole table.
+fn routing_table(routes: &Routes) -> Vec<kvm_irq_routing_entry> {
     let mut out = Vec::new();
+    if let Some(pins) = &routes.pins {
+        out.extend((0u32..).zip(pins).map(|(gsi, m)| msi_entry(gsi, m)));
+        out.extend(routes.msi.iter().map(|(&gsi, m)| msi_entry(gsi, m)));
+        return out;
+    }
     let chip = |gsi: u32, irqchip: u32, pin: u32| {
         let mut e = kvm_irq_routing_entry {
             gsi,
@@ -176,18 +271,49 @@ fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> 
             out.push(chip(gsi, pic, gsi % 8));
         }
     }
-    for (&gsi, m) in msi {
-        let mut e = kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_MSI,
+    out.extend(routes.msi.iter().map(|(&gsi, m)| msi_entry(gsi, m)));
+    out
+}
+
+fn msi_entry(gsi: u32, m: &MsiMessage) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        ..Default::default()
+    };
+    e.u.msi.address_lo = m.address as u32;
+    e.u.msi.address_hi = (m.address >> 32) as u32;
+    e.u.msi.data = m.data;
+    e
+}
+
+/// kvmrun's IOAPIC's way to KVM's local APICs. Weak: the IOAPIC is
+/// reached from `Interrupts`, which must not be kept alive by it.
+struct KvmMsiSink(Weak<Interrupts>);
+
+impl MsiSink for KvmMsiSink {
+    fn send(&self, msg: MsiMessage) {
+        let Some(irq) = self.0.upgrade() else {
+            return;
+        };
+        let m = kvm_msi {
+            address_lo: msg.address as u32,
+            address_hi: (msg.address >> 32) as u32,
+            data: msg.data,
             ..Default::default()
         };
-        e.u.msi.address_lo = m.address as u32;
-        e.u.msi.address_hi = (m.address >> 32) as u32;
-        e.u.msi.data = m.data;
-        out.push(e);
+        if let Err(e) = irq.fd.signal_msi(m) {
+            log::warn!("KVM_SIGNAL_MSI {:#x}/{:#x}: {e}", msg.address, msg.data);
+        }
     }
-    out
+
+    fn route_pin(&self, pin: u8, msg: MsiMessage) {
+        if let Some(irq) = self.0.upgrade() {
+            if let Err(e) = irq.set_pin_route(pin, msg) {
+                log::warn!("IOAPIC pin {pin}: {e}");
+            }
+        }
+    }
 }
 
 struct SharedLine {
@@ -262,10 +388,11 @@ mod tests {
 
     #[test]
     fn routing_table_keeps_kvm_defaults_first() {
-        let t = routing_table(&BTreeMap::new());
+        let mut routes = Routes::default();
+        let t = routing_table(&routes);
         // 24 IOAPIC pins and 16 PIC pins.
         assert_eq!(t.len(), 40);
-        let mut msi = BTreeMap::new();
+        let msi = &mut routes.msi;
         msi.insert(
             30,
             MsiMessage {
@@ -273,7 +400,7 @@ mod tests {
                 data: 0x41,
             },
         );
-        let t = routing_table(&msi);
+        let t = routing_table(&routes);
         let last = t.last().unwrap();
         assert_eq!((last.gsi, last.type_), (30, KVM_IRQ_ROUTING_MSI));
         // SAFETY: an MSI entry's union member is `msi`.
@@ -281,5 +408,24 @@ mod tests {
         assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_1000, 0, 0x41));
         let pin2: Vec<_> = t.iter().filter(|e| e.gsi == 2).collect();
         assert_eq!(pin2.len(), 2);
+    }
+
+    #[test]
+    fn split_routes_mirror_the_pins_then_the_msis() {
+        let mut routes = Routes {
+            pins: Some(vec![MsiMessage::default(); IOAPIC_PINS as usize]),
+            ..Default::default()
+        };
+        routes.pins.as_mut().unwrap()[14] = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x8077,
+        };
+        routes.msi.insert(24, MsiMessage::default());
+        let t = routing_table(&routes);
+        assert_eq!(t.len(), 25);
+        assert!(t.iter().all(|e| e.type_ == KVM_IRQ_ROUTING_MSI));
+        // SAFETY: every entry is an MSI one.
+        let m = unsafe { t[14].u.msi };
+        assert_eq!((t[14].gsi, m.data), (14, 0x8077));
     }
 }

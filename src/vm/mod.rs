@@ -1,5 +1,6 @@
-//! The KVM VM: memory slots, in-kernel irqchip, PIT, and the interrupt and
-//! page services devices reach through `devices`' traits.
+//! The KVM VM: memory slots, the irqchip (KVM's, or split: local APICs
+//! only), the in-kernel PIT, and the interrupt and page services devices
+//! reach through `devices`' traits.
 
 use std::sync::Arc;
 
@@ -8,11 +9,13 @@ mod irq;
 pub use irq::{Interrupts, IoEvent, KvmMsiVectors};
 
 use devices::{IrqLine, PageFlusher};
-use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_userspace_memory_region};
+use kvm_bindings::{
+    kvm_clock_data, kvm_enable_cap, kvm_irqchip, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::config::VmConfig;
+use crate::config::{Irqchip, VmConfig};
 use crate::kvmcaps::{self, CapError};
 use crate::memory::{self, Layout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use crate::pit::{Pit, PitError};
@@ -39,6 +42,8 @@ pub enum VmError {
     EventFd(std::io::Error),
     #[error("KVM_SET_GSI_ROUTING: cannot build a table of {0} routes")]
     Routing(usize),
+    #[error("--irqchip split: this host's KVM lacks KVM_CAP_SPLIT_IRQCHIP")]
+    NoSplitIrqchip,
     #[error("{what} failed: {source}")]
     Setup {
         what: &'static str,
@@ -59,19 +64,30 @@ pub struct Vm {
     pub layout: Layout,
     /// The in-kernel PIT, when the VM has one.
     pit: Option<Pit>,
+    irqchip: Irqchip,
     irq: Arc<Interrupts>,
 }
 
+/// IOAPIC pins KVM keeps GSI routes for with the split irqchip: their
+/// level-triggered vectors get their EOI reported (KVM_EXIT_IOAPIC_EOI).
+const SPLIT_IRQCHIP_PINS: u64 = crate::layout::IOAPIC_PINS as u64;
+
 impl Vm {
-    /// Create the VM with fresh anonymous memory, irqchip and (if `pit`) PIT.
-    pub fn new(layout: Layout, pit: bool) -> Result<Vm, VmError> {
+    /// Create the VM with fresh anonymous memory, irqchip and (if `pit`
+    /// and the irqchip is KVM's) the in-kernel PIT.
+    pub fn new(layout: Layout, pit: bool, irqchip: Irqchip) -> Result<Vm, VmError> {
         let mem = memory::create_guest_memory(&layout)?;
-        Self::with_memory(layout, pit, mem)
+        Self::with_memory(layout, pit, irqchip, mem)
     }
 
     /// Create the VM over guest memory mapped by the caller (a snapshot's
-    /// memory file), with its irqchip and (if `pit`) PIT.
-    pub fn with_memory(layout: Layout, pit: bool, mem: GuestMemoryMmap) -> Result<Vm, VmError> {
+    /// memory file), as `new()` does.
+    pub fn with_memory(
+        layout: Layout,
+        pit: bool,
+        irqchip: Irqchip,
+        mem: GuestMemoryMmap,
+    ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -102,21 +118,28 @@ impl Vm {
             })?;
         }
 
-        fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+        create_irqchip(&fd, irqchip)?;
         let fd = Arc::new(fd);
-        let pit = if pit {
+        // KVM's PIT needs KVM's PICs (KVM_CREATE_PIT2 fails without them).
+        let pit = if pit && irqchip == Irqchip::Kernel {
             Some(Pit::create(fd.clone())?)
         } else {
             None
         };
         Ok(Vm {
             kvm,
-            irq: Arc::new(Interrupts::new(fd.clone())),
+            irq: Arc::new(Interrupts::new(fd.clone(), irqchip == Irqchip::Split)),
             fd,
             mem,
             layout,
             pit,
+            irqchip,
         })
+    }
+
+    /// Where the VM's interrupt controllers live.
+    pub fn irqchip_kind(&self) -> Irqchip {
+        self.irqchip
     }
 
     /// The in-kernel PIT, if the VM has one.
@@ -179,6 +202,24 @@ impl Vm {
     pub fn page_flusher(&self) -> Arc<dyn PageFlusher> {
         Arc::new(HostPageFlusher(self.mem.clone()))
     }
+}
+
+/// KVM's whole irqchip, or only its local APICs with the routes of
+/// `SPLIT_IRQCHIP_PINS` pins reserved for kvmrun's IOAPIC.
+fn create_irqchip(fd: &VmFd, irqchip: Irqchip) -> Result<(), VmError> {
+    if irqchip == Irqchip::Kernel {
+        return fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"));
+    }
+    if fd.check_extension_int(Cap::SplitIrqchip) <= 0 {
+        return Err(VmError::NoSplitIrqchip);
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
+        ..Default::default()
+    };
+    cap.args[0] = SPLIT_IRQCHIP_PINS;
+    fd.enable_cap(&cap)
+        .map_err(setup("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))
 }
 
 /// Drops the host mapping of a guest page so KVM must fault it in again, the

@@ -1,6 +1,6 @@
 //! The main thread's event sources: the exit event, the `--timeout`
-//! timer, the halt poll, the PIT policy deadline and stdin to COM1 or to
-//! a console port.
+//! timer, the halt poll, the PIT policy deadline, stdin to COM1 or to
+//! a console port and, with the split irqchip, the irqfds of IOAPIC pins.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +13,11 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::vcpu::{HaltWatch, Kick};
+use crate::vm::Interrupts;
 
 /// How often the main loop checks for a guest that halted for good.
 pub(super) const HALT_POLL: Duration = Duration::from_millis(250);
@@ -253,6 +256,32 @@ impl MutEventSubscriber for StdinToPort {
         self.pollable = self.watching;
         if !self.pollable {
             while self.read_once() {}
+        }
+    }
+}
+
+/// With the split irqchip, the irqfds of IOAPIC pins (COM1's): each
+/// signal is an edge on its pin.
+pub(super) struct PinRelay {
+    pub(super) irq: Arc<Interrupts>,
+    pub(super) fds: Vec<(EventFd, u32)>,
+}
+
+impl MutEventSubscriber for PinRelay {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let Some((fd, gsi)) = self.fds.get(events.data() as usize) else {
+            return;
+        };
+        // A read resets the counter; several signals are one edge.
+        let _ = fd.read();
+        self.irq.pulse(*gsi);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, (fd, gsi)) in self.fds.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(fd, i as u32, EventSet::IN)) {
+                log::warn!("cannot relay the interrupts of GSI {gsi}: {e:?}");
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use devices::serial::SerialDevice;
 use crate::api::ApiError;
 use crate::boot::{self, linux, multiboot, BootError};
 use crate::bus::BusError;
-use crate::config::{ConfigError, DeviceConfig, SerialOutput, VmConfig};
+use crate::config::{ConfigError, DeviceConfig, Irqchip, SerialOutput, VmConfig};
 use crate::cpu::msrs::{self, MsrError};
 use crate::cpu::{self, CpuError};
 use crate::kvmcaps::CapError;
@@ -153,7 +153,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
     };
     let layout = Layout::new(cfg.mem_bytes).with_pci(cfg.has_pci());
     let vm = match origin {
-        Origin::Boot => Vm::new(layout.clone(), cfg.pit_enabled())?,
+        Origin::Boot => Vm::new(layout.clone(), cfg.pit_enabled(), cfg.irqchip)?,
         Origin::Snapshot {
             dir,
             state,
@@ -161,7 +161,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
             load,
         } => {
             let mem = snapshot::map_memory(dir, &layout, &state.memory, verify, load)?;
-            Vm::with_memory(layout.clone(), cfg.pit_enabled(), mem)?
+            Vm::with_memory(layout.clone(), cfg.pit_enabled(), cfg.irqchip, mem)?
         }
     };
     vm.enable_caps(cfg)?;
@@ -263,7 +263,9 @@ fn boot_vcpus(
         &platform.acpi_description(kind.is_linux()),
     )?;
     boot::bios::write_ivt(&vm.mem)?;
-    boot::bios::setup_pics(vm)?;
+    if vm.irqchip_kind() == Irqchip::Kernel {
+        boot::bios::setup_pics(vm)?;
+    }
     let ticks = match vm.pit() {
         Some(pit) => {
             let loaded_at = Instant::now();

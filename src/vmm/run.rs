@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::events::{
-    HaltPoll, ShutdownWatch, StdinToPort, StdinToSerial, TickDeadline, Timeout, HALT_POLL,
+    HaltPoll, PinRelay, ShutdownWatch, StdinToPort, StdinToSerial, TickDeadline, Timeout, HALT_POLL,
 };
 use super::{host, lock, sys, Machine, RunOptions, VmmError};
 use crate::api::{self, ApiServer, Control, Request};
@@ -82,6 +82,13 @@ pub(super) fn run_machine(
     let kicks = Arc::new(Mutex::new(Vec::new()));
     add_halt_poll(&mut em, &halt, &kicks, &shutdown)?;
     let tick_hold = watch_tick_deadline(&mut em, &machine, &shutdown)?;
+    let relays = machine.vm.interrupts().take_relays();
+    if !relays.is_empty() {
+        em.add_subscriber(Arc::new(Mutex::new(PinRelay {
+            irq: machine.vm.interrupts().clone(),
+            fds: relays,
+        })));
+    }
     let queue_events = machine.platform.take_queue_events();
     let queues =
         (!queue_events.is_empty()).then(|| Arc::new(Mutex::new(QueueNotifier::new(queue_events))));

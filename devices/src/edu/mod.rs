@@ -3,9 +3,11 @@
 //! a 1 MiB memory BAR 0 with the registers of [`regs`], INTA by default
 //! and one MSI vector once the guest enables MSI.
 //!
-//! DMA reads and writes guest memory through vm-memory; a transfer that
-//! leaves the device's buffer or guest RAM, or that runs without bus
-//! mastering, moves nothing and still completes (see
+//! DMA reads and writes guest memory through vm-memory at the addresses
+//! its [`DmaSpace`] gives (guest-physical, or an IOMMU's translation); a
+//! transfer that leaves the device's buffer or guest RAM, that the IOMMU
+//! blocks, or that runs without bus mastering, moves nothing and still
+//! completes (see
 //! [`regs::Regs::finish_dma`]), so a guest that polls or waits for the
 //! interrupt always goes on.
 
@@ -19,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use crate::pci::config::{COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE};
 use crate::pci::msi::Msi;
 use crate::pci::{BarKind, BarSpec, PciConfig, PciConfigState, PciDevice, PciId};
-use crate::{le_value, IrqLine, MsiVectors, Persist, RestoreError};
+use crate::{le_value, DmaAccess, DmaSpace, IrqLine, MsiVectors, Persist, RestoreError};
 use regs::{Action, DmaError, Regs};
 
 pub const VENDOR: u16 = 0x1234;
@@ -32,42 +34,64 @@ pub struct Edu {
     msi: Msi,
     regs: Regs,
     mem: GuestMemoryMmap,
+    dma: Arc<dyn DmaSpace>,
     intx: Arc<dyn IrqLine>,
     intx_gsi: u32,
     /// The INTx level last set, so the line is driven only on changes.
     intx_level: bool,
 }
 
-/// Move `t`'s bytes between guest memory and `buffer`, all or nothing.
-fn copy<M: GuestMemory>(mem: &M, t: regs::Transfer, buffer: &mut [u8]) -> Result<(), DmaError> {
-    let outside = DmaError::OutsideRam {
-        addr: t.ram,
-        count: t.len as u64,
-    };
-    // Check the whole range first: a partial copy would leave RAM half
-    // written.
-    let access = if t.to_ram {
-        Permissions::Write
+/// Move `t`'s bytes between guest memory (through `dma`) and `buffer`,
+/// all or nothing.
+fn copy<M: GuestMemory>(
+    mem: &M,
+    dma: &dyn DmaSpace,
+    t: regs::Transfer,
+    buffer: &mut [u8],
+) -> Result<(), DmaError> {
+    let (access, perm) = if t.to_ram {
+        (DmaAccess::Write, Permissions::Write)
     } else {
-        Permissions::Read
+        (DmaAccess::Read, Permissions::Read)
     };
-    if t.len > 0 && !mem.check_range(GuestAddress(t.ram), t.len, access) {
-        return Err(outside);
+    // Translate and check every piece first: a partial copy would leave
+    // RAM half written.
+    let mut pieces = Vec::new();
+    let mut done = 0usize;
+    while done < t.len {
+        let iova = t.ram + done as u64;
+        let page = dma.translate(iova, access).map_err(DmaError::Blocked)?;
+        let n = page.len.min((t.len - done) as u64) as usize;
+        if !mem.check_range(GuestAddress(page.gpa), n, perm) {
+            return Err(DmaError::OutsideRam {
+                addr: page.gpa,
+                count: n as u64,
+            });
+        }
+        pieces.push((page.gpa, done, n));
+        done += n;
     }
-    let buf = &mut buffer[t.buf..t.buf + t.len];
-    let r = if t.to_ram {
-        mem.write_slice(buf, GuestAddress(t.ram))
-    } else {
-        mem.read_slice(buf, GuestAddress(t.ram))
-    };
-    r.map_err(|_| outside)
+    for (gpa, at, n) in pieces {
+        let buf = &mut buffer[t.buf + at..t.buf + at + n];
+        let r = if t.to_ram {
+            mem.write_slice(buf, GuestAddress(gpa))
+        } else {
+            mem.read_slice(buf, GuestAddress(gpa))
+        };
+        r.map_err(|_| DmaError::OutsideRam {
+            addr: gpa,
+            count: n as u64,
+        })?;
+    }
+    Ok(())
 }
 
 impl Edu {
-    /// An edu device reaching `mem`, its MSI through `vectors` (vector
-    /// 0), INTA through `intx` on GSI `intx_gsi`.
+    /// An edu device reaching `mem` through `dma`, its MSI through
+    /// `vectors` (vector 0), INTA through `intx` on GSI `intx_gsi`.
     pub fn new(
         mem: GuestMemoryMmap,
+        dma: Arc<dyn DmaSpace>,
         vectors: Arc<dyn MsiVectors>,
         intx: Arc<dyn IrqLine>,
         intx_gsi: u32,
@@ -95,6 +119,7 @@ impl Edu {
             msi,
             regs: Regs::default(),
             mem,
+            dma,
             intx,
             intx_gsi,
             intx_level: false,
@@ -128,7 +153,7 @@ impl Edu {
         } else {
             self.regs
                 .transfer()
-                .and_then(|t| copy(&self.mem, t, &mut self.regs.buffer))
+                .and_then(|t| copy(&self.mem, self.dma.as_ref(), t, &mut self.regs.buffer))
         };
         if let Err(e) = done {
             log::debug!("edu: DMA {:x?} refused: {e}", self.regs.dma);
@@ -193,8 +218,15 @@ pub struct EduState {
 
 impl Persist for Edu {
     type State = EduState;
-    /// Guest memory, the MSI vector, the INTx line and its GSI.
-    type Args = (GuestMemoryMmap, Arc<dyn MsiVectors>, Arc<dyn IrqLine>, u32);
+    /// Guest memory and the device's view of it, the MSI vector, the
+    /// INTx line and its GSI.
+    type Args = (
+        GuestMemoryMmap,
+        Arc<dyn DmaSpace>,
+        Arc<dyn MsiVectors>,
+        Arc<dyn IrqLine>,
+        u32,
+    );
     type Error = RestoreError;
 
     fn save(&self) -> EduState {
@@ -205,7 +237,7 @@ impl Persist for Edu {
     }
 
     fn restore(args: Self::Args, s: &EduState) -> Result<Self, RestoreError> {
-        let (mem, vectors, intx, gsi) = args;
+        let (mem, dma, vectors, intx, gsi) = args;
         let bad = |reason: String| RestoreError::Invalid {
             device: "edu",
             reason,
@@ -217,7 +249,7 @@ impl Persist for Edu {
                 regs::DMA_BUFFER_SIZE
             )));
         }
-        let mut e = Edu::new(mem, vectors, intx, gsi);
+        let mut e = Edu::new(mem, dma, vectors, intx, gsi);
         e.config.restore(&s.config).map_err(bad)?;
         e.msi.restore(&e.config);
         e.regs = s.regs.clone();

@@ -86,6 +86,8 @@ pub enum DmaError {
     OutsideBuffer { start: u64, count: u64 },
     #[error("guest memory {addr:#x}+{count:#x} is not all RAM")]
     OutsideRam { addr: u64, count: u64 },
+    #[error(transparent)]
+    Blocked(crate::DmaFault),
     #[error("bus mastering is off")]
     NoBusMaster,
 }

@@ -11,10 +11,20 @@ fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
 }
 
+fn direct() -> Arc<dyn crate::DmaSpace> {
+    Arc::new(crate::DirectDma)
+}
+
 fn dev(mem: &GuestMemoryMmap) -> (Edu, Arc<MsiRecorder>, Arc<IrqRecorder>) {
     let msi = Arc::new(MsiRecorder::default());
     let irq = Arc::new(IrqRecorder::default());
-    let mut d = Edu::new(mem.clone(), msi.clone(), irq.clone(), GSI);
+    let mut d = Edu::new(
+        mem.clone(),
+        Arc::new(crate::DirectDma),
+        msi.clone(),
+        irq.clone(),
+        GSI,
+    );
     let c = d.config_mut();
     c.set_bar_address(0, 0xc000_0000);
     c.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
@@ -197,7 +207,7 @@ fn state_round_trips() {
     let s = d.save();
     let msi = Arc::new(MsiRecorder::default());
     let irq = Arc::new(IrqRecorder::default());
-    let mut e = Edu::restore((mem.clone(), msi.clone(), irq.clone(), GSI), &s).unwrap();
+    let mut e = Edu::restore((mem.clone(), direct(), msi.clone(), irq.clone(), GSI), &s).unwrap();
     assert_eq!(e.save(), s);
     assert_eq!(r(&mut e, REG_ALIVE, 4), u64::from(!7u32));
     assert_eq!(r(&mut e, REG_FACTORIAL, 4), 5040);
@@ -209,7 +219,7 @@ fn state_round_trips() {
     e.write_config(e.msi.offset() + 2, &0u16.to_le_bytes());
     let s = e.save();
     let irq2 = Arc::new(IrqRecorder::default());
-    Edu::restore((mem.clone(), msi, irq2.clone(), GSI), &s).unwrap();
+    Edu::restore((mem.clone(), direct(), msi, irq2.clone(), GSI), &s).unwrap();
     assert_eq!(irq2.take(), [(GSI, true)]);
 }
 
@@ -220,6 +230,7 @@ fn bad_states_are_refused() {
     let args = || {
         (
             mem.clone(),
+            direct(),
             Arc::new(MsiRecorder::default()) as Arc<dyn MsiVectors>,
             Arc::new(IrqRecorder::default()) as Arc<dyn IrqLine>,
             GSI,

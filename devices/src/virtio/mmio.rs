@@ -47,6 +47,11 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         &self.core
     }
 
+    /// See `VirtioCore::set_handoff()`.
+    pub fn set_handoff(&mut self, fds: Vec<Arc<vmm_sys_util::eventfd::EventFd>>) {
+        self.core.set_handoff(fds);
+    }
+
     /// Queue notifications as `(offset in the window, value written)`,
     /// for the VMM's ioeventfds.
     pub fn notifications(&self) -> Vec<(u64, u32)> {
@@ -97,6 +102,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 }
             }
             0x44 => c.set_queue_ready(v == 1),
+            QUEUE_NOTIFY if c.hand_off(v as u16) => {}
             QUEUE_NOTIFY => self.notify_queue(v as u16),
             0x64 => {
                 self.interrupt_status &= !v;

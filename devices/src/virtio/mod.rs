@@ -11,6 +11,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod pci;
 pub mod rng;
@@ -32,6 +33,21 @@ pub const STATUS_DRIVER_OK: u8 = 4;
 pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
+
+/// Serve `queue` a chain at a time with `serve_one` (false: the ring is
+/// empty), at most one pass over the ring per notification so a driver
+/// that keeps refilling it cannot hold the thread; whether any chain was
+/// used.
+pub fn serve_ring(queue: &mut Queue, mut serve_one: impl FnMut(&mut Queue) -> bool) -> bool {
+    let mut used = false;
+    for _ in 0..queue.size() {
+        if !serve_one(queue) {
+            break;
+        }
+        used = true;
+    }
+    used
+}
 
 /// A virtio device model.
 pub trait VirtioDevice: Send {
@@ -58,6 +74,13 @@ pub trait VirtioDevice: Send {
     /// messages to send on another queue).
     fn wakers(&self) -> Vec<(u16, Arc<EventFd>)> {
         Vec::new()
+    }
+    /// Whether the device's work must not run on a vCPU thread (it
+    /// opens files, which a vCPU thread's seccomp filter refuses): a
+    /// notification through the register is then handed to the queue's
+    /// event fd, which the VMM thread serves.
+    fn serves_on_vmm_thread(&self) -> bool {
+        false
     }
 }
 
@@ -102,6 +125,8 @@ pub struct VirtioCore<D> {
     queue_sel: u16,
     queues: Vec<Queue>,
     config_generation: u8,
+    /// Each queue's event fd, for `serves_on_vmm_thread()` devices.
+    handoff: Vec<Arc<EventFd>>,
 }
 
 fn new_queues(sizes: &[u16]) -> Vec<Queue> {
@@ -139,6 +164,29 @@ impl<D: VirtioDevice> VirtioCore<D> {
             queue_sel: 0,
             queues,
             config_generation: 0,
+            handoff: Vec::new(),
+        }
+    }
+
+    /// The event fds the VMM thread watches, one per queue in order.
+    pub fn set_handoff(&mut self, fds: Vec<Arc<EventFd>>) {
+        self.handoff = fds;
+    }
+
+    /// A notification that reached the registers (on a vCPU thread):
+    /// true if it was handed to the VMM thread instead of being served.
+    pub fn hand_off(&self, index: u16) -> bool {
+        if !self.dev.serves_on_vmm_thread() {
+            return false;
+        }
+        match self.handoff.get(usize::from(index)) {
+            Some(fd) => {
+                if let Err(e) = fd.write(1) {
+                    log::warn!("virtio: cannot hand queue {index} to the VMM thread: {e}");
+                }
+                true
+            }
+            None => false,
         }
     }
 

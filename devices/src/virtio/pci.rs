@@ -142,6 +142,11 @@ impl<D: VirtioDevice> VirtioPci<D> {
         &self.core
     }
 
+    /// See `VirtioCore::set_handoff()`.
+    pub fn set_handoff(&mut self, fds: Vec<Arc<vmm_sys_util::eventfd::EventFd>>) {
+        self.core.set_handoff(fds);
+    }
+
     /// Queue notifications as offsets in BAR 0 (any width, any value),
     /// for the VMM's ioeventfds.
     pub fn notifications(&self) -> Vec<u64> {
@@ -393,7 +398,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             }
             o if (NOTIFY..NOTIFY + REGION).contains(&o) => {
                 let q = (o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER);
-                self.notify_queue(q as u16);
+                if !self.core.hand_off(q as u16) {
+                    self.notify_queue(q as u16);
+                }
             }
             o if (MSIX_TABLE..MSIX_TABLE + self.msix.table_len()).contains(&o) => {
                 self.msix.write_table(o - MSIX_TABLE, data)

@@ -232,6 +232,10 @@ struct virtio_desc {
  * must not. */
 void virtio_offer_raw(struct virtio_dev *d, const struct virtio_desc *ds, u16 n, u16 head,
 		      u16 step);
+/* The same without the notification (a request left in the ring), and
+ * the notification alone. */
+void virtio_offer_quiet(const struct virtio_desc *ds, u16 n, u16 head, u16 step);
+void virtio_notify(struct virtio_dev *d);
 /* Wait for the device to return one more buffer; its used length. */
 u32 virtio_wait_used(struct virtio_dev *d);
 /* Several queues: bring the device up to FEATURES_OK, set each queue up

@@ -312,8 +312,15 @@ int virtio_request(struct virtio_dev *d, void *buf, u32 len)
 	return (int)got;
 }
 
-void virtio_offer_raw(struct virtio_dev *d, const struct virtio_desc *ds, u16 n, u16 head,
-		      u16 step)
+void virtio_notify(struct virtio_dev *d)
+{
+	if (d->pci)
+		mmio_write16(d->notify, 0);
+	else
+		mmio_write32(d->notify, 0);
+}
+
+void virtio_offer_quiet(const struct virtio_desc *ds, u16 n, u16 head, u16 step)
 {
 	for (u16 i = 0; i < n && i < QSIZE; i++) {
 		descs[i].addr = ds[i].addr;
@@ -325,10 +332,13 @@ void virtio_offer_raw(struct virtio_dev *d, const struct virtio_desc *ds, u16 n,
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	avail.idx += step;
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	if (d->pci)
-		mmio_write16(d->notify, 0);
-	else
-		mmio_write32(d->notify, 0);
+}
+
+void virtio_offer_raw(struct virtio_dev *d, const struct virtio_desc *ds, u16 n, u16 head,
+		      u16 step)
+{
+	virtio_offer_quiet(ds, n, head, step);
+	virtio_notify(d);
 }
 
 u32 virtio_wait_used(struct virtio_dev *d)

@@ -17,7 +17,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{serve_ring, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::{Persist, RestoreError};
 pub use disk::{Disk, DiskError, DiskMode, SECTOR_SIZE};
 use request::{ID_LEN, MAX_ZERO_SECTORS, MAX_ZERO_SEGS, SEG_MAX};
@@ -142,15 +142,7 @@ impl VirtioDevice for Blk {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        // At most one pass over the ring per notification.
-        for _ in 0..queue.size() {
-            if !self.serve_one(queue, mem) {
-                break;
-            }
-            used = true;
-        }
-        used
+        serve_ring(queue, |q| self.serve_one(q, mem))
     }
 }
 

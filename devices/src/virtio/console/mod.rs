@@ -27,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{serve_ring, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::{Persist, RestoreError};
 use control::Control;
 pub use port::{Inbox, PortSink, PortSpec};
@@ -262,10 +262,9 @@ impl Console {
 
     /// Messages from the driver.
     fn control_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        for _ in 0..queue.size() {
+        serve_ring(queue, |queue| {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+                return false;
             };
             let head = chain.head_index();
             let msg = descriptors(chain).and_then(|d| read_chain(&d, mem, MAX_CONTROL));
@@ -273,20 +272,18 @@ impl Console {
                 Ok(c) => self.handle_control(c),
                 Err(e) => self.bad(CONTROL_TX, head, &e),
             }
-            if !self.add_used(queue, mem, head, 0) {
-                break;
-            }
-            used = true;
-        }
-        used
+            self.add_used(queue, mem, head, 0)
+        })
     }
 
     /// Messages to the driver, one per buffer.
     fn control_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        while let Some(msg) = self.pending.front() {
+        serve_ring(queue, |queue| {
+            let Some(msg) = self.pending.front() else {
+                return false;
+            };
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+                return false;
             };
             let head = chain.head_index();
             let (n, err) = match descriptors(chain) {
@@ -304,24 +301,19 @@ impl Console {
                     self.pending.pop_front();
                 }
             }
-            if !self.add_used(queue, mem, head, n as u32) {
-                break;
-            }
-            used = true;
-        }
-        used
+            self.add_used(queue, mem, head, n as u32)
+        })
     }
 
     /// The guest's output on `port`, into its sink while it has room.
     fn port_tx(&mut self, port: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
         let sink = self.ports[port].output.clone();
-        for _ in 0..queue.size() {
+        serve_ring(queue, |queue| {
             if sink.as_ref().is_some_and(|s| !s.has_room()) {
-                break;
+                return false;
             }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+                return false;
             };
             let head = chain.head_index();
             match descriptors(chain).and_then(|d| read_chain(&d, mem, MAX_CHUNK)) {
@@ -332,12 +324,8 @@ impl Console {
                 }
                 Err(e) => self.bad(tx_queue(port), head, &e),
             }
-            if !self.add_used(queue, mem, head, 0) {
-                break;
-            }
-            used = true;
-        }
-        used
+            self.add_used(queue, mem, head, 0)
+        })
     }
 
     /// Host input on `port`, into the driver's receive buffers; the end
@@ -349,13 +337,12 @@ impl Console {
         if !self.state[port].ready || !self.state[port].guest_open {
             return false;
         }
-        let mut used = false;
-        for _ in 0..queue.size() {
+        let used = serve_ring(queue, |queue| {
             if inbox.is_empty() {
-                break;
+                return false;
             }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+                return false;
             };
             let head = chain.head_index();
             let (n, err) = match descriptors(chain) {
@@ -371,11 +358,8 @@ impl Console {
             if let Some(e) = err {
                 self.bad(rx_queue(port), head, &e);
             }
-            if !self.add_used(queue, mem, head, n as u32) {
-                break;
-            }
-            used = true;
-        }
+            self.add_used(queue, mem, head, n as u32)
+        });
         if self.state[port].host_open && !self.host_open(port) {
             self.state[port].host_open = false;
             self.send(Control::new(port as u32, control::PORT_OPEN, 0), &[]);
