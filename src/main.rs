@@ -382,8 +382,9 @@ struct RunArgs {
     /// kvmrun-init): its stdin, stdout and stderr are kvmrun's, and its
     /// status is kvmrun's (128 + N for signal N; 125 when the kernel
     /// panics, with the panic on stderr). The kernel log goes to
-    /// --serial file:PATH, to stderr with -v, else nowhere. DIR is packed
-    /// into the initramfs until kvmrun has virtio-fs.
+    /// --serial file:PATH, to stderr with -v, else nowhere. DIR reaches
+    /// the guest as a read-only virtio-fs share tagged rootfs (`/` is
+    /// the host's own root).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["initrd", "vport", "migrate", "migrate_every"])]
     rootfs: Option<PathBuf>,
     /// With --rootfs: the kernel's module tree (lib/modules/RELEASE, or

@@ -199,8 +199,11 @@ fn bad_rootfs_runs() {
     assert_clean_error(&r, "--rootfs /nonexistent/root: not a directory");
     let r = run_args(&["run", img, "--rootfs", dir]);
     assert_clean_error(&r, "--rootfs needs a command after `--`");
-    let r = run_args(&["run", img, "--rootfs", "/", "--", "true"]);
-    assert_clean_error(&r, "needs a virtio-fs share");
+    // The root is the share tagged rootfs; another share may not take it.
+    let other = format!("{dir},tag=rootfs");
+    let args = ["--init", img, "--share", &other, "--", "true"];
+    let r = run_args(&[&["run", img, "--rootfs", "/"][..], &args].concat());
+    assert_clean_error(&r, "tag 'rootfs' is taken by another share");
     let r = run_args(&[
         "run",
         img,

@@ -1,11 +1,12 @@
 //! The initramfs of a run with a host root: a cpio "newc" archive (the
 //! format the kernel unpacks, Documentation/driver-api/early-userspace)
 //! written with the `cpio` crate: kvmrun-init as /init, its files under
-//! /kvmrun, the modules, and for now the root directory itself.
+//! /kvmrun and the modules. The root itself is not packed: the guest
+//! mounts it over virtio-fs.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use cpio::newc::Builder;
@@ -14,19 +15,12 @@ use super::RootfsError;
 
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
-const S_IFLNK: u32 = 0o120000;
-
-/// Most bytes of a directory packed as the root: the guest holds the
-/// whole archive in RAM.
-pub const MAX_PACKED: u64 = 1 << 30;
 
 pub struct Archive {
     out: BufWriter<File>,
     /// Directories written by `dirs()`, each once.
     made: std::collections::HashSet<String>,
     ino: u32,
-    /// Bytes of file data packed from host directories.
-    packed: u64,
 }
 
 fn io(what: &Path) -> impl Fn(std::io::Error) -> RootfsError + '_ {
@@ -43,7 +37,6 @@ impl Archive {
             out: BufWriter::new(f),
             made: Default::default(),
             ino: 0,
-            packed: 0,
         })
     }
 
@@ -91,47 +84,6 @@ impl Archive {
         self.file(name, meta.permissions().mode(), &data)
     }
 
-    /// Host directory `src`, its files, directories and symbolic links,
-    /// as `name`; other kinds (devices, sockets, pipes) are left out.
-    pub fn host_tree(&mut self, name: &str, src: &Path) -> Result<(), RootfsError> {
-        let meta = std::fs::symlink_metadata(src).map_err(io(src))?;
-        let ft = meta.file_type();
-        if ft.is_symlink() {
-            let target = std::fs::read_link(src).map_err(io(src))?;
-            let t = target.as_os_str().as_encoded_bytes().to_vec();
-            return self.entry(name, S_IFLNK | 0o777, &t).map_err(io(src));
-        }
-        if ft.is_file() {
-            self.packed += meta.size();
-            if self.packed > MAX_PACKED {
-                return Err(RootfsError::TooBig(src.display().to_string()));
-            }
-            return self.host_file(name, src);
-        }
-        if !ft.is_dir() {
-            log::debug!("{}: not a file, directory or link; left out", src.display());
-            return Ok(());
-        }
-        self.entry(name, S_IFDIR | (meta.mode() & 0o7777), &[])
-            .map_err(io(src))?;
-        let mut names: Vec<_> = std::fs::read_dir(src)
-            .map_err(io(src))?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
-            .collect();
-        names.sort();
-        for n in names {
-            let Some(s) = n.to_str() else {
-                log::warn!(
-                    "{}: a name that is not UTF-8; left out",
-                    src.join(&n).display()
-                );
-                continue;
-            };
-            self.host_tree(&format!("{name}/{s}"), &src.join(&n))?;
-        }
-        Ok(())
-    }
-
     pub fn finish(mut self, path: &Path) -> Result<(), RootfsError> {
         cpio::newc::trailer(&mut self.out).map_err(io(path))?;
         self.out.flush().map_err(io(path))
@@ -145,15 +97,15 @@ mod tests {
     #[test]
     fn entries_read_back_with_the_cpio_reader() {
         let d = tempfile::tempdir().unwrap();
-        let tree = d.path().join("tree");
-        std::fs::create_dir_all(tree.join("bin")).unwrap();
-        std::fs::write(tree.join("bin/tool"), b"#!x").unwrap();
-        std::os::unix::fs::symlink("tool", tree.join("bin/alias")).unwrap();
+        let tool = d.path().join("tool");
+        std::fs::write(&tool, b"#!x").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = d.path().join("a.cpio");
         let mut a = Archive::create(&path).unwrap();
         a.dirs("/kvmrun/x").unwrap();
         a.file("/kvmrun/argv", 0o644, b"sh\0-c\0exit 3\0").unwrap();
-        a.host_tree("/kvmrun/root", &tree).unwrap();
+        a.dirs("/kvmrun/x/bin").unwrap();
+        a.host_file("/kvmrun/x/bin/tool", &tool).unwrap();
         a.finish(&path).unwrap();
         let mut r = std::io::BufReader::new(File::open(&path).unwrap());
         let mut seen = Vec::new();
@@ -172,12 +124,10 @@ mod tests {
                 "kvmrun",
                 "kvmrun/x",
                 "kvmrun/argv",
-                "kvmrun/root",
-                "kvmrun/root/bin",
-                "kvmrun/root/bin/alias",
-                "kvmrun/root/bin/tool"
+                "kvmrun/x/bin",
+                "kvmrun/x/bin/tool"
             ]
         );
-        assert_eq!(seen[5].1, 0o12, "a symbolic link");
+        assert_eq!(seen[4].1, 0o10, "a regular file");
     }
 }

@@ -2,25 +2,26 @@
 //! DIR as its read-only root under a tmpfs overlay, run CMD there through
 //! kvmrun-init (resources/rootfs/init.c) and exit with CMD's status.
 //!
-//! kvmrun writes the initramfs (`initramfs.rs`): the init, the command,
-//! where the root is, and the modules the kernel needs from its own
-//! module tree (`modules.rs`). CMD's stdin, stdout and stderr are
+//! The root is a read-only virtio-fs share of DIR tagged `rootfs`
+//! (`share_root()`), so DIR may be as big as the host's own root: the
+//! guest reads files as it needs them instead of holding a copy in RAM.
+//! kvmrun writes a small initramfs (`initramfs.rs`): the init, the
+//! command, where the root is, and the modules the kernel needs from its
+//! own module tree (`modules.rs`). CMD's stdin, stdout and stderr are
 //! virtio-console ports on kvmrun's own; a fourth port carries CMD's
 //! ending ("exit N" or "signal S"). The kernel log (COM1) goes to a
 //! file, or to stderr with -v. A panic resets the guest at once
 //! (`panic=-1`), which ends the run with `STATUS_PANIC` and the panic's
 //! text on stderr.
-//!
-//! The root: a virtio-fs share (tag `rootfs`, read-only) once kvmrun
-//! has virtio-fs (`share_root()`); until then DIR is packed into the
-//! initramfs, so `--rootfs /` is refused.
 
 pub mod initramfs;
 pub mod modules;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{ConsoleConfig, DeviceConfig, PortConfig, PortHost, SerialOutput, VmConfig};
+use crate::config::{
+    ConsoleConfig, DeviceConfig, PortConfig, PortHost, SerialOutput, ShareConfig, VmConfig,
+};
 use crate::platform::virtio::Transport;
 use crate::shutdown::{ExitReason, STATUS_ERROR};
 use crate::vmm::{self, RunOptions, VmmError};
@@ -41,8 +42,6 @@ pub const PORT_STDIN: &str = "kvmrun.stdin";
 pub const PORT_STDOUT: &str = "kvmrun.stdout";
 pub const PORT_STDERR: &str = "kvmrun.stderr";
 pub const PORT_STATUS: &str = "kvmrun.status";
-/// Where the packed root sits in the initramfs.
-const PACKED_ROOT: &str = "/kvmrun/rootdir";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -53,9 +52,7 @@ pub enum RootfsError {
     },
     #[error("--rootfs {0}: not a directory")]
     NotADir(PathBuf),
-    #[error("--rootfs {0}: the host's root needs a virtio-fs share, which this kvmrun does not have yet; give a directory to pack into the initramfs")]
-    ShareNeeded(PathBuf),
-    #[error("{0}: too big to pack into the initramfs (at most {max} MiB of files)", max = initramfs::MAX_PACKED >> 20)]
+    #[error("{0}: too big for the initramfs (a cpio entry holds at most 4 GiB)")]
     TooBig(String),
     #[error("--rootfs needs a command after `--`")]
     NoCommand,
@@ -158,7 +155,7 @@ pub fn prepare(
     if !r.root.is_dir() {
         return Err(RootfsError::NotADir(r.root.clone()));
     }
-    let shared = share_root(cfg, &r.root)?;
+    let tag = share_root(cfg, &r.root);
     let init = match &r.init {
         Some(p) => p.clone(),
         None => find_init()?,
@@ -177,14 +174,11 @@ pub fn prepare(
         .flat_map(|w| [w.as_bytes(), b"\0"].concat())
         .collect();
     a.file("/kvmrun/argv", 0o644, &argv)?;
-    let root = match shared {
-        Some(tag) => format!("virtiofs {tag}\n"),
-        None => {
-            a.host_tree(PACKED_ROOT, &r.root)?;
-            format!("dir {PACKED_ROOT}\n")
-        }
-    };
-    a.file("/kvmrun/root", 0o644, root.as_bytes())?;
+    a.file(
+        "/kvmrun/root",
+        0o644,
+        format!("virtiofs {tag}\n").as_bytes(),
+    )?;
     pack_modules(&mut a, &image, r.modules.as_deref())?;
     a.finish(&initrd)?;
     cfg.initrd = Some(initrd);
@@ -221,16 +215,20 @@ fn ports(status: &Path) -> Vec<PortConfig> {
     ]
 }
 
-/// Share `dir` as the guest's root, read-only, tagged `SHARE_TAG`; the
-/// tag, or `None` where the root is to be packed instead.
-///
-/// When kvmrun has virtio-fs this becomes: push the share device
-/// (`--share DIR,tag=rootfs,ro`) into `cfg.devices` and return the tag.
-fn share_root(_cfg: &mut VmConfig, dir: &Path) -> Result<Option<&'static str>, RootfsError> {
-    if dir.canonicalize().is_ok_and(|d| d == Path::new("/")) {
-        return Err(RootfsError::ShareNeeded(dir.to_path_buf()));
-    }
-    Ok(None)
+/// Share `dir` as the guest's root, as `--share DIR,tag=rootfs,ro`
+/// would; the tag kvmrun-init mounts. Read-only so that the guest's
+/// writes, which the init's overlay keeps in a tmpfs, never reach the
+/// host's files. A `--share` already tagged `rootfs` is refused when
+/// the configuration is checked.
+fn share_root(cfg: &mut VmConfig, dir: &Path) -> &'static str {
+    let path = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    cfg.devices.push(DeviceConfig::Share(ShareConfig {
+        path,
+        tag: SHARE_TAG.into(),
+        read_only: true,
+        transport: Transport::Pci,
+    }));
+    SHARE_TAG
 }
 
 /// The modules the guest needs from the kernel's tree, with a list
@@ -391,10 +389,11 @@ mod tests {
         std::fs::create_dir_all(tree.join("kernel")).unwrap();
         std::fs::write(
             tree.join("modules.dep"),
-            "kernel/virtio_console.ko: kernel/virtio.ko\nkernel/virtio.ko:\nkernel/other.ko:\n",
+            "kernel/virtio_console.ko: kernel/virtio.ko\nkernel/virtio.ko:\nkernel/other.ko:\n\
+             kernel/virtiofs.ko: kernel/fuse.ko kernel/virtio.ko\nkernel/fuse.ko:\n",
         )
         .unwrap();
-        for m in ["virtio_console", "virtio", "other"] {
+        for m in ["virtio_console", "virtio", "other", "virtiofs", "fuse"] {
             std::fs::write(tree.join(format!("kernel/{m}.ko")), m).unwrap();
         }
         std::fs::create_dir_all(d.join("root/bin")).unwrap();
@@ -449,11 +448,24 @@ mod tests {
         let e = entries(cfg.initrd.as_ref().unwrap());
         assert_eq!(e["init"], b"\x7fELF");
         assert_eq!(e["kvmrun/argv"], b"sh\0-c\0exit 3\0");
-        assert_eq!(e["kvmrun/root"], b"dir /kvmrun/rootdir\n");
-        assert!(e.contains_key("kvmrun/rootdir/bin"));
+        assert_eq!(e["kvmrun/root"], b"virtiofs rootfs\n");
+        assert!(
+            !e.keys().any(|k| k.contains("bin")),
+            "the root is not packed: {:?}",
+            e.keys()
+        );
+        let share = ShareConfig {
+            path: r.root.clone(),
+            tag: SHARE_TAG.into(),
+            read_only: true,
+            transport: Transport::Pci,
+        };
+        assert!(cfg.devices.contains(&DeviceConfig::Share(share)));
+        cfg.validate().unwrap();
+        let m = "/lib/modules/6.1.0-test/kernel";
         assert_eq!(
             String::from_utf8_lossy(&e["kvmrun/modules"]),
-            "/lib/modules/6.1.0-test/kernel/virtio.ko\n/lib/modules/6.1.0-test/kernel/virtio_console.ko\n"
+            format!("{m}/virtio.ko\n{m}/virtio_console.ko\n{m}/fuse.ko\n{m}/virtiofs.ko\n")
         );
         assert!(!e.contains_key("lib/modules/6.1.0-test/kernel/other.ko"));
     }
@@ -462,15 +474,31 @@ mod tests {
     fn bad_roots_and_commands_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let (mut cfg, mut r) = fixture(d.path(), "6.1.0-test");
-        r.root = "/".into();
-        let e = prepare(&mut cfg, &r, d.path()).unwrap_err().to_string();
-        assert!(e.contains("virtio-fs"), "{e}");
         r.root = d.path().join("init");
         let e = prepare(&mut cfg, &r, d.path()).unwrap_err().to_string();
         assert!(e.contains("not a directory"), "{e}");
         r.command.clear();
         let e = prepare(&mut cfg, &r, d.path()).unwrap_err().to_string();
         assert!(e.contains("needs a command"), "{e}");
+    }
+
+    #[test]
+    fn the_hosts_root_is_shared_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut cfg, mut r) = fixture(d.path(), "6.1.0-test");
+        r.root = "/".into();
+        prepare(&mut cfg, &r, d.path()).unwrap();
+        let share = cfg.devices.iter().find_map(|d| match d {
+            DeviceConfig::Share(s) => Some(s),
+            _ => None,
+        });
+        let share = share.unwrap();
+        assert_eq!(share.path, Path::new("/"));
+        assert!(share.read_only);
+        let size = std::fs::metadata(cfg.initrd.as_ref().unwrap())
+            .unwrap()
+            .len();
+        assert!(size < 1 << 20, "the initramfs holds no root: {size} bytes");
     }
 
     #[test]
