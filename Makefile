@@ -21,12 +21,16 @@ AMDV       := $(abspath build/amdv)
 # Seconds each fuzz target runs in `make fuzz` (scripts/fuzz).
 FUZZ_TIME ?= 60
 
-.PHONY: all build guests linux amdv run test test-amdv deps bench-deps apt lint bench fuzz soak clean
+.PHONY: all build guests init linux amdv run test test-amdv deps bench-deps apt lint bench fuzz soak clean
 
-all: build guests
+all: build guests init
 
 build:
 	$(CARGO) build --release
+
+# kvmrun-init, the /init of `kvmrun run --rootfs` (resources/rootfs).
+init:
+	$(MAKE) -C resources/rootfs OUT=$(abspath build/rootfs)
 
 guests:
 	$(MAKE) -C resources/guests OUT=$(GUESTS)
@@ -68,11 +72,11 @@ lint:
 # and asserts on its Linux batch, about 9-13 minutes (docs/TESTHOST.md).
 # --no-fail-fast: a failing test binary does not hide the verdicts of the
 # binaries after it.
-test: deps guests amdv build lint
+test: deps guests init amdv build lint
 	KVMRUN_AMDV=1 $(CARGO) test --workspace --no-fail-fast
 
 # The AMD-V host's Linux batch alone.
-test-amdv: deps guests amdv build
+test-amdv: deps guests init amdv build
 	KVMRUN_AMDV=1 $(CARGO) test --release --test linux_hw
 
 bench: bench-deps build guests amdv

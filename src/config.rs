@@ -86,6 +86,8 @@ pub enum SerialOutput {
     Stdio,
     None,
     File(PathBuf),
+    /// kvmrun's stderr (the kernel log of `run --rootfs -v`).
+    Stderr,
 }
 
 impl std::str::FromStr for SerialOutput {
@@ -95,6 +97,7 @@ impl std::str::FromStr for SerialOutput {
         match s {
             "stdio" => Ok(SerialOutput::Stdio),
             "none" => Ok(SerialOutput::None),
+            "stderr" => Ok(SerialOutput::Stderr),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(SerialOutput::File(PathBuf::from(path))),
                 _ => Err(ConfigError::Serial(s.to_string())),
@@ -159,6 +162,8 @@ pub enum DeviceConfig {
     Iommu(IommuConfig),
     /// virtio-fs (`--share DIR[,tag=T][,ro][,transport=pci|mmio]`).
     Share(ShareConfig),
+    /// virtio-console with named ports (`--vport`).
+    Console(ConsoleConfig),
 }
 
 /// The Intel IOMMU's options (`--iommu[=intremap=on|off][,eim=off]`).
@@ -203,6 +208,7 @@ impl DeviceConfig {
             DeviceConfig::Rng(t) => *t,
             DeviceConfig::Disk(d) => d.transport,
             DeviceConfig::Share(s) => s.transport,
+            DeviceConfig::Console(c) => c.transport,
             DeviceConfig::Q35 | DeviceConfig::Edu | DeviceConfig::Iommu(_) => Transport::Pci,
         }
     }
@@ -250,6 +256,100 @@ impl std::str::FromStr for DiskConfig {
             }
         }
         Ok(d)
+    }
+}
+
+/// Most ports of the console device.
+pub const MAX_PORTS: usize = devices::virtio::console::MAX_PORTS;
+/// Longest port name (the driver reads it into one control buffer).
+pub const MAX_PORT_NAME: usize = 64;
+
+/// The host side of a console port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PortHost {
+    /// The guest's output to kvmrun's stdout.
+    Stdout,
+    /// The guest's output to kvmrun's stderr.
+    Stderr,
+    /// kvmrun's stdin to the guest; the end of it closes the port.
+    Stdin,
+    /// The guest's output to a file, created (or truncated).
+    File(PathBuf),
+}
+
+/// A named console port (`--vport NAME=HOST`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub name: String,
+    pub host: PortHost,
+}
+
+impl std::str::FromStr for PortConfig {
+    type Err = ConfigError;
+
+    /// `NAME=stdout|stderr|stdin|file:PATH`.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Port(s.to_string(), why.to_string());
+        let (name, host) = s
+            .split_once('=')
+            .ok_or_else(|| bad("expected NAME=stdout|stderr|stdin|file:PATH"))?;
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_PORT_NAME
+            && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+        if !name_ok {
+            return Err(bad(&format!(
+                "the name must be 1 to {MAX_PORT_NAME} printable ASCII characters, no '/'"
+            )));
+        }
+        let host = match host {
+            "stdout" => PortHost::Stdout,
+            "stderr" => PortHost::Stderr,
+            "stdin" => PortHost::Stdin,
+            _ => match host.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => PortHost::File(PathBuf::from(p)),
+                _ => return Err(bad("expected stdout, stderr, stdin or file:PATH after '='")),
+            },
+        };
+        Ok(PortConfig {
+            name: name.to_string(),
+            host,
+        })
+    }
+}
+
+/// The virtio-console device and its ports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleConfig {
+    pub ports: Vec<PortConfig>,
+    pub transport: Transport,
+}
+
+impl ConsoleConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |why: String| Err(ConfigError::Devices(format!("virtio-console: {why}")));
+        if self.ports.is_empty() || self.ports.len() > MAX_PORTS {
+            return bad(format!("{} ports, need 1 to {MAX_PORTS}", self.ports.len()));
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            if self.ports[..i].iter().any(|q| q.name == p.name) {
+                return bad(format!("port name '{}' given twice", p.name));
+            }
+        }
+        if self
+            .ports
+            .iter()
+            .filter(|p| p.host == PortHost::Stdin)
+            .count()
+            > 1
+        {
+            return bad("more than one port reads stdin".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a port reads kvmrun's stdin (COM1 then does not).
+    pub fn reads_stdin(&self) -> bool {
+        self.ports.iter().any(|p| p.host == PortHost::Stdin)
     }
 }
 
@@ -439,11 +539,19 @@ impl VmConfig {
             ),
             (count(|d| *d == DeviceConfig::Edu), MAX_EDUS, "edu devices"),
             (count(|d| *d == DeviceConfig::Q35), 1, "Q35 chipsets"),
+            (
+                count(|d| matches!(d, DeviceConfig::Console(_))),
+                1,
+                "virtio-console devices",
+            ),
             (count(|d| matches!(d, DeviceConfig::Iommu(_))), 1, "IOMMUs"),
         ] {
             if n > max {
                 return Err(ConfigError::Devices(format!("{n} {what}, at most {max}")));
             }
+        }
+        if let Some(c) = self.console() {
+            c.validate()?;
         }
         if self.iommu().is_some() && self.machine() != Machine::Q35 {
             return Err(ConfigError::Devices(
@@ -456,9 +564,19 @@ impl VmConfig {
         let virtio_pci = self.devices.iter().any(|d| {
             matches!(
                 d,
-                DeviceConfig::Rng(_) | DeviceConfig::Disk(_) | DeviceConfig::Share(_)
+                DeviceConfig::Rng(_)
+                    | DeviceConfig::Disk(_)
+                    | DeviceConfig::Share(_)
+                    | DeviceConfig::Console(_)
             ) && d.transport() == Transport::Pci
         });
+        if self.iommu().is_some() && self.console().is_some() {
+            return Err(ConfigError::Devices(
+                "--iommu cannot be combined with --vport yet (virtio-console is on virtio-pci, \
+                 whose DMA does not go through the IOMMU)"
+                    .into(),
+            ));
+        }
         if self.iommu().is_some() && virtio_pci {
             return Err(ConfigError::Devices(
                 "--iommu cannot be combined with virtio-pci devices yet (their DMA does not \
@@ -491,6 +609,14 @@ impl VmConfig {
         }
         Ok(())
     }
+
+    /// The virtio-console device, if there is one.
+    pub fn console(&self) -> Option<&ConsoleConfig> {
+        self.devices.iter().find_map(|d| match d {
+            DeviceConfig::Console(c) => Some(c),
+            _ => None,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -501,7 +627,7 @@ pub enum ConfigError {
     Mem(u64),
     #[error("invalid vCPU count {0}: need 1 to {MAX_VCPUS}")]
     Vcpus(u32),
-    #[error("invalid serial output '{0}': expected stdio, none or file:PATH")]
+    #[error("invalid serial output '{0}': expected stdio, stderr, none or file:PATH")]
     Serial(String),
     #[error(
         "invalid timeout '{0}': expected a positive number of seconds, at most {MAX_TIMEOUT_SECS}"
@@ -523,6 +649,8 @@ pub enum ConfigError {
     Devices(String),
     #[error("invalid --disk '{0}': {1}")]
     Disk(String, String),
+    #[error("invalid --vport '{0}': {1}")]
+    Port(String, String),
     #[error("invalid --iommu '{0}': {1}")]
     Iommu(String, String),
     #[error("invalid --share '{0}': {1}")]
@@ -588,6 +716,61 @@ mod tests {
         assert!(e("a.img,rw").contains("unknown option 'rw'"));
         assert!(e("a.img,transport=usb").contains("unknown virtio transport 'usb'"));
         assert!(e(",ro").contains("no file named"));
+    }
+
+    #[test]
+    fn port_options_parse() {
+        let p: PortConfig = "kvmrun.stdout=stdout".parse().unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.host),
+            ("kvmrun.stdout", PortHost::Stdout)
+        );
+        let p: PortConfig = "log=file:/tmp/x=y".parse().unwrap();
+        assert_eq!(p.host, PortHost::File(PathBuf::from("/tmp/x=y")));
+        let e = |s: &str| s.parse::<PortConfig>().unwrap_err().to_string();
+        assert!(e("noequals").contains("expected NAME="));
+        assert!(e("=stdout").contains("the name must be"));
+        assert!(e("a b=stdout").contains("the name must be"));
+        assert!(e("a=tty").contains("expected stdout, stderr"));
+        assert!(e("a=file:").contains("expected stdout, stderr"));
+    }
+
+    #[test]
+    fn console_ports_are_checked() {
+        let port = |n: &str, host| PortConfig {
+            name: n.into(),
+            host,
+        };
+        let mut cfg = VmConfig::new("x".into());
+        let console = |ports| {
+            DeviceConfig::Console(ConsoleConfig {
+                ports,
+                transport: Transport::Pci,
+            })
+        };
+        cfg.devices = vec![console(vec![
+            port("a", PortHost::Stdout),
+            port("a", PortHost::Stderr),
+        ])];
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("'a' given twice"));
+        cfg.devices = vec![console(vec![
+            port("a", PortHost::Stdin),
+            port("b", PortHost::Stdin),
+        ])];
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than one"));
+        cfg.devices = vec![console(vec![])];
+        assert!(cfg.validate().unwrap_err().to_string().contains("0 ports"));
+        cfg.devices = vec![console(vec![port("a", PortHost::Stdin)])];
+        cfg.validate().unwrap();
+        assert!(cfg.console().unwrap().reads_stdin());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod migrate;
 pub mod pit;
 pub mod platform;
+pub mod rootfs;
 pub mod sandbox;
 pub mod serial_out;
 pub mod shutdown;

@@ -8,12 +8,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use kvmrun::api::{self, Request};
 use kvmrun::config::{
-    self, DeviceConfig, DiskConfig, Irqchip, Machine, SerialOutput, ShareConfig, Transport,
-    VmConfig,
+    self, ConsoleConfig, DeviceConfig, DiskConfig, Irqchip, Machine, PortConfig, PortHost,
+    SerialOutput, ShareConfig, Transport, VmConfig,
 };
 use kvmrun::cpu::msrs::MsrValue;
 use kvmrun::cpu::CpuSpec;
 use kvmrun::kvmcaps::{self, CapSetting, MsrRange};
+use kvmrun::rootfs::{KernelLog, RootfsOptions};
 use kvmrun::shutdown::STATUS_ERROR;
 use kvmrun::vmm;
 
@@ -368,6 +369,33 @@ struct RunArgs {
         default_missing_value = ""
     )]
     iommu: Option<config::IommuConfig>,
+    /// Add a named port of a virtio-console device (repeatable, up to
+    /// 16; one device holds them all, on virtio-pci): the guest sees it
+    /// as /dev/vportNpM named NAME in /sys/class/virtio-ports/*/name;
+    /// the guest's output goes to kvmrun's stdout, stderr or a file, or
+    /// kvmrun's stdin becomes the guest's input (COM1 then gets none).
+    #[arg(long = "vport", value_name = "NAME=stdout|stderr|stdin|file:PATH")]
+    vport: Vec<PortConfig>,
+    /// Boot the Linux IMAGE with DIR as its read-only root under a tmpfs
+    /// overlay and run the command after `--` there (through
+    /// kvmrun-init): its stdin, stdout and stderr are kvmrun's, and its
+    /// status is kvmrun's (128 + N for signal N; 125 when the kernel
+    /// panics, with the panic on stderr). The kernel log goes to
+    /// --serial file:PATH, to stderr with -v, else nowhere. DIR reaches
+    /// the guest as a read-only virtio-fs share tagged rootfs (`/` is
+    /// the host's own root).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["initrd", "vport", "migrate", "migrate_every"])]
+    rootfs: Option<PathBuf>,
+    /// With --rootfs: the kernel's module tree (lib/modules/RELEASE, or
+    /// the directory holding RELEASE); default /lib/modules/RELEASE, the
+    /// release read from IMAGE. The virtio, console, virtio-fs and
+    /// overlay modules in it (and what they need) go into the initramfs.
+    #[arg(long, value_name = "DIR", requires = "rootfs")]
+    modules: Option<PathBuf>,
+    /// With --rootfs: the kvmrun-init to use (default: $KVMRUN_INIT, next
+    /// to kvmrun, or build/rootfs from `make init`).
+    #[arg(long, value_name = "FILE", requires = "rootfs")]
+    init: Option<PathBuf>,
     /// Machine type: pc (kvmrun's PC, PCI only with a PCI device) or q35
     /// (the Q35 chipset: MCH host bridge 8086:29c0, ICH9 LPC 8086:2918
     /// at 00:1f.0, always PCI with ECAM).
@@ -384,6 +412,24 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// With --rootfs: the words after `--` are the command, not kernel
+    /// arguments.
+    fn take_rootfs(&mut self, verbose: u8) -> Option<RootfsOptions> {
+        let root = self.rootfs.take()?;
+        let log = match &self.io.serial {
+            SerialOutput::File(p) => KernelLog::File(p.clone()),
+            _ if verbose > 0 => KernelLog::Stderr,
+            _ => KernelLog::Temporary,
+        };
+        Some(RootfsOptions {
+            root,
+            command: std::mem::take(&mut self.args),
+            modules: self.modules.take(),
+            init: self.init.take(),
+            log,
+        })
+    }
+
     fn into_config(self) -> (VmConfig, vmm::RunOptions) {
         let mut words: Vec<String> = Vec::new();
         if !self.append.is_empty() {
@@ -425,6 +471,12 @@ impl RunArgs {
                     let path = std::path::absolute(&s.path).unwrap_or(s.path);
                     DeviceConfig::Share(ShareConfig { path, ..s })
                 }))
+                .chain((!self.vport.is_empty()).then(|| {
+                    DeviceConfig::Console(ConsoleConfig {
+                        ports: self.vport.into_iter().map(absolute_port).collect(),
+                        transport: Transport::Pci,
+                    })
+                }))
                 .collect(),
         };
         (cfg, opts)
@@ -437,6 +489,20 @@ fn absolute(d: DiskConfig) -> DiskConfig {
     match std::path::absolute(&d.path) {
         Ok(path) => DiskConfig { path, ..d },
         Err(_) => d,
+    }
+}
+
+/// A port's output file named from the root, as `absolute()`.
+fn absolute_port(p: PortConfig) -> PortConfig {
+    match &p.host {
+        PortHost::File(f) => match std::path::absolute(f) {
+            Ok(f) => PortConfig {
+                host: PortHost::File(f),
+                ..p
+            },
+            Err(_) => p,
+        },
+        _ => p,
     }
 }
 
@@ -470,9 +536,13 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn run(cmd: Cmd) -> anyhow::Result<i32> {
+fn run(cmd: Cmd, verbose: u8) -> anyhow::Result<i32> {
     match cmd {
-        Cmd::Run(args) => {
+        Cmd::Run(mut args) => {
+            if let Some(r) = args.take_rootfs(verbose) {
+                let (cfg, opts) = (*args).into_config();
+                return Ok(kvmrun::rootfs::run(cfg, &opts, &r)?);
+            }
             if args.migrate || args.migrate_every.is_some() {
                 if args.io.serial != SerialOutput::Stdio {
                     return Err(kvmrun::migrate::MigrateError::Serial.into());
@@ -717,7 +787,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     kvmrun::sandbox::set_mode(cli.seccomp);
-    match run(cli.cmd) {
+    match run(cli.cmd, cli.verbose) {
         Ok(status) => ExitCode::from(status as u8),
         Err(e) => {
             eprintln!("kvmrun: error: {}", error_text(&e));

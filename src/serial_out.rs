@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use devices::virtio::console::PortSink;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 /// Bytes the queue holds before a running vCPU waits for the writer.
 pub const CAPACITY: usize = 64 << 10;
 /// How long `finish()` waits for a consumer that takes nothing.
@@ -56,6 +59,9 @@ struct Shared {
     refused: AtomicU64,
     /// Whether the vCPUs must stop (`Shutdown::must_stop()`).
     stopping: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Signalled when the writer takes bytes from a full queue (a
+    /// console port's device then takes the guest's next buffers).
+    waker: Option<Arc<EventFd>>,
 }
 
 impl Shared {
@@ -93,6 +99,32 @@ impl Write for Sender {
     }
 }
 
+/// A virtio-console port's end: queues what the device takes, which it
+/// takes only while the queue is below `CAPACITY`.
+pub struct PortOutput(Arc<Shared>);
+
+impl PortSink for PortOutput {
+    fn has_room(&self) -> bool {
+        let q = self.0.lock();
+        q.done || q.bytes.len() < CAPACITY
+    }
+
+    fn put(&self, data: &[u8]) {
+        let s = &self.0;
+        let mut q = s.lock();
+        if q.done {
+            s.refused.fetch_add(data.len() as u64, Ordering::Relaxed);
+        } else {
+            q.bytes.extend(data);
+            s.filled.notify_one();
+        }
+    }
+
+    fn waker(&self) -> Option<Arc<EventFd>> {
+        self.0.waker.clone()
+    }
+}
+
 /// What became of the guest's output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -117,6 +149,25 @@ impl Output {
         what: &str,
         stopping: impl Fn() -> bool + Send + Sync + 'static,
     ) -> io::Result<(Output, Sender)> {
+        let (output, shared) = Self::spawn(out, what, Box::new(stopping), None)?;
+        Ok((output, Sender(shared)))
+    }
+
+    /// Start a writer thread for a virtio-console port: the device asks
+    /// `PortOutput::has_room()` before it takes a buffer, so nothing ever
+    /// waits for room.
+    pub fn start_port(out: Box<dyn Write + Send>, what: &str) -> io::Result<(Output, PortOutput)> {
+        let waker = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let (output, shared) = Self::spawn(out, what, Box::new(|| true), Some(waker))?;
+        Ok((output, PortOutput(shared)))
+    }
+
+    fn spawn(
+        out: Box<dyn Write + Send>,
+        what: &str,
+        stopping: Box<dyn Fn() -> bool + Send + Sync>,
+        waker: Option<Arc<EventFd>>,
+    ) -> io::Result<(Output, Arc<Shared>)> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             filled: Condvar::new(),
@@ -124,7 +175,8 @@ impl Output {
             written: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            stopping: Box::new(stopping),
+            stopping,
+            waker,
         });
         let s = shared.clone();
         let name = what.to_string();
@@ -140,7 +192,7 @@ impl Output {
             shared: shared.clone(),
             what: what.to_string(),
         };
-        Ok((output, Sender(shared)))
+        Ok((output, shared))
     }
 
     /// Let the writer write what is queued for as long as the consumer
@@ -203,8 +255,18 @@ impl Output {
 /// takes bytes all along. O_NONBLOCK on a mere copy of fd 1 would change
 /// the file kvmrun's parent shares.
 pub fn stdout_writer() -> io::Result<Box<dyn Write + Send>> {
-    let stdout = io::stdout();
-    let fd = stdout.as_fd();
+    std_writer(io::stdout().as_fd(), "/proc/self/fd/1")
+}
+
+/// Where a console port's output goes for stderr, as `stdout_writer()`.
+pub fn stderr_writer() -> io::Result<Box<dyn Write + Send>> {
+    std_writer(io::stderr().as_fd(), "/proc/self/fd/2")
+}
+
+fn std_writer(
+    fd: std::os::fd::BorrowedFd<'_>,
+    proc_path: &str,
+) -> io::Result<Box<dyn Write + Send>> {
     // SAFETY: fstat writes one struct stat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     let fifo = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0
@@ -212,11 +274,11 @@ pub fn stdout_writer() -> io::Result<Box<dyn Write + Send>> {
     if fifo {
         let own = std::fs::OpenOptions::new()
             .write(true)
-            .open("/proc/self/fd/1")
+            .open(proc_path)
             .and_then(|f| set_nonblocking(&f).map(|()| f));
         match own {
             Ok(f) => return Ok(Box::new(PipeWriter(f))),
-            Err(e) => log::debug!("stdout is a pipe, but /proc/self/fd/1: {e}"),
+            Err(e) => log::debug!("a pipe, but {proc_path}: {e}"),
         }
     }
     Ok(Box::new(File::from(fd.try_clone_to_owned()?)))
@@ -273,6 +335,11 @@ fn drain(s: &Shared, mut out: Box<dyn Write + Send>, what: &str) {
                 q.done = true;
                 s.drained.notify_all();
                 return;
+            }
+            if q.bytes.len() >= CAPACITY {
+                if let Some(w) = &s.waker {
+                    let _ = w.write(1);
+                }
             }
             batch.clear();
             batch.extend(q.bytes.drain(..));

@@ -167,6 +167,16 @@ fn bad_device_flags() {
     assert_clean_error(&r, "eim=on (x2APIC interrupt remapping) is not supported");
     let r = run_args(&["run", img, "--machine", "q35", "--iommu", "--rng"]);
     assert_clean_error(&r, "--iommu cannot be combined with virtio-pci devices yet");
+    let r = run_args(&[
+        "run",
+        img,
+        "--machine",
+        "q35",
+        "--iommu",
+        "--vport",
+        "o=stdout",
+    ]);
+    assert_clean_error(&r, "--iommu cannot be combined with --vport yet");
     let r = run_args(&["run", img, "--machine", "q35", "--iommu=caching-mode=on"]);
     assert_clean_error(&r, "unknown option 'caching-mode=on'");
     for m in ["q35,kernel-irqchip=split", "i440fx", ""] {
@@ -177,4 +187,44 @@ fn bad_device_flags() {
         let r = run_args(&["run", img, "--irqchip", chip]);
         assert_clean_error(&r, "expected kernel or split");
     }
+}
+
+#[test]
+fn bad_rootfs_runs() {
+    let img = common::guest("hello");
+    let img = img.to_str().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    let r = run_args(&["run", img, "--rootfs", "/nonexistent/root", "--", "true"]);
+    assert_clean_error(&r, "--rootfs /nonexistent/root: not a directory");
+    let r = run_args(&["run", img, "--rootfs", dir]);
+    assert_clean_error(&r, "--rootfs needs a command after `--`");
+    // The root is the share tagged rootfs; another share may not take it.
+    let other = format!("{dir},tag=rootfs");
+    let args = ["--init", img, "--share", &other, "--", "true"];
+    let r = run_args(&[&["run", img, "--rootfs", "/"][..], &args].concat());
+    assert_clean_error(&r, "tag 'rootfs' is taken by another share");
+    let r = run_args(&[
+        "run",
+        img,
+        "--rootfs",
+        dir,
+        "--init",
+        "/nonexistent/init",
+        "--",
+        "true",
+    ]);
+    assert_clean_error(&r, "/nonexistent/init");
+    for extra in [
+        &["--vport", "a=stdout"][..],
+        &["--initrd", "x"][..],
+        &["--migrate"][..],
+    ] {
+        let mut args = vec!["run", img, "--rootfs", dir];
+        args.extend_from_slice(extra);
+        args.extend(["--", "true"]);
+        assert_clean_error(&run_args(&args), "cannot be used with");
+    }
+    let r = run_args(&["run", img, "--modules", dir]);
+    assert_clean_error(&r, "--rootfs");
 }

@@ -141,6 +141,32 @@ fn guest_endings_give_the_statuses_the_readme_promises() {
     }
 }
 
+/// `run --rootfs /`: the stock kernel (its virtio drivers packed as
+/// modules) runs a command in L1's own root over virtio-fs; kvmrun's
+/// status is the command's (128 + N for signal N, 125 for a panic with
+/// its text on stderr), its stdout, stderr and stdin are the command's,
+/// and the root takes writes through its overlay, never on the host.
+#[test]
+fn rootfs_runs_give_the_commands_statuses() {
+    let Some(c) = check("rootfs-status") else {
+        return;
+    };
+    c.run()
+        .expect(0)
+        .has("exit0 status 0\n")
+        .has("exit1 status 1\n")
+        .has("exit77 status 77\n")
+        .has("segv status 139\n")
+        .has("stdin status 0\n")
+        .has("panic status 125\n")
+        .has("== out-exit0\nto-stdout\n")
+        .has("== err-exit0\nto-stderr\n")
+        .has("read: piped-line\noverlay-writable\n")
+        .has("Kernel panic - not syncing: sysrq triggered crash");
+    let out = c.file("stdout");
+    assert!(!out.contains("reached L1's root"), "{out}");
+}
+
 #[test]
 fn the_console_takes_input() {
     let Some(c) = check("console-shell") else {

@@ -935,6 +935,43 @@ fn a_moved_bar_and_msix_survive_migration() {
         .has("SUMMARY: 14 tests, 0 unexpected failures");
 }
 
+/// virtio-console ports, used before a snapshot and after the restore:
+/// the guest waits for its second line on the input port with its
+/// receive buffers offered; the original and the restored VM (its
+/// stdin a new one) each echo the line they are sent.
+#[test]
+fn virtio_console_ports_survive_save_and_restore() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("api.sock");
+    let image = guest("console");
+    let ports = ["--vport", "out=stdout", "--vport", "in=stdin"];
+    let mut args = vec!["run", image.to_str().unwrap(), "--timeout", "120"];
+    args.extend(ports);
+    args.extend(["--api", sock.to_str().unwrap(), "--", "wait"]);
+    let mut vm = Vm::spawn(&args);
+    wait_socket(&sock);
+    vm.send(b"one\n");
+    vm.wait_for("waiting for a line");
+    let snap = d.path().join("snap");
+    snapshot(&sock, &snap);
+    vm.send(b"two\n");
+    let r = vm.finish();
+    r.expect(PASS)
+        .has("echo: one")
+        .has("echo: two")
+        .has("SUMMARY: 6 tests, 0 unexpected failures");
+    let mut vm = Vm::spawn(&["restore", snap.to_str().unwrap(), "--timeout", "120"]);
+    vm.send(b"three\n");
+    let r = vm.finish();
+    r.expect(PASS)
+        .has("echo: three")
+        .has("SUMMARY: 6 tests, 0 unexpected failures");
+    assert!(!r.stdout.contains("echo: two"), "{}", r.stdout);
+}
+
 /// A virtio-fs share over each transport, snapshotted with a READ in
 /// the queue that the device has not been told of (a request in flight)
 /// and with inodes the guest looked up: the restored VM opens the

@@ -17,13 +17,16 @@ use devices::rtc::{self, Rtc};
 use devices::serial::{self, SerialDevice};
 use devices::testdev::{self, PcTestDev, TestDevIomem};
 use devices::virtio::blk::{Blk, Disk, DiskMode};
+use devices::virtio::console::{Console, ConsoleArgs, Inbox, PortSpec};
 use devices::virtio::fs::{Fs, FsArgs, Share};
 use devices::virtio::rng::Rng;
 use devices::VmRequests;
 
 use super::{Attach, Platform, PlatformError};
 use crate::boot::bios::{BIOS_PIC_BASES, BIOS_PIC_MASKS};
-use crate::config::{DeviceConfig, Irqchip, Machine, SerialOutput, VmConfig};
+use crate::config::{
+    ConsoleConfig, DeviceConfig, Irqchip, Machine, PortHost, SerialOutput, VmConfig,
+};
 use crate::memory::Layout;
 use crate::serial_out::Output;
 use crate::vm::{PitClock, Vm};
@@ -36,6 +39,10 @@ pub struct Handles {
     pub fw_cfg: Arc<Mutex<FwCfg>>,
     /// The writer of COM1's output (none with `--serial none`).
     pub output: Option<Output>,
+    /// The writers of the console ports' output.
+    pub port_outputs: Vec<Output>,
+    /// The console port that host stdin feeds.
+    pub stdin_port: Option<Arc<Inbox>>,
 }
 
 /// Register every device `cfg` asks for; `stopping` says when COM1's
@@ -121,6 +128,7 @@ pub fn attach(
             .pio(rtc::RTC_INDEX_PORT, rtc::RTC_PORT_COUNT),
     )?;
     let (mut rngs, mut disks, mut edus, mut shares) = (0, 0, 0, 0);
+    let (mut port_outputs, mut stdin_port) = (Vec::new(), None);
     for d in &cfg.devices {
         match d {
             DeviceConfig::Q35 | DeviceConfig::Iommu(_) => {}
@@ -149,12 +157,20 @@ pub fn attach(
                 p.attach_virtio(&format!("share{shares}"), s.transport, args, Fs::new)?;
                 shares += 1;
             }
+            DeviceConfig::Console(c) => {
+                let (args, outputs, inbox) = console_ports(c)?;
+                p.attach_virtio("console0", c.transport, args, Console::new)?;
+                port_outputs = outputs;
+                stdin_port = inbox;
+            }
         }
     }
     Ok(Handles {
         serial,
         fw_cfg,
         output,
+        port_outputs,
+        stdin_port,
     })
 }
 
@@ -189,6 +205,59 @@ fn attach_legacy(p: &mut Platform, cfg: &VmConfig, vm: &Vm) -> Result<(), Platfo
     Ok(())
 }
 
+/// The console ports' host sides: a writer thread per output (as COM1's,
+/// without ever making the device wait) and the inbox stdin feeds.
+type PortSides = (ConsoleArgs, Vec<Output>, Option<Arc<Inbox>>);
+
+fn console_ports(c: &ConsoleConfig) -> Result<PortSides, PlatformError> {
+    let io = |what: String| move |e: std::io::Error| PlatformError::Io(format!("{what}: {e}"));
+    let (mut ports, mut outputs, mut stdin) = (Vec::new(), Vec::new(), None);
+    for port in &c.ports {
+        let what = format!("console port {}", port.name);
+        let out: Option<(Box<dyn Write + Send>, String)> = match &port.host {
+            PortHost::Stdout => Some((
+                crate::serial_out::stdout_writer().map_err(io(what.clone()))?,
+                "stdout".into(),
+            )),
+            PortHost::Stderr => Some((
+                crate::serial_out::stderr_writer().map_err(io(what.clone()))?,
+                "stderr".into(),
+            )),
+            PortHost::File(path) => Some((
+                Box::new(File::create(path).map_err(io(path.display().to_string()))?),
+                path.display().to_string(),
+            )),
+            PortHost::Stdin => None,
+        };
+        let mut spec = PortSpec {
+            name: port.name.clone(),
+            output: None,
+            input: None,
+        };
+        if let Some((w, to)) = out {
+            let (output, sink) = Output::start_port(w, &to).map_err(io(what.clone()))?;
+            outputs.push(output);
+            spec.output = Some(Arc::new(sink));
+        } else {
+            let inbox = Inbox::new().map_err(io(what.clone()))?;
+            stdin = Some(inbox.clone());
+            spec.input = Some(inbox);
+        }
+        ports.push(spec);
+    }
+    let control_wake = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+        .map(Arc::new)
+        .map_err(io("virtio-console".into()))?;
+    Ok((
+        ConsoleArgs {
+            ports,
+            control_wake,
+        },
+        outputs,
+        stdin,
+    ))
+}
+
 /// COM1's host side: stdout or a file behind a writer thread
 /// (`serial_out`), so no reader can stall a vCPU, or nothing.
 fn serial_output(
@@ -201,6 +270,11 @@ fn serial_output(
             crate::serial_out::stdout_writer()
                 .map_err(|e| PlatformError::Io(format!("stdout: {e}")))?,
             "stdout".into(),
+        ),
+        SerialOutput::Stderr => (
+            crate::serial_out::stderr_writer()
+                .map_err(|e| PlatformError::Io(format!("stderr: {e}")))?,
+            "stderr".into(),
         ),
         SerialOutput::File(p) => (
             Box::new(

@@ -1,7 +1,8 @@
 //! virtio devices on the platform: a device model on virtio-pci or
-//! virtio-mmio, with an ioeventfd per queue notification and its
-//! interrupts wired, and the main loop's subscriber that hands a
-//! notification to its device.
+//! virtio-mmio, with an ioeventfd per queue notification (and the
+//! device's own wakers, `VirtioDevice::wakers()`) and its interrupts
+//! wired, and the main loop's subscriber that hands a notification to its
+//! device.
 
 use std::sync::{Arc, Mutex};
 
@@ -158,6 +159,8 @@ impl Platform {
                 Err(e) => log::debug!("{name}: no ioeventfd for queue {q}: {e}"),
             }
         }
+        let wakers = lock(&dev).core().dev.wakers();
+        self.add_wakers(wakers, &dev);
         lock(&dev).set_handoff(fds);
         held.push(Held::Other(Box::new(MmioIoEvents {
             irq: self.irq.clone(),
@@ -236,9 +239,26 @@ impl Platform {
                 queue: q as u16,
             });
         }
+        let wakers = lock(&dev).core().dev.wakers();
+        self.add_wakers(wakers, &dev);
         lock(&dev).set_handoff(fds);
         self.place_pci(name, slot, dev, held, ioevents);
         Ok(())
+    }
+
+    /// Watch a device's own event fds as notifications of their queues.
+    fn add_wakers<T: QueueNotify + 'static>(
+        &mut self,
+        wakers: Vec<(u16, Arc<EventFd>)>,
+        dev: &Arc<Mutex<T>>,
+    ) {
+        for (queue, fd) in wakers {
+            self.queue_events.push(QueueEvent {
+                fd,
+                dev: dev.clone(),
+                queue,
+            });
+        }
     }
 
     /// A level line of its own interrupt source (lines may be shared).
@@ -265,10 +285,19 @@ impl QueueNotifier {
     /// snapshot stopped the VM is not in the snapshot, and looking at a
     /// queue without new buffers does nothing.
     pub fn new(events: Vec<QueueEvent>) -> Self {
-        for e in &events {
+        let n = QueueNotifier { events };
+        n.look_at_all();
+        n
+    }
+
+    /// Hand every queue to its device once. At the end of a run this
+    /// serves what the guest queued right before it stopped: a
+    /// notification the main loop had not handed on when the VM ended
+    /// (a console port's last line, written just before a power-off).
+    pub fn look_at_all(&self) {
+        for e in &self.events {
             lock(&e.dev).notify(e.queue);
         }
-        QueueNotifier { events }
     }
 }
 

@@ -423,8 +423,10 @@ const FILES: &[Rule] = &[
 /// getrandom, virtio-blk's pread64/pwrite64/fdatasync and DISK_ZERO,
 /// virtio-fs's SHARE, interrupts as irqfd writes), the control socket, kicking
 /// and joining vCPU threads, S3 wake-up, the terminal restored at the
-/// end, writing snapshots (`KVM_SNAPSHOT` for the KVM side), and tearing
-/// the devices down (their irqfds, MSI routes and ioeventfds).
+/// end, writing snapshots (`KVM_SNAPSHOT` for the KVM side), tearing
+/// the devices down (their irqfds, MSI routes and ioeventfds), and after
+/// `run --rootfs`, reading the status port's file and the kernel log and
+/// removing the run's work directory.
 const VMM: &[Rule] = &[
     any(SYS_read),
     any(SYS_close),
@@ -444,6 +446,8 @@ const VMM: &[Rule] = &[
     any(SYS_mkdirat),
     any(SYS_unlink),
     any(SYS_unlinkat),
+    any(SYS_rmdir),
+    any(SYS_getdents64),
     any(SYS_rename),
     any(SYS_renameat),
     any(SYS_renameat2),

@@ -1,6 +1,6 @@
 //! The main thread's event sources: the exit event, the `--timeout`
-//! timer, the halt poll, the PIT policy deadline, stdin to COM1 and,
-//! with the split irqchip, the irqfds of IOAPIC pins.
+//! timer, the halt poll, the PIT policy deadline, stdin to COM1 or to
+//! a console port and, with the split irqchip, the irqfds of IOAPIC pins.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::serial::SerialDevice;
+use devices::virtio::console::Inbox;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
@@ -151,6 +152,111 @@ impl MutEventSubscriber for StdinToSerial {
             .is_err()
         {
             log::debug!("stdin cannot be polled; serial input disabled");
+        }
+    }
+}
+
+/// Host stdin to a console port's inbox. While the inbox is full stdin
+/// is not watched (the loop would spin on it); the inbox's resume fd
+/// brings it back. Stdin that cannot be watched (a regular file,
+/// /dev/null) is read as the inbox takes it.
+pub(super) struct StdinToPort {
+    inbox: Arc<Inbox>,
+    /// stdin is in the loop's interest list.
+    watching: bool,
+    /// stdin can be watched at all.
+    pollable: bool,
+    ended: bool,
+}
+
+const STDIN_DATA: u32 = 0;
+const RESUME_DATA: u32 = 1;
+
+impl StdinToPort {
+    pub(super) fn new(inbox: Arc<Inbox>) -> Self {
+        StdinToPort {
+            inbox,
+            watching: false,
+            pollable: false,
+            ended: false,
+        }
+    }
+
+    /// One read of stdin into the inbox; false if nothing more can come
+    /// now (the inbox is full, stdin would block, or stdin ended).
+    fn read_once(&mut self) -> bool {
+        let room = self.inbox.room().min(4096);
+        if room == 0 || self.ended {
+            return false;
+        }
+        let mut buf = vec![0u8; room];
+        // SAFETY: fd 0 stays open for the life of the process; `buf` has
+        // `room` bytes.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), room) };
+        match n {
+            n if n > 0 => {
+                self.inbox.push(&buf[..n as usize]);
+                true
+            }
+            0 => {
+                self.ended = true;
+                self.inbox.close();
+                false
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) {
+                    log::debug!("stdin: {e}; the guest's input ends here");
+                    self.ended = true;
+                    self.inbox.close();
+                }
+                false
+            }
+        }
+    }
+
+    fn watch(&mut self, ops: &mut EventOps, on: bool) {
+        let stdin = std::io::stdin();
+        let ev = Events::with_data(&stdin, STDIN_DATA, EventSet::IN);
+        let done = match on {
+            true => ops.add(ev).is_ok(),
+            false => ops.remove(ev).is_ok(),
+        };
+        if done {
+            self.watching = on;
+        }
+    }
+}
+
+impl MutEventSubscriber for StdinToPort {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.data() == RESUME_DATA {
+            let _ = self.inbox.resume().read();
+            if !self.pollable {
+                while self.read_once() {}
+            } else if !self.watching && !self.ended {
+                self.watch(ops, true);
+            }
+            return;
+        }
+        self.read_once();
+        if self.ended || self.inbox.room() == 0 {
+            self.watch(ops, false);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let resume = self.inbox.resume();
+        if let Err(e) = ops.add(Events::with_data(&*resume, RESUME_DATA, EventSet::IN)) {
+            log::warn!("cannot watch the console input's room: {e:?}");
+        }
+        self.watch(ops, true);
+        self.pollable = self.watching;
+        if !self.pollable {
+            while self.read_once() {}
         }
     }
 }

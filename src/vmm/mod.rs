@@ -121,6 +121,10 @@ struct Machine {
     ticks: TickSwitch,
     /// The writer of COM1's output (none with `--serial none`).
     output: Option<Output>,
+    /// The writers of the console ports' output.
+    port_outputs: Vec<Output>,
+    /// The console port that host stdin feeds, instead of COM1.
+    stdin_port: Option<Arc<devices::virtio::console::Inbox>>,
 }
 
 /// Where a VM comes from: an image, or a snapshot directory whose state
@@ -201,6 +205,8 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
         facs,
         ticks,
         output: handles.output,
+        port_outputs: handles.port_outputs,
+        stdin_port: handles.stdin_port,
     })
 }
 

@@ -16,7 +16,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::events::{
-    HaltPoll, PinRelay, PitTimer, ShutdownWatch, StdinToSerial, TickDeadline, Timeout, HALT_POLL,
+    HaltPoll, PinRelay, PitTimer, ShutdownWatch, StdinToPort, StdinToSerial, TickDeadline, Timeout,
+    HALT_POLL,
 };
 use super::{host, lock, sys, Machine, RunOptions, VmmError};
 use crate::api::{self, ApiServer, Control, Request};
@@ -50,6 +51,8 @@ struct Runner {
     tick_hold: Arc<AtomicBool>,
     /// Where vCPUs stop for gdb (`--gdb`).
     debug: Option<Arc<DebugHub>>,
+    /// The virtio queues' notifier, looked at once more at the end.
+    queues: Option<Arc<Mutex<QueueNotifier>>>,
     paused: bool,
     started: Instant,
 }
@@ -68,7 +71,10 @@ pub(super) fn run_machine(
     let control = Arc::new(Control::new());
     add_host_events(&mut em, &machine, &shutdown, &control, opts)?;
     // Keys go to the guest as typed while it runs; restored on return.
-    let _raw_terminal = if machine.cfg.serial == SerialOutput::Stdio {
+    // A console port reads lines: the terminal keeps its line editing
+    // (a port is no tty in the guest, which would echo nothing).
+    let _raw_terminal = if machine.cfg.serial == SerialOutput::Stdio && machine.stdin_port.is_none()
+    {
         RawTerminal::enter()
     } else {
         None
@@ -89,8 +95,10 @@ pub(super) fn run_machine(
         })));
     }
     let queue_events = machine.platform.take_queue_events();
-    if !queue_events.is_empty() {
-        em.add_subscriber(Arc::new(Mutex::new(QueueNotifier::new(queue_events))));
+    let queues =
+        (!queue_events.is_empty()).then(|| Arc::new(Mutex::new(QueueNotifier::new(queue_events))));
+    if let Some(q) = &queues {
+        em.add_subscriber(q.clone());
     }
     let gdb = match &opts.gdb {
         Some(g) => Some(start_gdb(g, &machine, &kicks, &shutdown)?),
@@ -107,6 +115,7 @@ pub(super) fn run_machine(
         kicks,
         tick_hold,
         debug: gdb.as_ref().map(|g| g.0.clone()),
+        queues,
         paused: false,
         started,
     };
@@ -178,7 +187,9 @@ fn add_host_events(
             shutdown: shutdown.clone(),
         })));
     }
-    if machine.cfg.serial == SerialOutput::Stdio {
+    if let Some(inbox) = &machine.stdin_port {
+        em.add_subscriber(Arc::new(Mutex::new(StdinToPort::new(inbox.clone()))));
+    } else if machine.cfg.serial == SerialOutput::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
             serial: machine.serial.clone(),
         })));
@@ -378,7 +389,13 @@ impl Runner {
         // A failed switch has ended the VM through its `failed` callback.
         let _ = self.machine.ticks.join();
         drop(self.vcpus);
+        if let Some(q) = &self.queues {
+            lock(q).look_at_all();
+        }
         if let Some(output) = &self.machine.output {
+            output.finish();
+        }
+        for output in &self.machine.port_outputs {
             output.finish();
         }
         drop(self.machine);

@@ -81,6 +81,13 @@ impl Console {
         stdin.flush().unwrap();
     }
 
+    /// Write `bytes` to kvmrun's stdin.
+    pub fn send(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
     /// Wait for the end and collect everything.
     pub fn finish(mut self) -> Run {
         drop(self.stdin.take());

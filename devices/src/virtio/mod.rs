@@ -10,6 +10,7 @@
 //! implements (and ioeventfds it registers), so no KVM fd is held here.
 
 pub mod blk;
+pub mod console;
 pub mod fs;
 pub mod mmio;
 pub mod pci;
@@ -50,7 +51,7 @@ pub fn serve_ring(queue: &mut Queue, mut serve_one: impl FnMut(&mut Queue) -> bo
 
 /// A virtio device model.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (2: block device, 4: entropy source).
+    /// The virtio device ID (2: block device, 3: console, 4: entropy source).
     fn device_type(&self) -> u32;
     /// Features offered, `VIRTIO_F_VERSION_1` included.
     fn features(&self) -> u64;
@@ -67,6 +68,13 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// Back to the state after reset.
     fn reset(&mut self) {}
+    /// Event fds the VMM watches as if they were the notifications of
+    /// the queues paired with them: the device's own ways to have a
+    /// queue looked at again (host input arrived, room in an output,
+    /// messages to send on another queue).
+    fn wakers(&self) -> Vec<(u16, Arc<EventFd>)> {
+        Vec::new()
+    }
     /// Whether the device's work must not run on a vCPU thread (it
     /// opens files, which a vCPU thread's seccomp filter refuses): a
     /// notification through the register is then handed to the queue's

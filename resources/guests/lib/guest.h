@@ -200,6 +200,8 @@ struct virtio_dev {
 	u64 device;	/* the device-specific configuration */
 	u32 features;	/* feature word 0 both sides took */
 	u16 last_used;
+	u64 notify_base; /* virtio-pci: the notification region */
+	u32 notify_mult;
 };
 /* Feature bits of word 0 the next init takes when the device offers
  * them (none unless set; VERSION_1 is always taken). */
@@ -236,6 +238,31 @@ void virtio_offer_quiet(const struct virtio_desc *ds, u16 n, u16 head, u16 step)
 void virtio_notify(struct virtio_dev *d);
 /* Wait for the device to return one more buffer; its used length. */
 u32 virtio_wait_used(struct virtio_dev *d);
+/* Several queues: bring the device up to FEATURES_OK, set each queue up
+ * on rings of the caller's, then DRIVER_OK. */
+struct virtq {
+	struct virtio_desc desc[VIRTIO_QSIZE] __attribute__((aligned(16)));
+	struct {
+		u16 flags, idx, ring[VIRTIO_QSIZE], used_event;
+	} avail __attribute__((aligned(2)));
+	struct {
+		u16 flags, idx;
+		struct {
+			u32 id, len;
+		} ring[VIRTIO_QSIZE];
+		u16 avail_event;
+	} used __attribute__((aligned(4)));
+	u16 index, last_used;
+	u64 notify;
+};
+bool virtio_pci_start(struct virtio_dev *d, u16 bdf, u32 type);
+bool virtio_mmio_start(struct virtio_dev *d, u64 base, u32 type);
+bool virtio_queue_init(struct virtio_dev *d, struct virtq *q, u16 index);
+void virtio_driver_ok(struct virtio_dev *d);
+/* Offer one buffer in slot avail.idx % VIRTIO_QSIZE and notify. */
+void virtq_offer(struct virtio_dev *d, struct virtq *q, void *buf, u32 len, bool writable);
+/* One more used buffer, if there is one: its slot and length. */
+bool virtq_used(struct virtq *q, u16 *slot, u32 *len);
 
 /* LAPIC registers */
 #define APIC_ID 0x20

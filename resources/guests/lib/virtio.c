@@ -2,6 +2,9 @@
  * A minimal polling virtio driver (virtio 1.2): one split queue of 16
  * entries, device-writable buffers, no interrupts needed. Over
  * virtio-pci (modern: capabilities in BAR 0) or virtio-mmio version 2.
+ * A device with several queues is brought up with virtio_*_start(), one
+ * virtio_queue_init() per queue on rings of the caller's, and
+ * virtio_driver_ok().
  */
 #include "guest.h"
 
@@ -47,6 +50,24 @@ static struct {
 #define C_QDRIVER 0x28
 #define C_QDEVICE 0x30
 
+/* virtio-mmio registers (virtio 1.2, 4.2.2). */
+#define M_MAGIC 0x000
+#define M_VERSION 0x004
+#define M_DEVICE 0x008
+#define M_DF 0x010
+#define M_DFSEL 0x014
+#define M_GF 0x020
+#define M_GFSEL 0x024
+#define M_QSEL 0x030
+#define M_QMAX 0x034
+#define M_QNUM 0x038
+#define M_QREADY 0x044
+#define M_QNOTIFY 0x050
+#define M_STATUS 0x070
+#define M_QDESC 0x080
+#define M_QDRIVER 0x090
+#define M_QDEVICE 0x0a0
+
 static u32 want_word0;
 
 void virtio_want_features(u32 word0)
@@ -62,7 +83,7 @@ static void rings_reset(struct virtio_dev *d)
 	d->last_used = 0;
 }
 
-bool virtio_pci_init(struct virtio_dev *d, u16 bdf, u32 type, u16 msix_vector)
+bool virtio_pci_start(struct virtio_dev *d, u16 bdf, u32 type)
 {
 	u32 id = pci_read32(bdf, 0);
 	if ((id & 0xffff) != 0x1af4 || id >> 16 != 0x1040 + type) {
@@ -112,41 +133,105 @@ bool virtio_pci_init(struct virtio_dev *d, u16 bdf, u32 type, u16 msix_vector)
 		printf("virtio-pci: FEATURES_OK refused\n");
 		return false;
 	}
-	rings_reset(d);
-	mmio_write16(c + C_QSEL, 0);
-	mmio_write16(c + C_QSIZE, QSIZE);
-	mmio_write16(c + C_QMSIX, msix_vector);
-	mmio_write32(c + C_QDESC, (u32)(u64)descs);
-	mmio_write32(c + C_QDESC + 4, (u64)descs >> 32);
-	mmio_write32(c + C_QDRIVER, (u32)(u64)&avail);
-	mmio_write32(c + C_QDRIVER + 4, (u64)&avail >> 32);
-	mmio_write32(c + C_QDEVICE, (u32)(u64)&used);
-	mmio_write32(c + C_QDEVICE + 4, (u64)&used >> 32);
-	mmio_write16(c + C_QENABLE, 1);
-	d->notify = bar + notify_off + (u64)mmio_read16(c + C_QNOTIFY) * notify_mult;
-	mmio_write8(c + C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	d->notify_base = bar + notify_off;
+	d->notify_mult = notify_mult;
 	return true;
 }
 
-/* virtio-mmio registers (virtio 1.2, 4.2.2). */
-#define M_MAGIC 0x000
-#define M_VERSION 0x004
-#define M_DEVICE 0x008
-#define M_DF 0x010
-#define M_DFSEL 0x014
-#define M_GF 0x020
-#define M_GFSEL 0x024
-#define M_QSEL 0x030
-#define M_QMAX 0x034
-#define M_QNUM 0x038
-#define M_QREADY 0x044
-#define M_QNOTIFY 0x050
-#define M_STATUS 0x070
-#define M_QDESC 0x080
-#define M_QDRIVER 0x090
-#define M_QDEVICE 0x0a0
+/* Set queue `index` up on rings at `desc`, `drv`, `dev` (before
+ * DRIVER_OK); its notification address. */
+static u64 queue_setup(struct virtio_dev *d, u16 index, u16 msix_vector, void *desc, void *drv,
+		       void *dev)
+{
+	u64 c = d->common;
+	if (d->pci) {
+		mmio_write16(c + C_QSEL, index);
+		mmio_write16(c + C_QSIZE, QSIZE);
+		mmio_write16(c + C_QMSIX, msix_vector);
+		mmio_write32(c + C_QDESC, (u32)(u64)desc);
+		mmio_write32(c + C_QDESC + 4, (u64)desc >> 32);
+		mmio_write32(c + C_QDRIVER, (u32)(u64)drv);
+		mmio_write32(c + C_QDRIVER + 4, (u64)drv >> 32);
+		mmio_write32(c + C_QDEVICE, (u32)(u64)dev);
+		mmio_write32(c + C_QDEVICE + 4, (u64)dev >> 32);
+		mmio_write16(c + C_QENABLE, 1);
+		return d->notify_base + (u64)mmio_read16(c + C_QNOTIFY) * d->notify_mult;
+	}
+	mmio_write32(c + M_QSEL, index);
+	if (mmio_read32(c + M_QMAX) < QSIZE) {
+		printf("virtio-mmio: queue %u too small\n", index);
+		return 0;
+	}
+	mmio_write32(c + M_QNUM, QSIZE);
+	mmio_write32(c + M_QDESC, (u32)(u64)desc);
+	mmio_write32(c + M_QDESC + 4, (u64)desc >> 32);
+	mmio_write32(c + M_QDRIVER, (u32)(u64)drv);
+	mmio_write32(c + M_QDRIVER + 4, (u64)drv >> 32);
+	mmio_write32(c + M_QDEVICE, (u32)(u64)dev);
+	mmio_write32(c + M_QDEVICE + 4, (u64)dev >> 32);
+	mmio_write32(c + M_QREADY, 1);
+	return c + M_QNOTIFY;
+}
 
-bool virtio_mmio_init(struct virtio_dev *d, u64 base, u32 type)
+void virtio_driver_ok(struct virtio_dev *d)
+{
+	u8 s = S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
+	if (d->pci)
+		mmio_write8(d->common + C_STATUS, s);
+	else
+		mmio_write32(d->common + M_STATUS, s);
+}
+
+/* Queue 0 on the library's own rings, then DRIVER_OK. */
+static bool queue0_and_go(struct virtio_dev *d, u16 msix_vector)
+{
+	rings_reset(d);
+	d->notify = queue_setup(d, 0, msix_vector, descs, &avail, &used);
+	if (!d->notify)
+		return false;
+	virtio_driver_ok(d);
+	return true;
+}
+
+bool virtio_pci_init(struct virtio_dev *d, u16 bdf, u32 type, u16 msix_vector)
+{
+	return virtio_pci_start(d, bdf, type) && queue0_and_go(d, msix_vector);
+}
+
+bool virtio_queue_init(struct virtio_dev *d, struct virtq *q, u16 index)
+{
+	memset(q, 0, sizeof(*q));
+	q->index = index;
+	q->notify = queue_setup(d, index, 0xffff, q->desc, &q->avail, &q->used);
+	return q->notify != 0;
+}
+
+void virtq_offer(struct virtio_dev *d, struct virtq *q, void *buf, u32 len, bool writable)
+{
+	u16 slot = q->avail.idx % QSIZE;
+	q->desc[slot] = (struct virtio_desc){ (u64)buf, len, writable ? VIRTQ_DESC_F_WRITE : 0, 0 };
+	q->avail.ring[slot] = slot;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	q->avail.idx++;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (d->pci)
+		mmio_write16(q->notify, q->index);
+	else
+		mmio_write32(q->notify, q->index);
+}
+
+bool virtq_used(struct virtq *q, u16 *slot, u32 *len)
+{
+	if (*(volatile u16 *)&q->used.idx == q->last_used)
+		return false;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	*slot = q->used.ring[q->last_used % QSIZE].id;
+	*len = q->used.ring[q->last_used % QSIZE].len;
+	q->last_used++;
+	return true;
+}
+
+bool virtio_mmio_start(struct virtio_dev *d, u64 base, u32 type)
 {
 	if (mmio_read32(base + M_MAGIC) != 0x74726976 || mmio_read32(base + M_VERSION) != 2 ||
 	    mmio_read32(base + M_DEVICE) != type) {
@@ -174,23 +259,12 @@ bool virtio_mmio_init(struct virtio_dev *d, u64 base, u32 type)
 		printf("virtio-mmio: FEATURES_OK refused\n");
 		return false;
 	}
-	rings_reset(d);
-	mmio_write32(base + M_QSEL, 0);
-	if (mmio_read32(base + M_QMAX) < QSIZE) {
-		printf("virtio-mmio: queue 0 too small\n");
-		return false;
-	}
-	mmio_write32(base + M_QNUM, QSIZE);
-	mmio_write32(base + M_QDESC, (u32)(u64)descs);
-	mmio_write32(base + M_QDESC + 4, (u64)descs >> 32);
-	mmio_write32(base + M_QDRIVER, (u32)(u64)&avail);
-	mmio_write32(base + M_QDRIVER + 4, (u64)&avail >> 32);
-	mmio_write32(base + M_QDEVICE, (u32)(u64)&used);
-	mmio_write32(base + M_QDEVICE + 4, (u64)&used >> 32);
-	mmio_write32(base + M_QREADY, 1);
-	d->notify = base + M_QNOTIFY;
-	mmio_write32(base + M_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 	return true;
+}
+
+bool virtio_mmio_init(struct virtio_dev *d, u64 base, u32 type)
+{
+	return virtio_mmio_start(d, base, type) && queue0_and_go(d, 0xffff);
 }
 
 u64 virtio_mmio_from_dsdt(void)
