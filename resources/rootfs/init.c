@@ -79,9 +79,16 @@ static void power_off(void)
 		pause();
 }
 
-/* Report `line` to the host and end. */
+/*
+ * Report `line` to the host and end. The line also goes to the serial
+ * console: a port write returns before the host took the bytes
+ * (Linux's port_fops_write does not wait), while each serial byte is a
+ * port I/O the vCPU completes before the power-off, so kvmrun falls back
+ * to the kernel log's copy when the port's is missing.
+ */
 static void report(const char *line)
 {
+	say("report: %.*s", (int)strcspn(line, "\n"), line);
 	if (status_fd >= 0) {
 		size_t n = strlen(line);
 		if (write(status_fd, line, n) != (ssize_t)n)

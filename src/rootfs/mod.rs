@@ -285,16 +285,29 @@ pub fn find_init() -> Result<PathBuf, RootfsError> {
     })
 }
 
+/// The last report kvmrun-init wrote to the serial console, if any.
+fn logged_report(log: &str) -> Option<&str> {
+    log.lines()
+        .rev()
+        .find_map(|l| l.trim_end_matches('\r').split_once("kvmrun-init: report: "))
+        .map(|(_, r)| r)
+}
+
 /// kvmrun's status for a VM that ended for `reason` with `report` on
 /// the status port; says on stderr what went wrong.
 pub fn verdict(reason: &ExitReason, report: &str, log: Option<&Path>) -> i32 {
-    if let Some(e) = Ending::parse(report) {
+    let log_text = log.and_then(|p| std::fs::read_to_string(p).ok());
+    let from_log = || {
+        let line = log_text.as_deref().and_then(logged_report)?;
+        log::warn!("the status port lost the guest's report; the kernel log has '{line}'");
+        Ending::parse(line)
+    };
+    if let Some(e) = Ending::parse(report).or_else(from_log) {
         if let Ending::Init(msg) = &e {
             eprintln!("kvmrun: error: the guest's init: {msg}");
         }
         return e.status();
     }
-    let log_text = log.and_then(|p| std::fs::read_to_string(p).ok());
     match reason {
         ExitReason::Reset => {
             match log_text.as_deref().and_then(panic_text) {
@@ -357,6 +370,22 @@ mod tests {
         for bad in ["", "exit", "exit 256", "exit -1", "signal x", "quit 0"] {
             assert_eq!(Ending::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_report_lost_on_the_port_is_taken_from_the_kernel_log() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("log");
+        std::fs::write(
+            &log,
+            "[ 1.0] boot\r\nkvmrun-init: report: exit 3\r\n[ 2.0] reboot: Power down\n",
+        )
+        .unwrap();
+        assert_eq!(verdict(&ExitReason::PowerOff, "", Some(&log)), 3);
+        // The port's line wins when both are there.
+        assert_eq!(verdict(&ExitReason::PowerOff, "exit 4\n", Some(&log)), 4);
+        std::fs::write(&log, "[ 1.0] boot\n").unwrap();
+        assert_eq!(verdict(&ExitReason::PowerOff, "", Some(&log)), STATUS_ERROR);
     }
 
     #[test]
