@@ -68,6 +68,15 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
     /// Back to the state after reset.
     fn reset(&mut self) {}
+    /// Whether queue `index` only takes the driver's output and is
+    /// served once more before a reset: a notification the driver sent
+    /// before it reset the device may still wait in the queue's
+    /// ioeventfd when the reset reaches the registers on a vCPU (Linux
+    /// resets every virtio device at power-off, right after a console
+    /// port's last write, which does not wait for the device).
+    fn drains_before_reset(&self, _index: usize) -> bool {
+        false
+    }
     /// Event fds the VMM watches as if they were the notifications of
     /// the queues paired with them: the device's own ways to have a
     /// queue looked at again (host input arrived, room in an output,
@@ -260,6 +269,15 @@ impl<D: VirtioDevice> VirtioCore<D> {
     }
 
     pub fn reset(&mut self) {
+        // A device that serves on the VMM thread cannot be served here
+        // (a vCPU thread's filter refuses its calls); none drains.
+        if !self.dev.serves_on_vmm_thread() {
+            for i in 0..self.queues.len() {
+                if self.dev.drains_before_reset(i) {
+                    self.notify(i as u16);
+                }
+            }
+        }
         self.dev.reset();
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -403,5 +421,75 @@ pub(crate) mod test_utils {
     /// 1 MiB of guest memory at 0.
     pub(crate) fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
+
+    use super::*;
+
+    /// One output queue: counts the chains it takes.
+    struct Out(usize);
+
+    impl VirtioDevice for Out {
+        fn device_type(&self) -> u32 {
+            3
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn process_queue(&mut self, _: usize, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+            serve_ring(q, |q| {
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    return false;
+                };
+                self.0 += 1;
+                q.add_used(mem, chain.head_index(), 0).is_ok()
+            })
+        }
+        fn drains_before_reset(&self, index: usize) -> bool {
+            index == 0
+        }
+    }
+
+    #[test]
+    fn output_queued_before_a_reset_is_served_first() {
+        let mem = test_utils::memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut core = VirtioCore::new(Out(0), mem.clone());
+        core.select_driver_features(1);
+        core.write_driver_features(1);
+        core.write_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        core.select_queue(0);
+        let q = core.queue_layout_mut().unwrap();
+        q.set_size(16);
+        let (d, a, u) = (
+            mock.desc_table_addr().0,
+            mock.avail_addr().0,
+            mock.used_addr().0,
+        );
+        q.set_desc_table_address(Some(d as u32), Some((d >> 32) as u32));
+        q.set_avail_ring_address(Some(a as u32), Some((a >> 32) as u32));
+        q.set_used_ring_address(Some(u as u32), Some((u >> 32) as u32));
+        core.set_queue_ready(true);
+        core.write_status(
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(core.status() & STATUS_DRIVER_OK, STATUS_DRIVER_OK);
+        assert!(core.queue().unwrap().ready());
+        // Queued, its notification not handed on yet, then the reset.
+        let desc = Descriptor::new(0x8000, 16, 0, 0);
+        mock.add_desc_chains(&[RawDescriptor::from(desc)], 0)
+            .unwrap();
+        core.write_status(0);
+        assert_eq!(core.dev.0, 1);
+        assert_eq!(mock.used().idx().load(), 1);
     }
 }

@@ -415,6 +415,10 @@ impl VirtioDevice for Console {
         }
     }
 
+    fn drains_before_reset(&self, index: usize) -> bool {
+        matches!(port_of(index), Some((port, true)) if port < self.ports.len())
+    }
+
     fn reset(&mut self) {
         self.state.fill(PortState::default());
         self.pending.clear();
