@@ -49,6 +49,38 @@ pub fn serve_ring(queue: &mut Queue, mut serve_one: impl FnMut(&mut Queue) -> bo
     used
 }
 
+/// A request taken from a ring: its head, its descriptors, and whether
+/// the chain ended where the driver ended it (false: cut short by a
+/// loop or a bad next index).
+pub struct Request {
+    pub head: u16,
+    pub descs: Vec<virtio_queue::desc::split::Descriptor>,
+    pub ended: bool,
+}
+
+/// Take the next request of `queue` and return it as used with the byte
+/// count `serve` gives; false if there was none or it could not be
+/// returned (`device` names the device in that warning).
+pub fn serve_request(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    device: &str,
+    serve: impl FnOnce(&Request) -> u32,
+) -> bool {
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        return false;
+    };
+    let head = chain.head_index();
+    let descs: Vec<_> = chain.collect();
+    let ended = descs.last().is_some_and(|d| !d.has_next());
+    let used = serve(&Request { head, descs, ended });
+    if let Err(e) = queue.add_used(mem, head, used) {
+        log::warn!("{device}: cannot return request {head}: {e}");
+        return false;
+    }
+    true
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (2: block device, 3: console, 4: entropy source).

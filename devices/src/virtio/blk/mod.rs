@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{serve_ring, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{serve_request, serve_ring, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::{Persist, RestoreError};
 pub use disk::{Disk, DiskError, DiskMode, SECTOR_SIZE};
 use request::{ID_LEN, MAX_ZERO_SECTORS, MAX_ZERO_SEGS, SEG_MAX};
@@ -50,27 +50,20 @@ impl Blk {
     /// Serve the next available request; false if there was none or it
     /// could not be returned.
     fn serve_one(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return false;
-        };
-        let head = chain.head_index();
-        let descs: Vec<_> = chain.collect();
-        let ended = descs.last().is_some_and(|d| !d.has_next());
-        let out = request::serve(&self.disk, &self.id, &descs, ended, mem);
-        if let Some(e) = out.error {
-            if self.bad_requests == 0 {
-                log::warn!(
-                    "virtio-blk {}: request {head} failed: {e}",
-                    self.disk.path().display()
-                );
+        serve_request(queue, mem, "virtio-blk", |r| {
+            let out = request::serve(&self.disk, &self.id, &r.descs, r.ended, mem);
+            if let Some(e) = out.error {
+                if self.bad_requests == 0 {
+                    log::warn!(
+                        "virtio-blk {}: request {} failed: {e}",
+                        self.disk.path().display(),
+                        r.head
+                    );
+                }
+                self.bad_requests += 1;
             }
-            self.bad_requests += 1;
-        }
-        if let Err(e) = queue.add_used(mem, head, out.used) {
-            log::warn!("virtio-blk: cannot return request {head}: {e}");
-            return false;
-        }
-        true
+            out.used
+        })
     }
 }
 

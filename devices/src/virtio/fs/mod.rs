@@ -16,10 +16,10 @@ pub mod share;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{serve_ring, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{serve_request, serve_ring, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::{Persist, RestoreError};
 pub use share::{Share, ShareError, ShareState};
 
@@ -63,30 +63,21 @@ impl Fs {
     /// Serve the next available request; false if there was none or it
     /// could not be returned.
     fn serve_one(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return false;
-        };
-        let head = chain.head_index();
-        let descs: Vec<_> = chain.collect();
-        let ended = descs.last().is_some_and(|d| !d.has_next());
-        let used = match request::read(&descs, ended, mem) {
-            Ok(req) => {
-                let reply = self.args.share.handle(req.bytes, req.reply_cap);
-                request::write(&reply, &req.reply_to, mem)
-            }
-            Err(e) => {
-                if self.bad_requests == 0 {
-                    log::warn!("virtio-fs {}: request {head}: {e}", self.args.tag);
+        serve_request(queue, mem, "virtio-fs", |r| {
+            match request::read(&r.descs, r.ended, mem) {
+                Ok(req) => {
+                    let reply = self.args.share.handle(req.bytes, req.reply_cap);
+                    request::write(&reply, &req.reply_to, mem)
                 }
-                self.bad_requests += 1;
-                0
+                Err(e) => {
+                    if self.bad_requests == 0 {
+                        log::warn!("virtio-fs {}: request {}: {e}", self.args.tag, r.head);
+                    }
+                    self.bad_requests += 1;
+                    0
+                }
             }
-        };
-        if let Err(e) = queue.add_used(mem, head, used) {
-            log::warn!("virtio-fs: cannot return request {head}: {e}");
-            return false;
-        }
-        true
+        })
     }
 }
 
