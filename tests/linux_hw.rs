@@ -614,10 +614,11 @@ fn migrating_every_half_second_changes_nothing() {
     assert_eq!(from_init(plain), from_init(migrated));
 }
 
-/// The batch itself: a systematic fault must not hide behind second
-/// runs. Under QEMU's TCG a few checks of a batch meet a crashed or
-/// stalled guest that runs clean the second time (docs/TESTHOST.md):
-/// more than three means something other than the platform.
+/// The batch itself: a systematic fault must not hide behind more runs.
+/// Under QEMU's TCG about one L2 boot in twenty crashes or stalls and
+/// runs clean the next time (docs/TESTHOST.md); the batch boots L2 about
+/// 60 times, so more than six runs again mean something other than the
+/// platform.
 #[test]
 fn few_checks_needed_a_second_run() {
     if check("l1-kvm").is_none() {
@@ -625,11 +626,8 @@ fn few_checks_needed_a_second_run() {
     }
     let Some(Ok(b)) = BATCH.get() else { return };
     let again = b.second_runs();
-    assert!(
-        again.len() <= 3,
-        "{} checks ran twice: {again:?}",
-        again.len()
-    );
+    let runs: usize = again.iter().map(|(_, e)| e.len()).sum();
+    assert!(runs <= 6, "{runs} runs again: {again:?}");
 }
 
 #[test]

@@ -61,17 +61,18 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The checks run twice (a crashed or stalled guest the first time),
-    /// with the first run's status line.
-    pub fn second_runs(&self) -> Vec<(String, String)> {
+    /// The checks run again (a crashed or stalled guest before), each with
+    /// the status lines of its earlier runs.
+    pub fn second_runs(&self) -> Vec<(String, Vec<String>)> {
         self.checks
             .values()
             .filter_map(|c| {
-                let first = c.files.get("first-attempt")?;
-                Some((
-                    c.name.clone(),
-                    first.lines().next().unwrap_or("").to_string(),
-                ))
+                let earlier: Vec<String> = ["first-attempt", "second-attempt"]
+                    .iter()
+                    .filter_map(|f| c.files.get(*f))
+                    .map(|t| t.lines().next().unwrap_or("").to_string())
+                    .collect();
+                (!earlier.is_empty()).then(|| (c.name.clone(), earlier))
             })
             .collect()
     }
@@ -246,8 +247,12 @@ pub fn run_batch(batch: &str) -> Result<Batch, String> {
     for why in &b.unsound {
         eprintln!("amdv: an L1 was lost: its kernel logged {why}");
     }
-    for (name, first) in b.second_runs() {
-        eprintln!("amdv: check {name} ran twice: the first run ended with {first}");
+    for (name, earlier) in b.second_runs() {
+        eprintln!(
+            "amdv: check {name} ran {} times: the earlier runs ended with {}",
+            earlier.len() + 1,
+            earlier.join("; ")
+        );
     }
     Ok(b)
 }
