@@ -24,6 +24,7 @@ pub mod fakes;
 pub mod platform;
 pub mod snapshot;
 pub mod suite;
+pub mod virtio;
 
 /// One fuzz target: its name (of fuzz_targets/NAME.rs and seeds/NAME/)
 /// and the function the fuzzer drives.
@@ -117,6 +118,14 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "virtio_blk",
         run: platform::virtio_blk,
+    },
+    Target {
+        name: "virtio_fs",
+        run: virtio::virtio_fs,
+    },
+    Target {
+        name: "virtio_console",
+        run: virtio::virtio_console,
     },
 ];
 

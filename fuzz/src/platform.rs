@@ -22,12 +22,12 @@ use crate::{fakes, Input};
 
 /// Guest memory of the targets: small, so addresses from the input land
 /// in it often, and past it as often as the input likes.
-const MEM_SIZE: u64 = 64 << 10;
+pub(crate) const MEM_SIZE: u64 = 64 << 10;
 /// ECAM of bus 0.
 const ECAM_SIZE: u64 = 1 << 20;
 const WIDTHS: [usize; 8] = [1, 2, 4, 8, 3, 0, 16, 1];
 
-fn memory() -> GuestMemoryMmap {
+pub(crate) fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory")
 }
@@ -82,7 +82,7 @@ impl Pci {
     }
 }
 
-fn through<D: Persist>(dev: &D, args: D::Args) -> D
+pub(crate) fn through<D: Persist>(dev: &D, args: D::Args) -> D
 where
     D::Error: std::fmt::Debug,
 {

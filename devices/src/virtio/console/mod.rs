@@ -44,6 +44,11 @@ pub const MAX_PORTS: usize = 16;
 pub const MAX_CHUNK: usize = 64 << 10;
 /// Most bytes of a control message the device reads.
 const MAX_CONTROL: usize = 256;
+/// Most control messages waiting for a buffer: a port's DEVICE_ADD,
+/// PORT_NAME and two PORT_OPENs each. A driver that sends PORT_READY
+/// again and again without taking the replies would otherwise grow
+/// host memory (and the snapshot) without bound.
+pub const MAX_PENDING: usize = 4 * MAX_PORTS;
 const CONTROL_RX: usize = 2;
 const CONTROL_TX: usize = 3;
 
@@ -101,6 +106,8 @@ pub struct Console {
     queue_sizes: Vec<u16>,
     /// Malformed buffers seen; the first is logged.
     bad_requests: u64,
+    /// Control messages dropped for want of room; the first is logged.
+    dropped: u64,
 }
 
 /// Why a buffer could not be served in full.
@@ -204,6 +211,7 @@ impl Console {
             control_wake: args.control_wake,
             queue_sizes: vec![QUEUE_SIZE; 2 * n + 2],
             bad_requests: 0,
+            dropped: 0,
         }
     }
 
@@ -219,6 +227,15 @@ impl Console {
     }
 
     fn send(&mut self, c: Control, extra: &[u8]) {
+        if self.pending.len() >= MAX_PENDING {
+            if self.dropped == 0 {
+                log::warn!(
+                    "virtio-console: {MAX_PENDING} control messages wait for buffers; dropping {c:?}"
+                );
+            }
+            self.dropped += 1;
+            return;
+        }
         self.pending.push_back(c.encode(extra));
         let _ = self.control_wake.write(1);
     }
@@ -462,6 +479,15 @@ impl Persist for Console {
 
     fn restore(args: ConsoleArgs, s: &ConsoleState) -> Result<Self, RestoreError> {
         let names: Vec<String> = args.ports.iter().map(|p| p.name.clone()).collect();
+        if s.pending.len() > MAX_PENDING {
+            return Err(RestoreError::Invalid {
+                device: "virtio-console",
+                reason: format!(
+                    "{} control messages pending, at most {MAX_PENDING}",
+                    s.pending.len()
+                ),
+            });
+        }
         if names != s.names || s.ports.len() != names.len() {
             return Err(RestoreError::Invalid {
                 device: "virtio-console",

@@ -377,3 +377,26 @@ fn wakers_pair_with_their_queues() {
     let queues: Vec<u16> = rig.dev.wakers().iter().map(|(q, _)| *q).collect();
     assert_eq!(queues, [2, 4]);
 }
+
+#[test]
+fn a_driver_that_never_takes_control_messages_cannot_grow_them() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    rig.driver_says(Control::new(0, DEVICE_READY, 1), 0);
+    rig.driver_says(Control::new(1, PORT_READY, 1), 1);
+    // PORT_READY again and again, two replies each, none taken.
+    for _ in 0..100 {
+        rig.dev.handle_control(Control::new(1, PORT_READY, 1));
+    }
+    assert_eq!(rig.dev.pending.len(), MAX_PENDING);
+    assert!(rig.dev.dropped > 0);
+    // The oldest messages are still the ones delivered first.
+    let first = rig.device_says(0, 2);
+    assert_eq!(first[0].0, Control::new(0, DEVICE_ADD, 1));
+    // A state with more than a device keeps is refused.
+    let mut saved = rig.dev.save();
+    saved.pending.resize(MAX_PENDING + 1, vec![0; 8]);
+    let a = args(Arc::new(Recorder::default()), Inbox::new().unwrap());
+    let e = Console::restore(a, &saved).err().unwrap().to_string();
+    assert!(e.contains("pending"), "{e}");
+}

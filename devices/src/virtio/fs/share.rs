@@ -267,7 +267,30 @@ pub struct HeldInode {
     pub nodeid: u64,
     pub lookups: u64,
     /// Its path under the shared directory, if it still has one.
+    #[serde(with = "path_bytes")]
     pub path: Option<PathBuf>,
+}
+
+/// A path as its bytes: serde's own form of a path is a string, and
+/// refuses one that is not UTF-8, while the guest names files as it
+/// likes (one such name it held made every snapshot fail). postcard
+/// writes bytes as it writes a string (a length, then the bytes), so
+/// states saved with the string form read the same.
+mod path_bytes {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        p.as_ref().map(|p| p.as_os_str().as_bytes()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let b = Option::<Vec<u8>>::deserialize(d)?;
+        Ok(b.map(|b| PathBuf::from(OsString::from_vec(b))))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::share::{MAX_MESSAGE, OUT_HEADER};
+use super::share::{HeldInode, MAX_MESSAGE, OUT_HEADER};
 use super::*;
 use crate::virtio::test_utils::memory;
 
@@ -339,6 +339,48 @@ fn restore_leaves_out_what_is_gone() {
     assert_eq!(share.restore(&saved).unwrap(), 1);
     let mut c = Client { share, unique: 0 };
     assert_ne!(c.getattr(f).error, 0);
+}
+
+#[test]
+fn a_name_that_is_not_utf8_survives_a_snapshot() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_t, dir) = tree();
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    std::fs::write(dir.join(name), b"latin-1").unwrap();
+    let mut c = client(&dir, false);
+    let mut m = c.message(1, ROOT, b"caf\xe9\0");
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_le_bytes());
+    let node = u64::from_le_bytes(c.share.handle(m, MAX_MESSAGE)[16..24].try_into().unwrap());
+    let saved = c.share.save();
+    assert_eq!(saved.inodes[0].path.as_deref(), Some(Path::new(name)));
+    let bytes = postcard::to_stdvec(&saved).expect("encoding the share's state");
+    let back: ShareState = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, saved);
+    let share = Arc::new(Share::open(&dir, false).unwrap());
+    assert_eq!(share.restore(&back).unwrap(), 0);
+    let mut c = Client { share, unique: 100 };
+    assert_eq!(c.read(node, 100, 0).body, b"latin-1");
+}
+
+/// A state as the string form of a path wrote it reads the same.
+#[test]
+fn a_path_saved_as_a_string_reads_back() {
+    #[derive(serde::Serialize)]
+    struct Old {
+        nodeid: u64,
+        lookups: u64,
+        path: Option<std::path::PathBuf>,
+    }
+    let old = Old {
+        nodeid: 7,
+        lookups: 2,
+        path: Some("sub/inner".into()),
+    };
+    let bytes = postcard::to_stdvec(&old).unwrap();
+    let new: HeldInode = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(new.path.as_deref(), Some(Path::new("sub/inner")));
+    assert_eq!(postcard::to_stdvec(&new).unwrap(), bytes);
 }
 
 const WRITE: u16 = 2;
