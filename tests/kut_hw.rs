@@ -12,10 +12,6 @@ use std::process::Command;
 /// Entries whose verdict may differ from QEMU's, and why.
 const ALLOWED: &[(&str, &str)] = &[
     (
-        "intel_iommu",
-        "translated since 2026-12-01 (q35, split irqchip, VT-d); not yet compared on SVM",
-    ),
-    (
         "hyperv_synic",
         "no Hyper-V enlightenments or hyperv-testdev",
     ),
