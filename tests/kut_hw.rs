@@ -38,6 +38,10 @@ fn kvm_unit_tests_on_svm_get_qemus_verdicts() {
     if let Some(earlier) = std::env::var_os("KVMRUN_AMDV_RESULTS") {
         cmd.arg("--results").arg(earlier);
     }
+    // Some entries only (scripts/kut-amdv --only), e.g. one that changed.
+    if let Some(only) = std::env::var_os("KUT_ONLY") {
+        cmd.arg("--only").arg(only);
+    }
     let r = cmd
         .arg(&kut)
         .output()
