@@ -2,7 +2,7 @@
 //! the device's queue, on both transports: a host file read, one
 //! written (and found on the host), `ro` refusing changes, the escapes
 //! (`..` at the root, a name with a slash, a symbolic link to /etc)
-//! staying inside, and every bad `--share` refused before the guest
+//! staying inside, no device node made or opened, and every bad `--share` refused before the guest
 //! starts with a message naming the directory and the problem.
 
 mod common;
@@ -25,6 +25,32 @@ fn share_tree(top: &Path) -> PathBuf {
     share
 }
 
+/// Put a character device `null` (1:3) in `share` when running as root
+/// (only root makes one): whether it is there, the guest's `null`
+/// argument.
+fn host_null(share: &Path) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: no device node in the share to check");
+        return false;
+    }
+    let path = std::ffi::CString::new(share.join("null").into_os_string().into_encoded_bytes());
+    let path = path.unwrap();
+    // SAFETY: a valid C string; the result is checked.
+    let r = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+    true
+}
+
+/// The guest's arguments, `null` added when the share holds one.
+fn with_null<'a>(args: &[&'a str], null: bool) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if null {
+        v.push("null");
+    }
+    v
+}
+
 fn run_fs(shares: &[String], guest_args: &[&str]) -> Run {
     let mut args: Vec<&str> = Vec::new();
     for s in shares {
@@ -43,18 +69,28 @@ fn a_share_is_read_and_written_on_both_transports() {
     for t in ["pci", "mmio"] {
         let d = tempfile::tempdir().unwrap();
         let share = share_tree(d.path());
+        let null = host_null(&share);
         let arg = format!("{},tag=data,transport={t}", share.display());
         let transport = format!("transport={t}");
-        run_fs(&[arg], &[&transport, "tag=data"])
+        let r = run_fs(&[arg], &with_null(&[&transport, "tag=data"], null));
+        let r = r
             .expect(PASS)
             .has("tag 'data', 1 request queues")
             .has("PASS: dotdot-is-root")
             .has("PASS: secret-not-found")
             .has("PASS: slash-refused")
             .has("PASS: link-not-followed")
-            .has("SUMMARY: 16 tests, 0 unexpected failures");
+            .has("PASS: mknod-device-refused")
+            .has("PASS: mknod-fifo");
+        if null {
+            r.has("PASS: device-not-opened")
+                .has("SUMMARY: 19 tests, 0 unexpected failures");
+        } else {
+            r.has("SUMMARY: 18 tests, 0 unexpected failures");
+        }
         let written = std::fs::read_to_string(share.join("from-guest")).unwrap();
         assert_eq!(written, "written by the guest\n", "{t}");
+        assert!(!share.join("disk").exists(), "{t}: a device node made");
     }
 }
 
@@ -65,19 +101,26 @@ fn a_read_only_share_refuses_every_change() {
     }
     let d = tempfile::tempdir().unwrap();
     let share = share_tree(d.path());
+    let null = host_null(&share);
     // The default tag is the directory's name.
-    run_fs(
+    let r = run_fs(
         &[format!("{},ro", share.display())],
-        &["transport=pci", "tag=share", "mode=ro"],
-    )
-    .expect(PASS)
-    .has("PASS: ro-create-refused")
-    .has("PASS: ro-mkdir-refused")
-    .has("PASS: ro-write-refused")
-    .has("SUMMARY: 18 tests, 0 unexpected failures");
+        &with_null(&["transport=pci", "tag=share", "mode=ro"], null),
+    );
+    let r = r
+        .expect(PASS)
+        .has("PASS: ro-create-refused")
+        .has("PASS: ro-mkdir-refused")
+        .has("PASS: ro-write-refused");
+    if null {
+        r.has("PASS: device-not-opened")
+            .has("SUMMARY: 19 tests, 0 unexpected failures");
+    } else {
+        r.has("SUMMARY: 18 tests, 0 unexpected failures");
+    }
     assert_eq!(std::fs::read_to_string(share.join("hello")).unwrap(), HELLO);
     let names: Vec<_> = std::fs::read_dir(&share).unwrap().collect();
-    assert_eq!(names.len(), 2, "nothing created");
+    assert_eq!(names.len(), 2 + usize::from(null), "nothing created");
 }
 
 /// A bad `--share`: status 2, the message, no panic, no guest output.

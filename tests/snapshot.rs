@@ -995,7 +995,7 @@ fn virtio_fs_survives_save_and_restore_on_both_transports() {
         vm.finish()
             .expect(PASS)
             .has("PASS: after-restore-read-in-flight")
-            .has("SUMMARY: 19 tests, 0 unexpected failures");
+            .has("SUMMARY: 21 tests, 0 unexpected failures");
         let file = share.join("from-guest");
         let both = "written by the guest\nafter the key\n";
         assert_eq!(std::fs::read_to_string(&file).unwrap(), both);
@@ -1005,7 +1005,7 @@ fn virtio_fs_survives_save_and_restore_on_both_transports() {
             .has("PASS: after-restore-read-in-flight")
             .has("PASS: after-restore-read")
             .has("PASS: after-restore-write")
-            .has("SUMMARY: 19 tests, 0 unexpected failures");
+            .has("SUMMARY: 21 tests, 0 unexpected failures");
         assert!(!r.stderr.contains("not found again"), "{}", r.stderr);
         assert_eq!(std::fs::read_to_string(&file).unwrap(), both, "{transport}");
     }

@@ -5,14 +5,16 @@
  * function) or `transport=mmio` (the first LNRO0005 window), `mode=rw|ro`,
  * `tag=T` the tag to expect. The host's directory holds `hello` ("hello
  * from the host\n") and a symbolic link `etc` to /etc, and sits next to
- * a file `secret`.
+ * a file `secret`; with `null`, also a character device `null` (1:3).
  *
  * - every mode: the tag and one request queue in the configuration;
  *   INIT; LOOKUP and READ of hello; `..` at the root is the root, and
  *   `secret` is not found from it; names with a slash refused (EINVAL);
  *   the link is a link (READLINK gives "/etc") and is never opened
- *   (READ and LOOKUP through it fail);
+ *   (READ and LOOKUP through it fail); with `null`, READ of the device
+ *   refused (EACCES);
  * - rw: CREATE `from-guest` and WRITE "written by the guest\n" to it;
+ *   MKNOD of a block device refused (EPERM), of a fifo `fifo` made;
  * - ro: CREATE, MKDIR and WRITE refused with EROFS.
  *
  * With `wait`: a READ of hello is offered without a notification (a
@@ -24,6 +26,7 @@
 
 #define LOOKUP 1
 #define READLINK 5
+#define MKNOD 8
 #define MKDIR 9
 #define READ 15
 #define WRITE 16
@@ -32,9 +35,13 @@
 #define ROOT 1
 #define EINVAL 22
 #define ENOENT 2
+#define EPERM 1
+#define EACCES 13
 #define EROFS 30
 #define S_IFMT 0170000
 #define S_IFLNK 0120000
+#define S_IFBLK 0060000
+#define S_IFIFO 0010000
 
 struct in_header {
 	u32 len, opcode;
@@ -136,7 +143,7 @@ static bool body_is(const char *want)
 	return out->len == sizeof(*out) + n && !memcmp(body, want, n);
 }
 
-static void check_share(struct virtio_dev *d, const char *tag, bool ro)
+static void check_share(struct virtio_dev *d, const char *tag, bool ro, bool null)
 {
 	char got[37];
 	for (int i = 0; i < 36; i++)
@@ -163,6 +170,10 @@ static void check_share(struct virtio_dev *d, const char *tag, bool ro)
 	report(read_file(d, l, 100) != 0, "link-not-opened");
 	lookup(d, l, "passwd", &e);
 	report(e != 0, "link-not-followed");
+	if (null) {
+		u64 n = lookup(d, ROOT, "null", &e);
+		report(n && read_file(d, n, 100) == -EACCES, "device-not-opened");
+	}
 	u32 create[4] = { 01101, 0100644, 022, 0 };
 	int c = call(d, CREATE, ROOT, create, sizeof(create), "from-guest", NULL);
 	u64 f = c ? 0 : *(u64 *)body;
@@ -177,6 +188,12 @@ static void check_share(struct virtio_dev *d, const char *tag, bool ro)
 	}
 	report(c == 0, "create");
 	report(write_file(d, f, 0, "written by the guest\n") == 0 && *(u32 *)body == 21, "write");
+	/* The host's first disk, sda (8:0). */
+	u32 blk[4] = { S_IFBLK | 0600, (8 << 8) | 0, 022, 0 };
+	report(call(d, MKNOD, ROOT, blk, sizeof(blk), "disk", NULL) == -EPERM,
+	       "mknod-device-refused");
+	u32 fifo[4] = { S_IFIFO | 0644, 0, 022, 0 };
+	report(call(d, MKNOD, ROOT, fifo, sizeof(fifo), "fifo", NULL) == 0, "mknod-fifo");
 }
 
 static bool bring_up(struct virtio_dev *d, const char *t)
@@ -201,14 +218,14 @@ int main(void)
 	const char *mode = arg_str("mode=");
 	const char *tag = arg_str("tag=");
 	if (!t || (strncmp(t, "pci", 4) && strncmp(t, "mmio", 5)) || !tag) {
-		printf("bad arguments: transport=pci|mmio tag=T [mode=rw|ro] [wait]\n");
+		printf("bad arguments: transport=pci|mmio tag=T [mode=rw|ro] [null] [wait]\n");
 		exit(EXIT_BAD_ARGS);
 	}
 	bool ro = mode && !strncmp(mode, "ro", 3);
 	struct virtio_dev d;
 	if (!bring_up(&d, t))
 		return report_summary();
-	check_share(&d, tag, ro);
+	check_share(&d, tag, ro, arg_str("null") != NULL);
 	if (arg_str("wait")) {
 		int e;
 		u64 h = lookup(&d, ROOT, "hello", &e);

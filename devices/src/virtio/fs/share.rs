@@ -15,6 +15,9 @@
 //! `.`; a symbolic link is an inode of its own whose target the guest
 //! reads and resolves in its own namespace. `ro` refuses every request
 //! that could change the directory with EROFS before the server sees it.
+//! On every share, MKNOD of a character or block device gets EPERM and
+//! a request that would open one already in the directory gets EACCES
+//! (`device_errno()`): opened on the host, it would be the host's device.
 //!
 //! The server keeps no open files: no_open and no_opendir (the guest
 //! reads and writes through the inode), so its state is the inodes the
@@ -23,7 +26,7 @@
 //! numbers back.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -52,6 +55,7 @@ mod op {
     pub const LOOKUP: u32 = 1;
     pub const FORGET: u32 = 2;
     pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
     pub const READLINK: u32 = 5;
     pub const SYMLINK: u32 = 6;
     pub const MKNOD: u32 = 8;
@@ -59,6 +63,7 @@ mod op {
     pub const LINK: u32 = 13;
     pub const OPEN: u32 = 14;
     pub const READ: u32 = 15;
+    pub const WRITE: u32 = 16;
     pub const STATFS: u32 = 17;
     pub const RELEASE: u32 = 18;
     pub const FSYNC: u32 = 20;
@@ -79,6 +84,7 @@ mod op {
     pub const DESTROY: u32 = 38;
     pub const POLL: u32 = 40;
     pub const BATCH_FORGET: u32 = 42;
+    pub const FALLOCATE: u32 = 43;
     pub const READDIRPLUS: u32 = 44;
     pub const LSEEK: u32 = 46;
     pub const SYNCFS: u32 = 50;
@@ -116,6 +122,27 @@ const READ_OPS: &[u32] = &[
     op::LSEEK,
     op::SYNCFS,
 ];
+
+/// Requests the server serves by opening the node they name without
+/// `O_PATH` (no_open: every READ and WRITE opens the inode again).
+const OPENING_OPS: &[u32] = &[
+    op::OPEN,
+    op::READ,
+    op::WRITE,
+    op::FSYNC,
+    op::FALLOCATE,
+    op::OPENDIR,
+    op::READDIR,
+    op::READDIRPLUS,
+    op::FSYNCDIR,
+];
+
+/// `struct fuse_setattr_in`'s valid bit for a new size: the server
+/// truncates through the node opened.
+const FATTR_SIZE: u32 = 1 << 3;
+
+/// `struct fuse_create_in`, which the name follows.
+const CREATE_IN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
@@ -175,6 +202,11 @@ fn writes(h: &InHeader, req: &[u8]) -> bool {
         op::ACCESS => u32_at(req, body).is_none_or(|mask| mask & libc::W_OK as u32 != 0),
         o => !READ_OPS.contains(&o),
     }
+}
+
+/// Whether `mode` is a character or block device's.
+fn is_device(mode: u32) -> bool {
+    matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK)
 }
 
 /// Make a READ on a read-only share read only: without an OPEN (no_open)
@@ -383,17 +415,21 @@ impl Share {
             return Vec::new();
         };
         let no_reply = matches!(h.opcode, op::FORGET | op::BATCH_FORGET);
-        let reply = match self.read_only {
+        let refused = match self.read_only {
             // The passthrough answers LSEEK only on an open handle, and
             // there are none (no_open); ENOSYS makes Linux seek by
             // itself, SEEK_DATA and SEEK_HOLE included.
-            _ if h.opcode == op::LSEEK => error_reply(h.unique, libc::ENOSYS),
-            true if writes(&h, &req) => error_reply(h.unique, libc::EROFS),
-            true => {
+            _ if h.opcode == op::LSEEK => Some(libc::ENOSYS),
+            true if writes(&h, &req) => Some(libc::EROFS),
+            _ => self.device_errno(&h, &req),
+        };
+        let reply = match refused {
+            Some(errno) => error_reply(h.unique, errno),
+            None if self.read_only => {
                 read_only_flags(&h, &mut req);
                 self.serve(&mut req, reply_cap)
             }
-            false => self.serve(&mut req, reply_cap),
+            None => self.serve(&mut req, reply_cap),
         };
         let reply = match (reply.is_empty() && !no_reply, reply_cap >= OUT_HEADER) {
             // The server gives no reply to a request it could not decode;
@@ -408,6 +444,50 @@ impl Share {
             held.init = Some(req);
         }
         reply
+    }
+
+    /// The errno refusing `req` (the header `h`) because it would make a
+    /// character or block device node or open one: a device node opened
+    /// on the host is the host's device (its disk, /dev/mem), and the
+    /// guest has device nodes of its own. Fifos and sockets stay, as
+    /// virtiofsd serves them.
+    fn device_errno(&self, h: &InHeader, req: &[u8]) -> Option<i32> {
+        let body = IN_HEADER;
+        let mode = match h.opcode {
+            // `struct fuse_mknod_in`: the mode first.
+            op::MKNOD => {
+                return u32_at(req, body)
+                    .filter(|&m| is_device(m))
+                    .map(|_| libc::EPERM);
+            }
+            // Without O_EXCL, the server opens a file that has the name.
+            op::CREATE => self.mode_of_name(h.nodeid, req.get(body + CREATE_IN..)?)?,
+            // `struct fuse_setattr_in`: valid first.
+            op::SETATTR if u32_at(req, body)? & FATTR_SIZE != 0 => self.mode_of(h.nodeid)?,
+            o if OPENING_OPS.contains(&o) => self.mode_of(h.nodeid)?,
+            _ => return None,
+        };
+        is_device(mode).then_some(libc::EACCES)
+    }
+
+    /// The mode of the inode `node`, from its `O_PATH` descriptor; None
+    /// for a node the server does not know (which it refuses itself).
+    fn mode_of(&self, node: u64) -> Option<u32> {
+        let (st, _) = self.fs.getattr(&Context::default(), node, None).ok()?;
+        Some(st.st_mode)
+    }
+
+    /// The mode of the file `name` (NUL-terminated, as a request holds
+    /// it) in directory `parent`, if there is one: looked up and
+    /// forgotten again.
+    fn mode_of_name(&self, parent: u64, name: &[u8]) -> Option<u32> {
+        let name = CStr::from_bytes_until_nul(name).ok()?;
+        let ctx = Context::default();
+        let e = self.fs.lookup(&ctx, parent, name).ok()?;
+        if e.inode != 0 {
+            self.fs.forget(&ctx, e.inode, 1);
+        }
+        Some(e.attr.st_mode)
     }
 
     /// The server's reply to `req`, through the memfd.

@@ -58,8 +58,12 @@ fn le32(v: &[u32]) -> Vec<u8> {
 
 impl Client {
     fn new(share: Arc<Share>) -> Self {
+        Client::with_init_flags(share, INIT_FLAGS)
+    }
+
+    fn with_init_flags(share: Arc<Share>, flags: u32) -> Self {
         let mut c = Client { share, unique: 0 };
-        let r = c.call(26, 0, &le32(&[7, 31, 0, INIT_FLAGS]));
+        let r = c.call(26, 0, &le32(&[7, 31, 0, flags]));
         assert_eq!(r.error, 0, "INIT: {r:?}");
         c
     }
@@ -150,6 +154,16 @@ impl Client {
         let mut b = old.to_le_bytes().to_vec();
         b.extend_from_slice(&cstr(name));
         self.call(13, parent, &b)
+    }
+
+    fn mknod(&mut self, parent: u64, name: &str, mode: u32, rdev: u32) -> Reply {
+        let mut b = le32(&[mode, rdev, 0o022, 0]);
+        b.extend_from_slice(&cstr(name));
+        self.call(8, parent, &b)
+    }
+
+    fn open(&mut self, node: u64, flags: u32) -> Reply {
+        self.call(14, node, &le32(&[flags, 0]))
     }
 
     fn forget(&mut self, node: u64, n: u64) {
@@ -303,6 +317,98 @@ fn read_only_refuses_every_change() {
     assert_eq!(c.call(34, f, &le32(&[2, 0])).error, erofs, "ACCESS W_OK");
     assert_eq!(std::fs::read(dir.join("file")).unwrap(), b"hello");
     assert!(!dir.join("new").exists() && !dir.join("d").exists());
+}
+
+/// A disk's device number (sda): what a guest would reach for.
+fn disk_rdev() -> u32 {
+    libc::makedev(8, 0) as u32
+}
+
+#[test]
+fn device_nodes_cannot_be_made() {
+    let (_t, dir) = tree();
+    let mut c = client(&dir, false);
+    let blk = c.mknod(ROOT, "disk", libc::S_IFBLK | 0o600, disk_rdev());
+    assert_eq!(blk.error, -libc::EPERM);
+    let chr = c.mknod(
+        ROOT,
+        "mem",
+        libc::S_IFCHR | 0o600,
+        libc::makedev(1, 1) as u32,
+    );
+    assert_eq!(chr.error, -libc::EPERM);
+    assert!(!dir.join("disk").exists() && !dir.join("mem").exists());
+}
+
+#[test]
+fn fifos_sockets_and_files_can_be_made() {
+    let (_t, dir) = tree();
+    let mut c = client(&dir, false);
+    for (name, mode) in [
+        ("fifo", libc::S_IFIFO),
+        ("sock", libc::S_IFSOCK),
+        ("plain", libc::S_IFREG),
+    ] {
+        let r = c.mknod(ROOT, name, mode | 0o644, disk_rdev());
+        assert_eq!(r.entry_mode() & S_IFMT, mode, "{name}: {r:?}");
+        let host = std::fs::symlink_metadata(dir.join(name)).unwrap();
+        assert_eq!(host.mode() & S_IFMT, mode, "{name}");
+    }
+}
+
+/// `dir/null`, the host's /dev/null's twin, made as root; None (and a
+/// message) when the test does not run as root.
+fn host_null(dir: &Path) -> Option<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: making a device node needs root");
+        return None;
+    }
+    let path = std::ffi::CString::new(dir.join("null").into_os_string().into_encoded_bytes());
+    let path = path.unwrap();
+    let dev = libc::makedev(1, 3);
+    // SAFETY: a valid C string; the result is checked.
+    let r = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, dev) };
+    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+    Some(())
+}
+
+#[test]
+fn device_nodes_in_the_directory_are_not_opened() {
+    for ro in [false, true] {
+        let (_t, dir) = tree();
+        if host_null(&dir).is_none() {
+            return;
+        }
+        // Without FUSE_NO_OPEN_SUPPORT, OPEN reaches the server.
+        let mut c = Client::with_init_flags(Arc::new(Share::open(&dir, ro).unwrap()), 0);
+        let null = c.lookup(ROOT, "null");
+        assert_eq!(null.entry_mode() & S_IFMT, libc::S_IFCHR);
+        let null = null.node();
+        let eacces = -libc::EACCES;
+        assert_eq!(c.open(null, libc::O_RDONLY as u32).error, eacces, "OPEN");
+        assert_eq!(c.read(null, 100, 0).error, eacces, "READ");
+        assert_eq!(c.getattr(null).error, 0, "GETATTR opens nothing");
+        if !ro {
+            assert_eq!(c.write(null, b"x").error, eacces, "WRITE");
+            assert_eq!(c.create(ROOT, "null").error, eacces, "CREATE");
+            let mut size = le32(&[1 << 3, 0]);
+            size.resize(88, 0);
+            assert_eq!(c.call(4, null, &size).error, eacces, "SETATTR size");
+            assert_eq!(c.call(43, null, &[0u8; 32]).error, eacces, "FALLOCATE");
+            assert_eq!(c.call(20, null, &[0u8; 16]).error, eacces, "FSYNC");
+        }
+        // A regular file still opens and reads.
+        let f = c.lookup(ROOT, "file").node();
+        let open = c.open(f, libc::O_RDONLY as u32);
+        assert_eq!(open.error, 0, "OPEN a file");
+        // `struct fuse_read_in` with the handle `struct fuse_open_out`
+        // gave.
+        let mut read = open.body[0..8].to_vec();
+        read.extend_from_slice(&[0u8; 8]);
+        read.extend_from_slice(&le32(&[100, 0, 0, 0, 0, 0]));
+        assert_eq!(c.call(15, f, &read).body, b"hello");
+    }
 }
 
 #[test]
