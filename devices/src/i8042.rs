@@ -1,6 +1,7 @@
-//! The least of an i8042 keyboard controller a Linux guest needs: a status
-//! port that never has data (so probing finds no keyboard or mouse) and the
-//! CPU reset line behind command 0xfe (`reboot=k`).
+//! The least of an i8042 keyboard controller a guest needs: the CPU reset
+//! line behind command 0xfe (`reboot=k`, kvm-unit-tests) and a status port
+//! that never has data. The FADT does not announce an 8042, so Linux does
+//! not probe it; a guest that probes anyway finds no keyboard or mouse.
 
 use std::sync::Arc;
 

@@ -26,9 +26,11 @@ pub const OEM_REVISION: u32 = 1;
 pub const SCI_IRQ: u16 = 9;
 /// MADT flag: the platform also has dual 8259 PICs.
 const MADT_PCAT_COMPAT: u32 = 1;
-/// FADT IA-PC boot architecture flags: legacy devices and an 8042.
+/// FADT IA-PC boot architecture flag: legacy devices. The 8042 flag stays
+/// clear: the i8042 stub only carries the reset line, and a guest told of
+/// an 8042 probes it and waits out its command timeouts (Linux spends a
+/// second or more of each boot before "Can't read CTR").
 const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
-const IAPC_8042: u16 = 1 << 1;
 
 fn to_bytes(t: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
@@ -270,7 +272,7 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     b.pm1_evt_len = 4;
     b.pm1_cnt_len = 2;
     b.pm_tmr_len = 4;
-    b.iapc_boot_arch = (IAPC_LEGACY_DEVICES | IAPC_8042).into();
+    b.iapc_boot_arch = IAPC_LEGACY_DEVICES.into();
     b.century = devices::rtc::REG_CENTURY;
     to_bytes(&b.finalize())
 }
@@ -529,5 +531,7 @@ mod tests {
         assert_eq!(u32_at(36), 0x2000);
         assert_eq!(u32_at(40), 0x1000);
         assert_eq!(u32_at(76), 0x608);
+        // IAPC_BOOT_ARCH (offset 109): legacy devices, no 8042.
+        assert_eq!(u16::from_le_bytes([f[109], f[110]]), 1);
     }
 }
