@@ -104,7 +104,8 @@ struct RestoreArgs {
 }
 
 /// The host side of a VM that a snapshot does not fix: `--serial`,
-/// `--timeout` and `--api`, shared by `run` and `restore`.
+/// `--timeout`, `--api`, `--gdb` and `--serial-input`, shared by `run` and
+/// `restore`.
 #[derive(Args)]
 struct HostSideArgs {
     /// Where COM1 output goes: stdio, none or file:PATH.
@@ -134,6 +135,12 @@ struct HostSideArgs {
         requires = "gdb"
     )]
     gdb_arch: kvmrun::gdb::ArchChoice,
+    /// Type TEXT into COM1 once the guest runs (after a restore, into the
+    /// restored guest), as fast as the guest empties the UART's receive
+    /// FIFO, none of it dropped; e.g. $'exit:3\n' for a line. Host stdin
+    /// feeds COM1 too: give it no input of its own alongside.
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    serial_input: Option<String>,
 }
 
 impl HostSideArgs {
@@ -145,6 +152,7 @@ impl HostSideArgs {
                 wait: self.gdb_wait,
                 arch: self.gdb_arch,
             }),
+            serial_input: self.serial_input.clone().map(String::into_bytes),
         }
     }
 }

@@ -156,6 +156,56 @@ impl MutEventSubscriber for StdinToSerial {
     }
 }
 
+/// How often `--serial-input` text that did not fit in COM1's receive
+/// FIFO is offered again.
+pub(super) const SERIAL_INPUT_POLL: Duration = Duration::from_millis(1);
+
+/// `--serial-input`: text typed into COM1 as the receive FIFO makes room
+/// for it, never dropped (the FIFO holds 64 bytes, a test's command line
+/// may be longer). Whatever is still waiting when the VM is snapshotted
+/// is host input like unread stdin, not VM state.
+pub(super) struct SerialInput {
+    pub(super) serial: Arc<Mutex<SerialDevice>>,
+    pub(super) pending: std::collections::VecDeque<u8>,
+    pub(super) timer: TimerFd,
+}
+
+impl SerialInput {
+    /// Move what fits into the FIFO; true when nothing is left.
+    fn feed(&mut self) -> bool {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let (front, _) = self.pending.as_slices();
+        let taken = serial.enqueue_input(front);
+        self.pending.drain(..taken);
+        self.pending.is_empty()
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        if self.feed() {
+            let _ = ops.remove(Events::new(&self.timer, EventSet::IN));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if self.feed() {
+            return;
+        }
+        let armed = self
+            .timer
+            .reset(SERIAL_INPUT_POLL, Some(SERIAL_INPUT_POLL))
+            .is_ok();
+        if !armed || ops.add(Events::new(&self.timer, EventSet::IN)).is_err() {
+            log::warn!(
+                "cannot watch COM1's receive FIFO: {} bytes of --serial-input dropped",
+                self.pending.len()
+            );
+        }
+    }
+}
+
 /// Host stdin to a console port's inbox. While the inbox is full stdin
 /// is not watched (the loop would spin on it); the inbox's resume fd
 /// brings it back. Stdin that cannot be watched (a regular file,
