@@ -235,6 +235,11 @@ struct TestArgs {
     /// the gdb command line that attaches with the image's symbols.
     #[arg(long, conflicts_with = "migrate_every")]
     gdb_on_fail: bool,
+    /// Boot every test, those of a TOML suite's boot_once groups too
+    /// (their cmd then goes on the kernel command line as kvmrun.cmd);
+    /// --migrate-every implies it.
+    #[arg(long)]
+    boot_each: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -673,6 +678,13 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         };
         kut::plan(&a.suite, &entries, &opts)?
     };
+    if a.boot_each || a.migrate_every.is_some() {
+        for s in &mut specs {
+            if let kvmrun::testhost::Plan::Run(rs) = &mut s.plan {
+                rs.once = None;
+            }
+        }
+    }
     if let Some((k, n)) = a.shard {
         specs = specs
             .into_iter()
