@@ -104,7 +104,8 @@ struct RestoreArgs {
 }
 
 /// The host side of a VM that a snapshot does not fix: `--serial`,
-/// `--timeout` and `--api`, shared by `run` and `restore`.
+/// `--timeout`, `--api`, `--gdb` and `--serial-input`, shared by `run` and
+/// `restore`.
 #[derive(Args)]
 struct HostSideArgs {
     /// Where COM1 output goes: stdio, none or file:PATH.
@@ -134,6 +135,12 @@ struct HostSideArgs {
         requires = "gdb"
     )]
     gdb_arch: kvmrun::gdb::ArchChoice,
+    /// Type TEXT into COM1 once the guest runs (after a restore, into the
+    /// restored guest), as fast as the guest empties the UART's receive
+    /// FIFO, none of it dropped; e.g. $'exit:3\n' for a line. Host stdin
+    /// feeds COM1 too: give it no input of its own alongside.
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    serial_input: Option<String>,
 }
 
 impl HostSideArgs {
@@ -145,6 +152,7 @@ impl HostSideArgs {
                 wait: self.gdb_wait,
                 arch: self.gdb_arch,
             }),
+            serial_input: self.serial_input.clone().map(String::into_bytes),
         }
     }
 }
@@ -227,6 +235,11 @@ struct TestArgs {
     /// the gdb command line that attaches with the image's symbols.
     #[arg(long, conflicts_with = "migrate_every")]
     gdb_on_fail: bool,
+    /// Boot every test, those of a TOML suite's boot_once groups too
+    /// (their cmd then goes on the kernel command line as kvmrun.cmd);
+    /// --migrate-every implies it.
+    #[arg(long)]
+    boot_each: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -665,6 +678,13 @@ fn run_suite(a: TestArgs) -> anyhow::Result<i32> {
         };
         kut::plan(&a.suite, &entries, &opts)?
     };
+    if a.boot_each || a.migrate_every.is_some() {
+        for s in &mut specs {
+            if let kvmrun::testhost::Plan::Run(rs) = &mut s.plan {
+                rs.once = None;
+            }
+        }
+    }
     if let Some((k, n)) = a.shard {
         specs = specs
             .into_iter()

@@ -228,3 +228,28 @@ fn bad_rootfs_runs() {
     let r = run_args(&["run", img, "--modules", dir]);
     assert_clean_error(&r, "--rootfs");
 }
+
+/// A boot-once test without its command, or with a command the kernel
+/// command line cannot quote, is an error naming the suite and the test.
+#[test]
+fn bad_boot_once_suites() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str); 3] = [
+        ("boot_once = true", "test 'a': boot_once needs a cmd"),
+        (
+            "boot_once = true\ncmd = 'say \"x\"'",
+            "test 'a': cmd holds '\"'",
+        ),
+        (
+            "cmd = \"x\"\ncmdline = 'kvmrun.cmd=y'",
+            "test 'a': both cmd and kvmrun.cmd=",
+        ),
+    ];
+    for (keys, want) in cases {
+        let text = format!("[[test]]\nname = \"a\"\nkernel = \"k\"\n{keys}\n");
+        let suite = write(dir.path(), "once.toml", text.as_bytes());
+        let r = run_args(&["test", &suite]);
+        assert_clean_error(&r, want);
+        r.err_has(&suite);
+    }
+}

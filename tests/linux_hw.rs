@@ -667,6 +667,28 @@ fn the_linux_toml_suite_passes() {
         .has("4 tests: 4 passed, 0 failed, 0 skipped");
 }
 
+/// Issue 13: the boot-once suite gives the verdicts of booting each
+/// test; the per-test cost (a restore plus the test) is in its summary.
+#[test]
+fn the_boot_once_suite_gives_the_verdicts_of_booting_each() {
+    let Some(c) = check("toml-once") else {
+        return;
+    };
+    let r = c.run();
+    r.expect(0)
+        .has("== the same verdicts both ways")
+        .has("12 tests: 12 passed, 0 failed, 0 skipped")
+        .has("boot once: 3 boot group(s) booted and snapshotted in ")
+        .has("12 tests ran from a restore, restore to exit: mean ");
+    for line in r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("12 tests") || l.starts_with("boot once"))
+    {
+        eprintln!("toml-once: {line}");
+    }
+}
+
 #[test]
 fn pmu_msrs_are_left_to_kvm() {
     // Without a vPMU, KVM ignores the guest's probe of the legacy AMD

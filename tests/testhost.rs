@@ -641,3 +641,139 @@ fn wait_for_hanging(child: &mut std::process::Child, log: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// resources/testhost/once.toml with the ready guest named from the root
+/// and two tests that fail (a wrong status, a hang past its timeout), in
+/// `dir`.
+fn once_suite(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("resources/testhost/once.toml")).unwrap();
+    let ready = guest("ready");
+    let text = text.replace(
+        "kernel = \"../../build/guests/ready.elf\"",
+        &format!("kernel = \"{}\"", ready.display()),
+    );
+    assert!(text.contains(&ready.display().to_string()));
+    let text = format!(
+        "{text}\n[[test]]\nname = \"wrong-status\"\ncmd = \"exit:1\"\n\n\
+         [[test]]\nname = \"hangs\"\ncmd = \"say:stuck hang\"\ntimeout = 2\n"
+    );
+    let p = dir.join("once.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run_suite(suite: &Path, out: &Path, extra: &[&str]) -> (Run, Vec<(String, String)>) {
+    let junit = out.with_extension("xml");
+    let r = Run::from(
+        kvmrun()
+            .arg("test")
+            .arg(suite)
+            .args(["--progress", "lines", "-o"])
+            .arg(out)
+            .arg("--junit")
+            .arg(&junit)
+            .args(extra)
+            .output()
+            .unwrap(),
+    );
+    let verdicts = junit_verdicts(&junit)
+        .into_iter()
+        .map(|(n, v, _)| (n, v))
+        .collect();
+    (r, verdicts)
+}
+
+/// Issue 13: a boot-once suite of at least 10 tests gives the verdicts
+/// of booting each test, in parallel too, and each boot-once test's
+/// output is that of its restore.
+#[test]
+fn boot_once_gives_the_verdicts_of_booting_each() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let suite = once_suite(dir.path());
+    let (each, each_v) = run_suite(&suite, &dir.path().join("each"), &["--boot-each"]);
+    each.expect(1).has("14 tests: 12 passed, 2 failed");
+    assert!(!each.stdout.contains("boot once:"), "{}", each.stdout);
+    let failed: Vec<&str> = each_v
+        .iter()
+        .filter(|v| v.1 != "PASS")
+        .map(|v| v.0.as_str())
+        .collect();
+    assert_eq!(failed, ["wrong-status", "hangs"]);
+    for jobs in ["1", "2"] {
+        let out = dir.path().join(format!("once-j{jobs}"));
+        let (once, once_v) = run_suite(&suite, &out, &["-j", jobs]);
+        once.expect(1)
+            .has("14 tests: 12 passed, 2 failed")
+            .has("boot once: 4 boot group(s) booted and snapshotted in ")
+            .has("13 tests ran from a restore, restore to exit: mean ");
+        assert_eq!(once_v, each_v, "-j {jobs}");
+        // The test's log is its restore's: no boot, the command from COM1.
+        let log = std::fs::read_to_string(out.join("say-hello.log")).unwrap();
+        assert!(
+            log.starts_with("kvmrun: running: say:hello (from COM1)"),
+            "{log}"
+        );
+        let boot = std::fs::read_to_string(out.join("boot-once-0.log")).unwrap();
+        assert!(boot.contains("KVMRUN-READY"), "{boot}");
+        let booted = std::fs::read_to_string(out.join("booted.log")).unwrap();
+        assert!(!booted.contains("(from COM1)"), "{booted}");
+    }
+    let log = std::fs::read_to_string(dir.path().join("each/say-hello.log")).unwrap();
+    assert!(log.starts_with("kvmrun: running: say:hello\r\n"), "{log}");
+}
+
+/// A boot group whose snapshot cannot be taken or restored, or whose
+/// guest never gets ready, fails each of its tests with the reason,
+/// without a hang; the other tests run.
+#[test]
+fn a_boot_group_that_cannot_be_snapshotted_fails_its_tests() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let suite = once_suite(dir.path());
+    let names = ["say-hello", "smp-2", "booted"];
+    let fail = |fault: &str, n: usize| {
+        let r = Run::from(
+            kvmrun()
+                .env("KVMRUN_TEST_BOOT_ONCE_FAULT", fault)
+                .arg("test")
+                .arg(&suite)
+                .args(names)
+                .args(["--progress", "lines", "-o"])
+                .arg(dir.path().join(format!("{fault}{n}")))
+                .output()
+                .unwrap(),
+        );
+        r.expect(1)
+            .has("3 tests: 1 passed, 2 failed")
+            .has("PASS booted");
+        r
+    };
+    let r = fail("snapshot", 0);
+    r.has("FAIL say-hello (boot once: cannot snapshot the VM: control socket ")
+        .has("Not a directory");
+    let r = fail("restore", 0);
+    r.has("FAIL smp-2 (exit status 2, expected 1; kvmrun: error: ");
+
+    // Guests that end, or hang, before their ready line.
+    let text = format!(
+        "[defaults]\nboot_once = true\ncmd = \"say:x\"\ntimeout = 2\n\
+         [[test]]\nname = \"ends\"\nkernel = \"{}\"\n\
+         [[test]]\nname = \"hangs\"\nkernel = \"{}\"\n",
+        guest("hello").display(),
+        guest("hang").display()
+    );
+    let bad = dir.path().join("never-ready.toml");
+    std::fs::write(&bad, text).unwrap();
+    let (r, _) = run_suite(&bad, &dir.path().join("never"), &[]);
+    r.expect(1)
+        .has("FAIL ends (boot once: the VM ended before its KVMRUN-READY line (exit status: 1))")
+        .has(
+            "FAIL hangs (boot once: the VM ended before its KVMRUN-READY line (exit status: 124))",
+        );
+}

@@ -518,8 +518,13 @@ const SUPERVISOR: &[Rule] = &[
 ];
 
 /// `kvmrun test`: waiting for and killing the tests' processes (started
-/// by the launcher thread), reading their logs, writing reports.
+/// by the launcher thread), reading their logs, writing reports, and
+/// asking a boot-once group's VM for its snapshot on its control socket.
 const SCHEDULER: &[Rule] = &[
+    one_of(SYS_socket, 0, &[AF_UNIX as u64]),
+    any(SYS_connect),
+    any(SYS_recvfrom),
+    any(SYS_sendto),
     any(SYS_wait4),
     any(SYS_kill),
     any(SYS_ftruncate),

@@ -205,6 +205,7 @@ fn plan_one(
         timeout_secs,
         timeout_text,
         judge: Judge::Kut,
+        once: None,
     }))
 }
 

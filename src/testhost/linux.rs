@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
-use super::{Judge, Plan, RunSpec, TestSpec};
+use super::{Judge, Once, Plan, RunSpec, TestSpec};
 use crate::config;
 
 /// Default timeout of a Linux test, in seconds.
@@ -63,6 +63,10 @@ struct Common {
     expect_output: Option<Vec<String>>,
     reject_output: Option<Vec<String>>,
     groups: Option<Vec<String>>,
+    /// The guest's test command: `kvmrun.cmd="CMD"` on the kernel command
+    /// line, or with `boot_once` the line typed into a restored VM.
+    cmd: Option<String>,
+    boot_once: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +191,9 @@ fn plan_one(
     let kernel = pick(&c.kernel, &d.kernel).ok_or_else(|| bad("no kernel".into()))?;
     let initrd = pick(&c.initrd, &d.initrd);
     let cmdline = pick(&c.cmdline, &d.cmdline).unwrap_or_default();
+    let boot_once = c.boot_once.or(d.boot_once).unwrap_or(false);
+    let (cmdline, once) =
+        command_lines(&cmdline, pick(&c.cmd, &d.cmd).as_deref(), boot_once).map_err(bad)?;
     let smp = c.smp.or(d.smp).unwrap_or(1);
     let mem = pick(&c.mem, &d.mem);
     if let Some(m) = &mem {
@@ -243,13 +250,24 @@ fn plan_one(
             match initrd_path {
                 Err(i) => Plan::Skip(format!("initrd '{i}' not found")),
                 Ok(initrd) => {
-                    let mut args = vec![format!("--smp={smp}")];
+                    let mut base = vec![format!("--smp={smp}")];
                     if let Some(m) = mem {
-                        args.push(format!("--mem={m}"));
+                        base.push(format!("--mem={m}"));
                     }
-                    if !cmdline.is_empty() {
-                        args.push(format!("--append={cmdline}"));
-                    }
+                    let with_cmdline = |line: &str| {
+                        let mut args = base.clone();
+                        if !line.is_empty() {
+                            args.push(format!("--append={line}"));
+                        }
+                        args
+                    };
+                    let args = with_cmdline(&cmdline);
+                    let once = once.map(|(line, input)| {
+                        Box::new(Once {
+                            boot_args: with_cmdline(&line),
+                            input,
+                        })
+                    });
                     Plan::Run(RunSpec {
                         image,
                         args,
@@ -263,6 +281,7 @@ fn plan_one(
                             output,
                             reject,
                         },
+                        once,
                     })
                 }
             }
@@ -273,6 +292,52 @@ fn plan_one(
         groups,
         plan,
     })
+}
+
+/// The command line of a test booted with its command (`cmd` added as
+/// `kvmrun.cmd="CMD"`, which /init and the ready guest read) and, for
+/// boot once, the command line of its boot group's VM (asking the guest
+/// to wait for its command) with the line the restored guest reads.
+type CommandLines = (String, Option<(String, String)>);
+
+fn command_lines(
+    cmdline: &str,
+    cmd: Option<&str>,
+    boot_once: bool,
+) -> Result<CommandLines, String> {
+    if cmdline.contains(super::once::WAIT_CMD) {
+        return Err(format!(
+            "cmdline holds {}, which boot_once adds itself",
+            super::once::WAIT_CMD
+        ));
+    }
+    let Some(cmd) = cmd else {
+        if boot_once {
+            return Err("boot_once needs a cmd: the command the restored guest runs".into());
+        }
+        return Ok((cmdline.to_string(), None));
+    };
+    if cmdline.contains("kvmrun.cmd=") {
+        return Err("both cmd and kvmrun.cmd= in cmdline give the command".into());
+    }
+    if cmd.trim().is_empty() {
+        return Err("empty cmd".into());
+    }
+    if cmd.contains('"') {
+        return Err("cmd holds '\"', which the kernel command line quotes it with".into());
+    }
+    if cmd.chars().any(char::is_control) {
+        return Err("cmd must be one line without control characters".into());
+    }
+    let join = |extra: &str| {
+        if cmdline.is_empty() {
+            extra.to_string()
+        } else {
+            format!("{cmdline} {extra}")
+        }
+    };
+    let once = boot_once.then(|| (join(super::once::WAIT_CMD), format!("{cmd}\n")));
+    Ok((join(&format!("kvmrun.cmd=\"{cmd}\"")), once))
 }
 
 #[cfg(test)]
@@ -416,5 +481,98 @@ kernel = "nothing-*"
             .unwrap_err()
             .to_string()
             .starts_with("cannot read"));
+    }
+
+    #[test]
+    fn cmd_goes_on_the_command_line_or_into_a_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), b"k").unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+[defaults]
+kernel = "k"
+cmdline = "console=ttyS0"
+boot_once = true
+
+[[test]]
+name = "once"
+cmd = "echo hi"
+
+[[test]]
+name = "each"
+boot_once = false
+cmd = "echo each"
+
+[[test]]
+name = "plain"
+boot_once = false
+"#,
+        );
+        let s = load(&p, &[], None, 1.0).unwrap();
+        let Plan::Run(once) = &s[0].plan else {
+            panic!()
+        };
+        assert_eq!(
+            once.args,
+            ["--smp=1", "--append=console=ttyS0 kvmrun.cmd=\"echo hi\""]
+        );
+        assert_eq!(
+            once.once,
+            Some(Box::new(Once {
+                boot_args: vec![
+                    "--smp=1".into(),
+                    "--append=console=ttyS0 kvmrun.wait_cmd".into()
+                ],
+                input: "echo hi\n".into(),
+            }))
+        );
+        let Plan::Run(each) = &s[1].plan else {
+            panic!()
+        };
+        assert_eq!(each.once, None);
+        assert_eq!(
+            each.args[1],
+            "--append=console=ttyS0 kvmrun.cmd=\"echo each\""
+        );
+        let Plan::Run(plain) = &s[2].plan else {
+            panic!()
+        };
+        assert_eq!(plain.args, ["--smp=1", "--append=console=ttyS0"]);
+    }
+
+    #[test]
+    fn bad_boot_once_tests_are_errors_naming_the_test() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |test: &str| {
+            let text = format!("[defaults]\nkernel = \"k\"\n[[test]]\nname = \"t\"\n{test}\n");
+            load(&write(dir.path(), &text), &[], None, 1.0)
+                .unwrap_err()
+                .to_string()
+        };
+        let cases = [
+            ("boot_once = true", "boot_once needs a cmd"),
+            ("boot_once = true\ncmd = \" \"", "empty cmd"),
+            ("cmd = 'echo \"x\"'", "cmd holds '\"'"),
+            ("cmd = \"a\\nb\"", "one line without control characters"),
+            (
+                "cmd = \"x\"\ncmdline = 'kvmrun.cmd=\"y\"'",
+                "both cmd and kvmrun.cmd= in cmdline",
+            ),
+            (
+                "boot_once = true\ncmd = \"x\"\ncmdline = \"kvmrun.wait_cmd\"",
+                "cmdline holds kvmrun.wait_cmd",
+            ),
+            ("boot_once = \"yes\"", "invalid type"),
+        ];
+        for (test, want) in cases {
+            let e = err(test);
+            // serde names the line of the test, not the test.
+            assert!(
+                e.contains("test 't': ") || want == "invalid type",
+                "{test}: {e}"
+            );
+            assert!(e.contains(want), "{test}: {e}");
+        }
     }
 }

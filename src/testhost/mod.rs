@@ -11,6 +11,7 @@ pub mod cfg;
 pub mod envfile;
 pub mod kut;
 pub mod linux;
+pub mod once;
 pub mod progress;
 pub mod report;
 pub mod scheduler;
@@ -62,6 +63,21 @@ pub struct RunSpec {
     /// The timeout as the runner prints it in "timeout; duration=...".
     pub timeout_text: String,
     pub judge: Judge,
+    /// Run from a restore of a VM booted once for every test with the
+    /// same boot (`once`), instead of booting with `args`.
+    pub once: Option<Box<Once>>,
+}
+
+/// How a boot-once test runs: its boot group's VM boots with
+/// `boot_args`, the test host snapshots it at its ready line, and the
+/// test's VM is a restore of that snapshot that reads `input` on COM1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Once {
+    /// `kvmrun run` flags of the boot: `args` with the command line that
+    /// asks the guest to wait for its command.
+    pub boot_args: Vec<String>,
+    /// The test's command and a newline.
+    pub input: String,
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +137,8 @@ pub struct SuiteRun {
     pub results: Vec<Option<TestResult>>,
     pub interrupted: bool,
     pub wall: Duration,
+    /// The boot-once groups' boots, for the summary (`once::Boots`).
+    pub boot_once: Option<String>,
 }
 
 impl SuiteRun {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{SuiteRun, TestResult, TestSpec, Verdict};
+use super::{Plan, SuiteRun, TestResult, TestSpec, Verdict};
 
 pub trait Progress {
     fn begin(&mut self, total: usize);
@@ -133,5 +133,33 @@ pub fn summary_table(specs: &[TestSpec], run: &SuiteRun, jobs: usize) -> String 
         },
         secs(run.wall),
     ));
+    if let Some(boots) = &run.boot_once {
+        s.push_str(&format!("{boots}; {}\n", per_test_cost(specs, run)));
+    }
     s
+}
+
+/// What a boot-once test cost, from its restore's start to its end.
+fn per_test_cost(specs: &[TestSpec], run: &SuiteRun) -> String {
+    let times: Vec<f64> = specs
+        .iter()
+        .zip(&run.results)
+        .filter(|(s, _)| matches!(&s.plan, Plan::Run(rs) if rs.once.is_some()))
+        .filter_map(|(_, r)| r.as_ref())
+        .filter(|r| r.outcome.status.is_some())
+        .map(|r| r.duration.as_secs_f64())
+        .collect();
+    if times.is_empty() {
+        return "no test ran from a restore".into();
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let max = times.iter().copied().fold(0.0, f64::max);
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    format!(
+        "{} tests ran from a restore, restore to exit: mean {:.3}s, min {:.3}s, max {:.3}s",
+        times.len(),
+        mean,
+        min,
+        max
+    )
 }

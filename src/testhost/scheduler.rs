@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::once;
 use super::progress::Progress;
 use super::verdict::{self, Outcome, RawExit, Verdict};
 use super::{file_stem, Judge, Plan, RunSpec, SuiteRun, TestResult, TestSpec};
@@ -47,6 +48,8 @@ pub struct SuiteOptions {
 pub enum SchedulerError {
     #[error("cannot create the output directory {path}: {source}")]
     OutDir { path: PathBuf, source: io::Error },
+    #[error("cannot make a directory for the boot-once snapshots: {0}")]
+    OnceDir(io::Error),
 }
 
 struct Running {
@@ -76,6 +79,7 @@ pub fn run(
     let mut running: Vec<Running> = Vec::new();
     let mut next = 0;
     progress.begin(specs.len());
+    let boots = once::boot_groups(specs, opts, stop).map_err(SchedulerError::OnceDir)?;
 
     while next < specs.len() || !running.is_empty() {
         if stop.load(Ordering::SeqCst) {
@@ -89,36 +93,39 @@ pub fn run(
                     progress.finished(&r);
                     results[next] = Some(r);
                 }
-                Plan::Run(rs) => match preflight(rs, opts) {
-                    Some(why) => {
-                        let r = skipped(&spec.name, why);
-                        progress.finished(&r);
-                        results[next] = Some(r);
-                    }
-                    None => match start(next, &spec.name, rs, opts) {
-                        Ok(r) => {
-                            progress.started(&spec.name);
-                            running.push(r);
-                        }
-                        Err(e) => {
-                            let r = TestResult {
-                                name: spec.name.clone(),
-                                outcome: Outcome {
-                                    verdict: Verdict::Fail,
-                                    summary: String::new(),
-                                    reason: Some(format!("cannot start kvmrun: {e}")),
-                                    status: None,
-                                },
-                                duration: Duration::ZERO,
-                                serial: String::new(),
-                                stderr: String::new(),
-                                command: String::new(),
-                            };
+                Plan::Run(rs) => {
+                    let args = match boots.snapshot_for(next) {
+                        None => preflight(rs, opts)
+                            .map_or_else(|| Ok(child_args_of(&spec.name, rs, opts)), Err),
+                        Some(Ok(snap)) => Ok(once::restore_args(rs, snap)),
+                        Some(Err(why)) => Err(why.clone()),
+                    };
+                    match args {
+                        // Only a preflight skips; a failed boot fails.
+                        Err(why) if rs.once.is_none() => {
+                            let r = skipped(&spec.name, why);
                             progress.finished(&r);
                             results[next] = Some(r);
                         }
-                    },
-                },
+                        Err(why) => {
+                            let r = not_started(&spec.name, why);
+                            progress.finished(&r);
+                            results[next] = Some(r);
+                        }
+                        Ok(args) => match start(next, &spec.name, rs, opts, args) {
+                            Ok(r) => {
+                                progress.started(&spec.name);
+                                running.push(r);
+                            }
+                            Err(e) => {
+                                let r =
+                                    not_started(&spec.name, format!("cannot start kvmrun: {e}"));
+                                progress.finished(&r);
+                                results[next] = Some(r);
+                            }
+                        },
+                    }
+                }
             }
             next += 1;
         }
@@ -170,7 +177,25 @@ pub fn run(
         results,
         interrupted,
         wall: started.elapsed(),
+        boot_once: boots.summary(),
     })
+}
+
+/// A test that failed without a VM of its own to judge.
+fn not_started(name: &str, why: String) -> TestResult {
+    TestResult {
+        name: name.to_string(),
+        outcome: Outcome {
+            verdict: Verdict::Fail,
+            summary: String::new(),
+            reason: Some(why),
+            status: None,
+        },
+        duration: Duration::ZERO,
+        serial: String::new(),
+        stderr: String::new(),
+        command: String::new(),
+    }
 }
 
 /// The result of a test the runner skips without starting a VM.
@@ -219,7 +244,7 @@ fn preflight(rs: &RunSpec, opts: &SuiteOptions) -> Option<String> {
 
 /// SIGKILL `child` and every process of its group (it leads its own, see
 /// `start()`); `child` is not reaped yet, so its id still names the group.
-fn kill_group(child: &mut Child) {
+pub(super) fn kill_group(child: &mut Child) {
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: kill() only sends a signal.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
@@ -228,7 +253,7 @@ fn kill_group(child: &mut Child) {
 }
 
 /// The `kvmrun run` arguments of a test; `env` is its environment file.
-fn child_args(rs: &RunSpec, opts: &SuiteOptions, env: Option<&Path>) -> Vec<OsString> {
+pub(super) fn child_args(rs: &RunSpec, opts: &SuiteOptions, env: Option<&Path>) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "run".into(),
         rs.image.clone().into(),
@@ -258,20 +283,32 @@ fn child_args(rs: &RunSpec, opts: &SuiteOptions, env: Option<&Path>) -> Vec<OsSt
     args
 }
 
-fn start(idx: usize, name: &str, rs: &RunSpec, opts: &SuiteOptions) -> io::Result<Running> {
+/// The `kvmrun run` arguments of a test that boots, with its
+/// environment file (written at the start) in the output directory.
+fn child_args_of(name: &str, rs: &RunSpec, opts: &SuiteOptions) -> Vec<OsString> {
+    let env = rs
+        .env_file
+        .as_ref()
+        .map(|_| opts.out_dir.join(format!("{}.env", file_stem(name))));
+    child_args(rs, opts, env.as_deref())
+}
+
+/// Start test `idx` as `kvmrun ARGS`.
+fn start(
+    idx: usize,
+    name: &str,
+    rs: &RunSpec,
+    opts: &SuiteOptions,
+    args: Vec<OsString>,
+) -> io::Result<Running> {
     let stem = file_stem(name);
     let log = opts.out_dir.join(format!("{stem}.log"));
     let err = opts.out_dir.join(format!("{stem}.stderr"));
-    let env = match &rs.env_file {
-        Some(text) => {
-            let path = opts.out_dir.join(format!("{stem}.env"));
-            std::fs::write(&path, text)?;
-            Some(path)
-        }
-        None => None,
-    };
+    if let Some(text) = &rs.env_file {
+        std::fs::write(opts.out_dir.join(format!("{stem}.env")), text)?;
+    }
     let mut cmd = Command::new(&opts.kvmrun);
-    cmd.args(child_args(rs, opts, env.as_deref()));
+    cmd.args(args);
     let command = describe(&cmd);
     // Keep every flag the test ran with (the migration flags too) next to
     // its log, as the runner's log starts with its command line.
@@ -372,7 +409,13 @@ fn judge(rs: &RunSpec, raw: RawExit, serial: &str, stderr: &str) -> Outcome {
                 return fail(format!("timeout; duration={}", rs.timeout_text));
             }
             if code != *status {
-                return fail(format!("exit status {code}, expected {status}"));
+                // kvmrun's own error (a restore refused, say) is the cause.
+                return fail(
+                    match stderr.lines().find(|l| l.contains("kvmrun: error:")) {
+                        Some(e) => format!("exit status {code}, expected {status}; {}", e.trim()),
+                        None => format!("exit status {code}, expected {status}"),
+                    },
+                );
             }
             if let Some(p) = output.iter().find(|p| !p.is_match(&text)) {
                 return fail(format!("output lacks /{p}/"));
@@ -442,6 +485,7 @@ mod tests {
             timeout_secs: Some(90.0),
             timeout_text: "90s".into(),
             judge: Judge::Kut,
+            once: None,
         }
     }
 

@@ -156,6 +156,56 @@ impl MutEventSubscriber for StdinToSerial {
     }
 }
 
+/// How often `--serial-input` text that did not fit in COM1's receive
+/// FIFO is offered again.
+pub(super) const SERIAL_INPUT_POLL: Duration = Duration::from_millis(1);
+
+/// `--serial-input`: text typed into COM1 as the receive FIFO makes room
+/// for it, never dropped (the FIFO holds 64 bytes, a test's command line
+/// may be longer). Whatever is still waiting when the VM is snapshotted
+/// is host input like unread stdin, not VM state.
+pub(super) struct SerialInput {
+    pub(super) serial: Arc<Mutex<SerialDevice>>,
+    pub(super) pending: std::collections::VecDeque<u8>,
+    pub(super) timer: TimerFd,
+}
+
+impl SerialInput {
+    /// Move what fits into the FIFO; true when nothing is left.
+    fn feed(&mut self) -> bool {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let (front, _) = self.pending.as_slices();
+        let taken = serial.enqueue_input(front);
+        self.pending.drain(..taken);
+        self.pending.is_empty()
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        if self.feed() {
+            let _ = ops.remove(Events::new(&self.timer, EventSet::IN));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if self.feed() {
+            return;
+        }
+        let armed = self
+            .timer
+            .reset(SERIAL_INPUT_POLL, Some(SERIAL_INPUT_POLL))
+            .is_ok();
+        if !armed || ops.add(Events::new(&self.timer, EventSet::IN)).is_err() {
+            log::warn!(
+                "cannot watch COM1's receive FIFO: {} bytes of --serial-input dropped",
+                self.pending.len()
+            );
+        }
+    }
+}
+
 /// Host stdin to a console port's inbox. While the inbox is full stdin
 /// is not watched (the loop would spin on it); the inbox's resume fd
 /// brings it back. Stdin that cannot be watched (a regular file,
@@ -304,5 +354,47 @@ impl MutEventSubscriber for PitTimer {
         if let Err(e) = ops.add(Events::new(&*self.clock, EventSet::IN)) {
             log::warn!("cannot watch the PIT's timer: {e:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_device::bus::PioAddress;
+    use vm_device::MutDevicePio;
+
+    /// Text longer than the 64-byte FIFO goes in as the guest reads,
+    /// in order, none of it dropped.
+    #[test]
+    fn serial_input_waits_for_room_in_the_fifo() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq,
+            Box::new(std::io::sink()),
+        )));
+        let text: Vec<u8> = (0..100u8).map(|i| b'a' + i % 26).collect();
+        let mut input = SerialInput {
+            serial: serial.clone(),
+            pending: text.iter().copied().collect(),
+            timer: TimerFd::new().unwrap(),
+        };
+        assert!(!input.feed());
+        assert_eq!(input.pending.len(), 100 - 64);
+        let mut read = Vec::new();
+        let read_some = |n: usize, read: &mut Vec<u8>| {
+            let mut s = serial.lock().unwrap();
+            for _ in 0..n {
+                let mut b = [0u8];
+                s.pio_read(PioAddress(0x3f8), 0, &mut b);
+                read.push(b[0]);
+            }
+        };
+        read_some(10, &mut read);
+        assert!(!input.feed());
+        assert_eq!(input.pending.len(), 100 - 74);
+        read_some(64, &mut read);
+        assert!(input.feed());
+        read_some(26, &mut read);
+        assert_eq!(read, text);
     }
 }

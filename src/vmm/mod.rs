@@ -404,6 +404,8 @@ pub struct RunOptions {
     pub api: Option<PathBuf>,
     /// Serve a gdb stub (`--gdb`).
     pub gdb: Option<crate::gdb::GdbOptions>,
+    /// Bytes typed into COM1 once the VM runs (`--serial-input`).
+    pub serial_input: Option<Vec<u8>>,
 }
 
 /// Build the VM described by `cfg`, run it to the end, and say why it ended.

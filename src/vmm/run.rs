@@ -16,8 +16,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::events::{
-    HaltPoll, PinRelay, PitTimer, ShutdownWatch, StdinToPort, StdinToSerial, TickDeadline, Timeout,
-    HALT_POLL,
+    HaltPoll, PinRelay, PitTimer, SerialInput, ShutdownWatch, StdinToPort, StdinToSerial,
+    TickDeadline, Timeout, HALT_POLL,
 };
 use super::{host, lock, sys, Machine, RunOptions, VmmError};
 use crate::api::{self, ApiServer, Control, Request};
@@ -167,8 +167,8 @@ fn start_gdb(
     Ok((hub, thread))
 }
 
-/// The exit event, the `--timeout` timer, stdin to COM1 and the control
-/// socket.
+/// The exit event, the `--timeout` timer, stdin and `--serial-input` to
+/// COM1 and the control socket.
 fn add_host_events(
     em: &mut Events,
     machine: &Machine,
@@ -192,6 +192,13 @@ fn add_host_events(
     } else if machine.cfg.serial == SerialOutput::Stdio {
         em.add_subscriber(Arc::new(Mutex::new(StdinToSerial {
             serial: machine.serial.clone(),
+        })));
+    }
+    if let Some(text) = &opts.serial_input {
+        em.add_subscriber(Arc::new(Mutex::new(SerialInput {
+            serial: machine.serial.clone(),
+            pending: text.iter().copied().collect(),
+            timer: TimerFd::new().map_err(sys("timerfd"))?,
         })));
     }
     if let Some(path) = &opts.api {
