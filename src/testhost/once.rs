@@ -232,16 +232,7 @@ impl BootVm {
             .stdout(Stdio::piped())
             .stderr(file(&log.with_extension("stderr"))?)
             .process_group(0);
-        // SAFETY: prctl() is async-signal-safe and touches no memory of
-        // the parent; the VM must not outlive the test host.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        super::scheduler::die_with_parent(&mut cmd);
         let mut child =
             crate::sandbox::spawn(cmd).map_err(|e| format!("cannot start kvmrun: {e}"))?;
         let stdout = child.stdout.take().ok_or("cannot start kvmrun: no pipe")?;

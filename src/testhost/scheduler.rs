@@ -320,17 +320,7 @@ fn start(
         .stdout(File::create(&log)?)
         .stderr(File::create(&err)?)
         .process_group(0);
-    // SAFETY: prctl() is async-signal-safe and touches no memory of the
-    // parent; it makes the kernel SIGKILL the child when the thread that
-    // forks it (the launcher, which lives as long as kvmrun) ends.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let start = Instant::now();
     let child = crate::sandbox::spawn(cmd)?;
     let hard_deadline = rs
@@ -346,6 +336,22 @@ fn start(
         log,
         err,
     })
+}
+
+/// Make the kernel SIGKILL the child `cmd` starts when the thread that
+/// forks it ends (the launcher, which lives as long as kvmrun), so no VM
+/// outlives the test host.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl() is async-signal-safe and touches no memory of the
+    // parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The command as a shell-quoted line, for logs and reports.
