@@ -19,10 +19,10 @@
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_ioeventfd,
-    kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi,
-    kvm_msr_list, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_device_attr, kvm_fpu, kvm_guest_debug,
+    kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state,
+    kvm_mp_state, kvm_msi, kvm_msr_list, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use libc::*;
 
@@ -174,6 +174,8 @@ pub const KVM_IRQ_LINE: u64 = iow(0x61, size_of::<kvm_irq_level>());
 pub const KVM_SIGNAL_MSI: u64 = iow(0xa5, size_of::<kvm_msi>());
 pub const KVM_GET_IRQCHIP: u64 = iowr(0x62, size_of::<kvm_irqchip>());
 pub const KVM_GET_CLOCK: u64 = ior(0x7c, size_of::<kvm_clock_data>());
+/// A vCPU's TSC offset (`snapshot::tsc`).
+pub const KVM_GET_DEVICE_ATTR: u64 = iow(0xe2, size_of::<kvm_device_attr>());
 pub const KVM_GET_PIT2: u64 = ior(0x9f, size_of::<kvm_pit_state2>());
 pub const KVM_GET_MSR_INDEX_LIST: u64 = iowr(0x02, size_of::<kvm_msr_list>());
 pub const KVM_CHECK_EXTENSION: u64 = io(0x03);
@@ -498,6 +500,7 @@ const KVM_SNAPSHOT: &[Rule] = &[one_of(
         KVM_GET_IRQCHIP,
         KVM_GET_PIT2,
         KVM_GET_CLOCK,
+        KVM_GET_DEVICE_ATTR,
     ],
 )];
 
@@ -556,6 +559,7 @@ mod tests {
         assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
         assert_eq!(KVM_IRQFD, 0x4020_ae76);
         assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(KVM_GET_DEVICE_ATTR, 0x4018_aee2);
     }
 
     /// What `b` allows of `a`'s rule for the same call.

@@ -18,6 +18,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod tsc;
 pub mod vcpu;
 pub mod vm;
 

@@ -190,6 +190,15 @@ impl Vm {
         self.fd.set_clock(clock)
     }
 
+    /// The TSC rate of the VM's vCPUs before any KVM_SET_TSC_KHZ (the
+    /// VM-wide KVM_GET_TSC_KHZ, KVM_CAP_VM_TSC_CONTROL), if KVM says it.
+    pub fn host_tsc_khz(&self) -> Option<u32> {
+        vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
+        // SAFETY: the ioctl takes no argument and returns the rate.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(&*self.fd, KVM_GET_TSC_KHZ()) };
+        u32::try_from(ret).ok().filter(|&khz| khz > 0)
+    }
+
     /// Interrupt lines, irqfds, MSI routes and ioeventfds.
     pub fn interrupts(&self) -> &Arc<Interrupts> {
         &self.irq

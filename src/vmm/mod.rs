@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::serial::SerialDevice;
 
@@ -21,7 +21,7 @@ use crate::platform::{machine, Platform, PlatformError};
 use crate::serial_out::Output;
 use crate::shutdown::{ExitReason, Shutdown};
 use crate::snapshot::{
-    self, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError, VmState,
+    self, tsc, MachineState, SnapshotError, VcpuContext, VcpuState, VcpuStateError, VmState,
     VmStateError, WriteStats,
 };
 use crate::vcpu::{Vcpu, VcpuError};
@@ -186,6 +186,10 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
             let vcpus = restore_vcpus(dir, state, &vm)?;
             let loaded_at = Instant::now();
             state.vm.restore(&vm)?;
+            match tsc::resume_at_clock(&vm, state.vm.clock.clock, &vcpus, &state.vcpus)? {
+                Ok(()) => log::debug!("TSCs resumed at the kvmclock instant"),
+                Err(why) => log::debug!("TSCs not resumed at the kvmclock instant: {why}"),
+            }
             let ticks = match (vm.pit(), &state.vm.pit) {
                 (Some(pit), Some(loaded)) => {
                     pit.drop_lost_ticks(loaded, loaded_at, failed_switch(shutdown))?
@@ -339,20 +343,48 @@ fn failed_switch(shutdown: &Arc<Shutdown>) -> impl FnOnce(&PitError) + Send + 's
     move |e| shutdown.request(ExitReason::Error(e.to_string()))
 }
 
+/// Test-only: with `KVMRUN_TEST_SLOW_SAVE=MS` in the environment, a
+/// snapshot waits MS milliseconds between reading the vCPUs' states and
+/// kvmclock, as a loaded host may: the saved TSCs must still be those of
+/// the clock's instant (`snapshot::tsc`).
+const SLOW_SAVE_HOOK: &str = "KVMRUN_TEST_SLOW_SAVE";
+
+fn slow_save_hook() {
+    let ms = std::env::var(SLOW_SAVE_HOOK)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = ms {
+        // Spin: the VMM thread's seccomp filter has no sleep.
+        let until = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 impl Machine {
     /// Save everything but guest RAM. The vCPUs must be stopped and handed
     /// back (`vcpus`), so no ioctl races KVM_RUN.
     fn save(&self, vcpus: &mut [Vcpu]) -> Result<MachineState, VmmError> {
+        let start = tsc::save_start(&self.vm, vcpus);
         let ctx = VcpuContext::for_vm(&self.vm)?;
-        let vcpu_states = vcpus
+        let mut vcpu_states = vcpus
             .iter_mut()
             .map(|v| VcpuState::save(v, &ctx))
             .collect::<Result<Vec<_>, _>>()?;
+        slow_save_hook();
+        // The clock is read last: the TSCs are tied to it right after.
+        let offsets = tsc::offsets(&self.vm, vcpus);
+        let vm = VmState::save(&self.vm)?;
+        match tsc::tie_to_clock(&vm.clock, start, offsets, &mut vcpu_states) {
+            Ok(()) => log::debug!("TSCs saved at the kvmclock instant"),
+            Err(why) => log::debug!("TSCs not saved at the kvmclock instant: {why}"),
+        }
         Ok(MachineState {
             config: self.cfg.clone(),
             memory: Default::default(),
             facs: self.facs,
-            vm: VmState::save(&self.vm)?,
+            vm,
             vcpus: vcpu_states,
             devices: self.platform.save()?,
         })

@@ -22,8 +22,14 @@ pub struct Console {
 
 impl Console {
     pub fn spawn(args: &[&str]) -> Console {
+        Console::spawn_with_env(args, &[])
+    }
+
+    /// `spawn()` with `envs` added to kvmrun's environment.
+    pub fn spawn_with_env(args: &[&str], envs: &[(&str, &str)]) -> Console {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvmrun"))
             .args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
