@@ -602,6 +602,40 @@ fn a_running_guest_is_snapshotted_and_restored_on_2_vcpus() {
     snapshot_and_restore("snapshot-2cpu");
 }
 
+/// Our clock guest's kvmclock and TSC move together across a snapshot
+/// whose save waits 1 s between the vCPUs' states and the clock, and
+/// across its restore: kvmrun ties the saved TSCs to the clock's instant
+/// and sets the restored offsets from it (`snapshot::tsc`; L1's unstable
+/// TSC leaves KVM without a master clock, so vCPU 0's TSC stands for the
+/// host's). Untied, the restored copy's skew is that second.
+fn clock_across_restore(name: &str) {
+    let Some(c) = check(name) else { return };
+    c.run()
+        .expect(0)
+        .has("snapshot status 0\n")
+        .has("original status 1\n")
+        .has("restored status 1\n")
+        .has("TSCs saved at the kvmclock instant")
+        .has("TSCs resumed at the kvmclock instant");
+    for copy in ["original", "restored"] {
+        let out = c.file(copy);
+        assert!(
+            out.contains("PASS: kvmclock-follows-the-tsc"),
+            "check {name}: the {copy} copy\n{out}"
+        );
+    }
+}
+
+#[test]
+fn kvmclock_and_the_tsc_stay_together_on_1_vcpu() {
+    clock_across_restore("clock-1cpu");
+}
+
+#[test]
+fn kvmclock_and_the_tsc_stay_together_on_2_vcpus() {
+    clock_across_restore("clock-2cpu");
+}
+
 /// The guest's output from /init on, up to the line of the power-off
 /// (whose timestamp holds the time the migrations took).
 fn from_init(text: &str) -> &str {
