@@ -30,7 +30,6 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::vcpu::VcpuState;
-use super::vm::VmStateError;
 use crate::cpu::msrs::IA32_TSC;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
@@ -196,45 +195,42 @@ pub fn tie_to_clock(
 
 /// After KVM_SET_CLOCK of a restore: set each vCPU's TSC offset so its
 /// TSC reads what it was saved as, moved on by the kvmclock time since
-/// `saved_ns`. When it cannot (the inner error says why), the TSCs stay
-/// as written with the MSRs.
+/// `saved_ns`. When it cannot (the error says why), the TSCs stay as
+/// written with the MSRs, which still run the guest.
 pub fn resume_at_clock(
     vm: &Vm,
     saved_ns: u64,
     vcpus: &[Vcpu],
     states: &[VcpuState],
-) -> Result<Result<(), Untied>, VmStateError> {
-    let kvm = |what| move |source| VmStateError::Kvm { what, source };
-    let (offs, v0) = match (offsets(vm, vcpus), vcpus.first()) {
-        (Ok(offs), Some(v0)) => (offs, v0),
-        (Err(why), _) => return Ok(Err(why)),
-        (_, None) => return Ok(Err("no vCPU".into())),
-    };
-    let now = vm.clock().map_err(kvm("KVM_GET_CLOCK"))?;
-    let host = match host_tsc_of(&now, v0, offs[0]) {
-        Ok(host) => host,
-        Err(why) => return Ok(Err(why)),
-    };
+) -> Result<(), Untied> {
+    let offs = offsets(vm, vcpus)?;
+    let v0 = vcpus.first().ok_or("no vCPU")?;
+    let now = vm.clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
+    let host = host_tsc_of(&now, v0, offs[0])?;
     let mut new = Vec::with_capacity(vcpus.len());
-    for (v, s) in vcpus.iter().zip(states) {
-        let Some(saved) = s.msrs.iter().find(|m| m.index == IA32_TSC) else {
-            return Ok(Err(format!("vCPU {}: no saved IA32_TSC", s.id)));
-        };
-        let khz = v.fd().get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
+    for (id, (v, s)) in vcpus.iter().zip(states).enumerate() {
+        let saved = s
+            .msrs
+            .iter()
+            .find(|m| m.index == IA32_TSC)
+            .ok_or_else(|| format!("vCPU {id}: no saved IA32_TSC"))?;
+        let khz = v
+            .fd()
+            .get_tsc_khz()
+            .map_err(|e| format!("vCPU {id}: KVM_GET_TSC_KHZ: {e}"))?;
         new.push((offset_for(saved.value, saved_ns, now.clock, host, khz), khz));
     }
-    for (v, &(offset, _)) in vcpus.iter().zip(&new) {
-        set_tsc_offset(v.fd(), offset).map_err(kvm("KVM_SET_DEVICE_ATTR (TSC offset)"))?;
-    }
     for (id, (v, &(offset, khz))) in vcpus.iter().zip(&new).enumerate() {
+        set_tsc_offset(v.fd(), offset)
+            .map_err(|e| format!("vCPU {id}: KVM_SET_DEVICE_ATTR (TSC offset): {e}"))?;
         let now = tsc_offset(v.fd()).unwrap_or(0);
         if !kept(offset, now, khz) {
-            return Ok(Err(format!(
+            return Err(format!(
                 "vCPU {id}: KVM did not keep the TSC offset {offset:#x} (reads {now:#x})"
-            )));
+            ));
         }
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// Whether KVM kept a TSC offset `set` that now reads `now`. With an

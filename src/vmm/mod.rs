@@ -186,7 +186,7 @@ fn build(cfg: &VmConfig, shutdown: &Arc<Shutdown>, origin: Origin) -> Result<Mac
             let vcpus = restore_vcpus(dir, state, &vm)?;
             let loaded_at = Instant::now();
             state.vm.restore(&vm)?;
-            match tsc::resume_at_clock(&vm, state.vm.clock.clock, &vcpus, &state.vcpus)? {
+            match tsc::resume_at_clock(&vm, state.vm.clock.clock, &vcpus, &state.vcpus) {
                 Ok(()) => log::debug!("TSCs resumed at the kvmclock instant"),
                 Err(why) => log::debug!("TSCs not resumed at the kvmclock instant: {why}"),
             }
