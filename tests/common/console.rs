@@ -82,16 +82,24 @@ impl Console {
     }
 
     pub fn key(&mut self) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin.write_all(b"k").unwrap();
-        stdin.flush().unwrap();
+        self.send(b"k");
     }
 
-    /// Write `bytes` to kvmrun's stdin.
+    /// Write `bytes` to kvmrun's stdin. A kvmrun that has ended (a
+    /// broken pipe) fails the test with its status and output.
     pub fn send(&mut self, bytes: &[u8]) {
         let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin.write_all(bytes).unwrap();
-        stdin.flush().unwrap();
+        if let Err(e) = stdin.write_all(bytes).and_then(|()| stdin.flush()) {
+            drop(self.stdin.take());
+            let status = self.child.wait().map(|s| s.code());
+            self.seen.extend(self.lines.iter());
+            let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+            panic!(
+                "cannot write {bytes:?} to kvmrun: {e}; it ended with {status:?}\n--- stdout\n{}\n--- stderr\n{}",
+                self.seen.join("\n"),
+                stderr.join().unwrap_or_default()
+            );
+        }
     }
 
     /// Wait for the end and collect everything.
