@@ -841,4 +841,16 @@ fn scripts_amdv_refuses_bad_options() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(msg), "{args:?}: {err}");
     }
+    // A QEMU=PATH that is not there is the host's lack: status 3.
+    let qemu = d.path().join("no-qemu-system-x86_64");
+    let out = std::process::Command::new(amdv)
+        .env("QEMU", &qemu)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!("{} not found", qemu.display())),
+        "{err}"
+    );
 }
