@@ -59,9 +59,9 @@ struct Shared {
     refused: AtomicU64,
     /// Whether the vCPUs must stop (`Shutdown::must_stop()`).
     stopping: Box<dyn Fn() -> bool + Send + Sync>,
-    /// Signalled when the writer takes bytes from a full queue (a
-    /// console port's device then takes the guest's next buffers).
-    waker: Option<Arc<EventFd>>,
+    /// Signalled when the writer takes bytes from a full queue (each
+    /// console port writing here then takes the guest's next buffers).
+    wakers: Mutex<Vec<Arc<EventFd>>>,
 }
 
 impl Shared {
@@ -101,16 +101,19 @@ impl Write for Sender {
 
 /// A virtio-console port's end: queues what the device takes, which it
 /// takes only while the queue is below `CAPACITY`.
-pub struct PortOutput(Arc<Shared>);
+pub struct PortOutput {
+    shared: Arc<Shared>,
+    waker: Arc<EventFd>,
+}
 
 impl PortSink for PortOutput {
     fn has_room(&self) -> bool {
-        let q = self.0.lock();
+        let q = self.shared.lock();
         q.done || q.bytes.len() < CAPACITY
     }
 
     fn put(&self, data: &[u8]) {
-        let s = &self.0;
+        let s = &self.shared;
         let mut q = s.lock();
         if q.done {
             s.refused.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -121,7 +124,7 @@ impl PortSink for PortOutput {
     }
 
     fn waker(&self) -> Option<Arc<EventFd>> {
-        self.0.waker.clone()
+        Some(self.waker.clone())
     }
 }
 
@@ -149,7 +152,7 @@ impl Output {
         what: &str,
         stopping: impl Fn() -> bool + Send + Sync + 'static,
     ) -> io::Result<(Output, Sender)> {
-        let (output, shared) = Self::spawn(out, what, Box::new(stopping), None)?;
+        let (output, shared) = Self::spawn(out, what, Box::new(stopping))?;
         Ok((output, Sender(shared)))
     }
 
@@ -157,16 +160,29 @@ impl Output {
     /// `PortOutput::has_room()` before it takes a buffer, so nothing ever
     /// waits for room.
     pub fn start_port(out: Box<dyn Write + Send>, what: &str) -> io::Result<(Output, PortOutput)> {
+        let (output, _) = Self::spawn(out, what, Box::new(|| true))?;
+        let port = output.port_end()?;
+        Ok((output, port))
+    }
+
+    /// Another console port's end of this queue: output that shares a
+    /// host file (COM1's and a port's on stdout) reaches it in the order
+    /// the guest wrote it, which one writer thread per sink would not
+    /// keep.
+    pub fn port_end(&self) -> io::Result<PortOutput> {
         let waker = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-        let (output, shared) = Self::spawn(out, what, Box::new(|| true), Some(waker))?;
-        Ok((output, PortOutput(shared)))
+        let mut wakers = self.shared.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        wakers.push(waker.clone());
+        Ok(PortOutput {
+            shared: self.shared.clone(),
+            waker,
+        })
     }
 
     fn spawn(
         out: Box<dyn Write + Send>,
         what: &str,
         stopping: Box<dyn Fn() -> bool + Send + Sync>,
-        waker: Option<Arc<EventFd>>,
     ) -> io::Result<(Output, Arc<Shared>)> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -176,7 +192,7 @@ impl Output {
             in_flight: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             stopping,
-            waker,
+            wakers: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let name = what.to_string();
@@ -337,7 +353,7 @@ fn drain(s: &Shared, mut out: Box<dyn Write + Send>, what: &str) {
                 return;
             }
             if q.bytes.len() >= CAPACITY {
-                if let Some(w) = &s.waker {
+                for w in s.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                     let _ = w.write(1);
                 }
             }
@@ -489,6 +505,35 @@ mod tests {
         assert_eq!(o.dropped, 4 * CAPACITY as u64);
         // The consumer wakes up later; nothing is left to write.
         gate.open.store(true, Ordering::SeqCst);
+    }
+
+    /// COM1 and two ports on one host file: the bytes come out in the
+    /// order the guest wrote them, however slowly the consumer reads, and
+    /// once a full queue drains every port's device is told.
+    #[test]
+    fn serial_and_ports_sharing_a_file_keep_the_guests_order() {
+        let gate = Gate::default();
+        let (out, mut com1) = Output::start(Box::new(gate.clone()), "test", || false).unwrap();
+        let (a, b) = (out.port_end().unwrap(), out.port_end().unwrap());
+        a.put(b"echo: one\n");
+        com1.write_all(b"waiting").unwrap();
+        b.put(b"[b]");
+        com1.write_all(b" for a line\n").unwrap();
+        a.put(&vec![b'x'; CAPACITY]);
+        assert!(!a.has_room() && !b.has_room());
+        gate.open.store(true, Ordering::SeqCst);
+        for port in [&a, &b] {
+            let w = port.waker().unwrap();
+            while w.read().is_err() {
+                std::thread::yield_now();
+            }
+        }
+        let o = out.finish();
+        assert_eq!(o.dropped + o.refused, 0);
+        let got = gate.got.lock().unwrap();
+        let head = b"echo: one\nwaiting[b] for a line\n";
+        assert_eq!(&got[..head.len()], head);
+        assert_eq!(got.len(), head.len() + CAPACITY);
     }
 
     #[test]

@@ -158,7 +158,8 @@ pub fn attach(
                 shares += 1;
             }
             DeviceConfig::Console(c) => {
-                let (args, outputs, inbox) = console_ports(c)?;
+                let serial = output.as_ref().map(|o| (&cfg.serial, o));
+                let (args, outputs, inbox) = console_ports(c, serial)?;
                 p.attach_virtio("console0", c.transport, args, Console::new)?;
                 port_outputs = outputs;
                 stdin_port = inbox;
@@ -205,34 +206,60 @@ fn attach_legacy(p: &mut Platform, cfg: &VmConfig, vm: &Vm) -> Result<(), Platfo
     Ok(())
 }
 
-/// The console ports' host sides: a writer thread per output (as COM1's,
-/// without ever making the device wait) and the inbox stdin feeds.
+/// The console ports' host sides: a writer thread per host file (as
+/// COM1's, without ever making the device wait), shared by COM1 and
+/// every port writing to the same stdout or stderr so their output stays
+/// in the guest's order, and the inbox stdin feeds.
 type PortSides = (ConsoleArgs, Vec<Output>, Option<Arc<Inbox>>);
 
-fn console_ports(c: &ConsoleConfig) -> Result<PortSides, PlatformError> {
+fn console_ports(
+    c: &ConsoleConfig,
+    serial: Option<(&SerialOutput, &Output)>,
+) -> Result<PortSides, PlatformError> {
     let io = |what: String| move |e: std::io::Error| PlatformError::Io(format!("{what}: {e}"));
     let (mut ports, mut outputs, mut stdin) = (Vec::new(), Vec::new(), None);
+    // Which of `outputs` writes to stdout and to stderr, for the ports
+    // after the first; COM1's when it writes there.
+    let (mut to_stdout, mut to_stderr) = (None, None);
     for port in &c.ports {
         let what = format!("console port {}", port.name);
+        let mut spec = PortSpec {
+            name: port.name.clone(),
+            output: None,
+            input: None,
+        };
+        let shared = match (&port.host, serial) {
+            (PortHost::Stdout, Some((SerialOutput::Stdio, o)))
+            | (PortHost::Stderr, Some((SerialOutput::Stderr, o))) => Some(o),
+            (PortHost::Stdout, _) => to_stdout.map(|i: usize| &outputs[i]),
+            (PortHost::Stderr, _) => to_stderr.map(|i: usize| &outputs[i]),
+            _ => None,
+        };
+        if let Some(o) = shared {
+            spec.output = Some(Arc::new(o.port_end().map_err(io(what.clone()))?));
+            ports.push(spec);
+            continue;
+        }
         let out: Option<(Box<dyn Write + Send>, String)> = match &port.host {
-            PortHost::Stdout => Some((
-                crate::serial_out::stdout_writer().map_err(io(what.clone()))?,
-                "stdout".into(),
-            )),
-            PortHost::Stderr => Some((
-                crate::serial_out::stderr_writer().map_err(io(what.clone()))?,
-                "stderr".into(),
-            )),
+            PortHost::Stdout => {
+                to_stdout = Some(outputs.len());
+                Some((
+                    crate::serial_out::stdout_writer().map_err(io(what.clone()))?,
+                    "stdout".into(),
+                ))
+            }
+            PortHost::Stderr => {
+                to_stderr = Some(outputs.len());
+                Some((
+                    crate::serial_out::stderr_writer().map_err(io(what.clone()))?,
+                    "stderr".into(),
+                ))
+            }
             PortHost::File(path) => Some((
                 Box::new(File::create(path).map_err(io(path.display().to_string()))?),
                 path.display().to_string(),
             )),
             PortHost::Stdin => None,
-        };
-        let mut spec = PortSpec {
-            name: port.name.clone(),
-            output: None,
-            input: None,
         };
         if let Some((w, to)) = out {
             let (output, sink) = Output::start_port(w, &to).map_err(io(what.clone()))?;
