@@ -197,10 +197,11 @@ pub fn run_batch(batch: &str) -> Result<Batch, String> {
     );
     let t0 = Instant::now();
     let mut cmd = Command::new(root.join("scripts/amdv"));
-    // A backstop under CI's 90 minutes for all L1 boots together: the
-    // batch takes 9-17 minutes in one boot; lost L1s (docs/TESTHOST.md,
-    // "Failures of the platform") cost a boot each and the checks rerun.
-    cmd.args(["--batch", batch, "--timeout", "3000", "--results"])
+    // A backstop under CI's 90 minutes for all L1 boots together (the
+    // rest of `make test` takes about 12): the batch takes 9-17 minutes
+    // in one boot; lost L1s (docs/TESTHOST.md, "Failures of the
+    // platform") cost a boot each and the checks rerun.
+    cmd.args(["--batch", batch, "--timeout", "4200", "--results"])
         .arg(&results)
         .arg("--console")
         .arg(&console);
